@@ -1,0 +1,65 @@
+"""Atomic writes and content hashes.
+
+Every file the harness writes goes through `write_atomic` (temp file in the same
+directory + fsync + rename), so a crash leaves either the old file or the new one,
+never half of one. Hashes are sha256 of file contents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel
+
+_CHUNK = 1 << 20
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(path: Path, record: BaseModel) -> None:
+    write_atomic(path, record.model_dump_json(indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under `root`, keyed by its posix path relative to root."""
+    root = Path(root)
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def tree_digest(hashes: dict[str, str]) -> str:
+    """One digest for a whole tree: sha256 over sorted `path:hash` lines."""
+    lines = "".join(f"{k}:{v}\n" for k, v in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def dir_size_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

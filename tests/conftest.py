@@ -1,0 +1,80 @@
+"""Shared fixtures: the real embedded model, a tiny random LLaMA that shares its tokenizer,
+and the data slices the project ships."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = PROJECT.parent / "shared"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "docker: needs a running Docker daemon")
+    config.addinivalue_line("markers", "slow: end-to-end runs on the embedded model")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine (run these with the device tool)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The data slices shipped with the project (layout: hf/<hub id>/<config>/<split>.jsonl)."""
+    return PROJECT / "tracks" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: the tests read the paper tables and slices from ../shared")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    from llmcbench.driver.embedded_model import embedded_model_dir as get
+
+    return get()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, embedded_model_dir) -> Path:
+    """A randomly initialised 2-layer LLaMA with the embedded model's tokenizer (fast tests)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
