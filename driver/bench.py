@@ -1,0 +1,196 @@
+"""`bench`: plan a cell's jobs, run what is not cached, and score it against the dense baseline.
+
+One bench is three jobs: compress the model with the method, evaluate the dense model,
+evaluate the compressed artifact. The dense evaluation does not depend on the method, so
+its hash is shared by every method on the same model and settings: it runs once and is a
+cache hit ever after. Everything the user typed is validated before anything is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .contract import Calibration, EvalSettings, Job, Limits, ModelRef, Result
+from .data import resolve_data
+from .errors import JobFailed, UserError
+from .models import resolve_model
+from .profiles import KNOWN_TRACKS, PROFILES, TRACK1_TASKS, Profile
+from .registry import MethodSpec, get_method
+from .runners import get_runner
+from .store import Store, cell_name
+
+ALL_TRACKS = set(range(1, 8))
+EVAL_TRACKS = {1, 4}
+
+
+@dataclass
+class JobRun:
+    job: Job
+    job_hash: str
+    run_dir: Path
+    result: Result
+    cached: bool
+
+
+@dataclass
+class BenchPlan:
+    method: MethodSpec
+    preset: str
+    params: dict
+    model: ModelRef
+    tracks: list[int]
+    profile: Profile
+    engine: str
+    device: str
+    data_source: str
+    data_dir: Path
+    runs_dir: Path
+    runner_name: str
+    runs: dict[str, JobRun] = field(default_factory=dict)
+
+    @property
+    def cell(self) -> str:
+        return cell_name(self.method.name, self.preset, self.model.name)
+
+
+def parse_tracks(text: str | list[int] | None) -> list[int]:
+    if text is None or text == "":
+        return sorted(KNOWN_TRACKS)
+    items = text if isinstance(text, list) else [t for t in str(text).replace(" ", "").split(",") if t]
+    tracks = []
+    for t in items:
+        try:
+            n = int(str(t).lower().removeprefix("track"))
+        except ValueError:
+            raise UserError(f"unknown track '{t}': tracks are numbers 1-7, e.g. TRACKS=1,3,4") from None
+        if n not in ALL_TRACKS:
+            raise UserError(f"unknown track {n}: tracks are 1-7 (SPEC.md section 5)")
+        if n not in KNOWN_TRACKS:
+            raise UserError(f"track {n} is not available in this version yet: choose from {', '.join(map(str, sorted(KNOWN_TRACKS)))}")
+        tracks.append(n)
+    return sorted(set(tracks))
+
+
+def parse_sparsity(text: str | float | None) -> float | None:
+    """Accepts 0.5, '50%' or 50; rejects negative and >100% values."""
+    if text is None or text == "":
+        return None
+    s = str(text).strip()
+    try:
+        value = float(s.rstrip("%"))
+    except ValueError:
+        raise UserError(f"sparsity '{text}' is not a number: use e.g. 0.5 or 50%") from None
+    if s.endswith("%") or value > 1:
+        value /= 100
+    if not 0 <= value < 1:
+        raise UserError(f"sparsity {text} is out of range: it must be at least 0 and below 100%")
+    return value
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"device {device} requested but no CUDA GPU is visible: use --device cpu")
+        elif device != "cpu":
+            raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_bench(method: str, preset: str | None = None, model: str | None = None, tracks=None, profile: str = "quick",
+               engine: str = "reference", runner: str = "local", runs_dir: str | Path = "runs",
+               data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None) -> BenchPlan:
+    spec = get_method(method)
+    preset_name, preset_params = spec.preset(preset)
+    if engine not in spec.engines:
+        raise UserError(f"{spec.name} has no '{engine}' engine here: choose from {', '.join(spec.engines)}")
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile '{profile}': choose quick or paper")
+    merged = {**preset_params, **(params or {})}
+    s = parse_sparsity(sparsity)
+    if s is not None:
+        if "sparsity" not in preset_params:
+            raise UserError(f"{spec.name} preset {preset_name} has no sparsity to override")
+        merged["sparsity"] = s
+    elif "sparsity" in merged:
+        parse_sparsity(merged["sparsity"])
+    track_list = parse_tracks(tracks)
+    get_runner(runner)
+    source, ddir = resolve_data(data_dir)
+    dev = resolve_device(device)
+    model_ref = resolve_model(model)
+    return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
+                     Path(runs_dir), runner)
+
+
+def compress_job(plan: BenchPlan) -> Job:
+    cal = plan.method.calibration
+    p = plan.profile
+    calibration = Calibration(
+        dataset=cal.dataset if cal else "c4",
+        nsamples=p.calib_nsamples or (cal.nsamples if cal else 128),
+        seqlen=p.calib_seqlen or (cal.seqlen if cal else 2048),
+        seed=cal.seed if cal else 0,
+        source=plan.data_source,
+    )
+    return Job(kind="compress", method=plan.method.name, preset=plan.preset, params=plan.params, engine=plan.engine,
+               model=plan.model, calibration=calibration, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
+               limits=Limits(time_limit_s=p.time_limit_s))
+
+
+def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None) -> Job:
+    p = plan.profile
+    settings = EvalSettings(tracks=[t for t in plan.tracks if t in EVAL_TRACKS], tasks=list(TRACK1_TASKS), limit=p.task_limit,
+                            ppl_seqlen=p.ppl_seqlen, ppl_max_windows=p.ppl_max_windows, batch_size=p.batch_size,
+                            data_source=plan.data_source)
+    return Job(kind="eval", method=method, preset=preset, engine=plan.engine if method != "dense" else "reference",
+               model=model, evaluation=settings, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
+               limits=Limits(time_limit_s=p.time_limit_s))
+
+
+def _dtype(device: str) -> str:
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None) -> BenchPlan:
+    """Run (or find cached) compress, dense eval and compressed eval; fills `plan.runs`."""
+    runner = get_runner(plan.runner_name)
+    env_id = runner.environment_id()
+    store = Store(plan.runs_dir)
+    need_eval = any(t in EVAL_TRACKS for t in plan.tracks)
+
+    def execute(key: str, job: Job, cell: str, model_path: Path) -> JobRun:
+        h = job.job_hash(env_id)
+        run_dir = store.run_dir(cell, h)
+        if force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        cached = store.cached(run_dir)
+        if cached is not None:
+            run = JobRun(job, h, run_dir, cached, True)
+        else:
+            store.prepare(run_dir, job)
+            on_line = on_job(key, job, None) if on_job else None
+            result = runner.run(job, h, run_dir, model_path, plan.data_dir, on_line=on_line)
+            run = JobRun(job, h, run_dir, result, False)
+        if on_job:
+            on_job(key, job, run)
+        if run.result.status != "ok":
+            err = run.result.error
+            raise JobFailed(f"{key} job failed ({err.type}: {err.message}); log kept in {run_dir / 'log.txt'}", run_dir)
+        plan.runs[key] = run
+        return run
+
+    comp = execute("compress", compress_job(plan), plan.cell, Path(plan.model.path))
+    if need_eval:
+        execute("dense eval", eval_job(plan, plan.model, "dense", None), cell_name("dense", None, plan.model.name), Path(plan.model.path))
+        artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.job_hash}", path=str(comp.run_dir / "model"))
+        execute("compressed eval", eval_job(plan, artifact, plan.method.name, plan.preset), plan.cell, comp.run_dir / "model")
+    return plan

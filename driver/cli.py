@@ -1,0 +1,149 @@
+"""The `llmcbench` command line: verbs for the workflow, one sub-app per noun (STYLE.md).
+
+Errors are one red line with the fix and a non-zero exit; `--verbose` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import JobFailed, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark harness for LLM compression methods (LLMCBench).")
+methods_app = typer.Typer(no_args_is_help=True, help="The compression methods this harness knows.")
+app.add_typer(methods_app, name="methods")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+_state = {"verbose": False}
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show tracebacks on errors")):
+    _state["verbose"] = verbose
+
+
+def _fail(exc: Exception, code: int) -> None:
+    if _state["verbose"]:
+        err_console.print_exception()
+    err_console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _progress_callback(progress):
+    """One spinner line per job, showing the job's last log line while it runs."""
+    tasks: dict[str, int] = {}
+
+    def on_job(key, job, run):
+        if run is None:
+            tasks[key] = progress.add_task(f"{key}: {job.method} {job.preset or ''}", total=None, status="starting")
+            return lambda line: progress.update(tasks[key], status=line[-90:])
+        status = "[green]cached[/green]" if run.cached else (
+            "[green]done[/green]" if run.result.status == "ok" else "[red]failed[/red]")
+        if key in tasks:
+            progress.update(tasks[key], status=f"{status} in {run.result.wall_s:.0f} s", total=1, completed=1)
+        else:
+            progress.add_task(f"{key}: {job.method} {job.preset or ''}", total=1, completed=1, status=f"{status} ({run.job_hash[:12]})")
+        return None
+
+    return on_job
+
+
+@app.command()
+def bench(
+    method: str = typer.Option(..., "--method", "-m", help="method name (see `llmcbench methods list`)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset (default: the paper's preset)"),
+    model: Optional[str] = typer.Option(None, "--model", help="HF model dir or hub id (default: embedded SmolLM2-135M)"),
+    tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="comma-separated tracks, e.g. 1,3,4 (default: all available)"),
+    profile: str = typer.Option("quick", "--profile", help="quick (minutes on CPU) or paper (the paper's settings)"),
+    engine: str = typer.Option("reference", "--engine", help="reference or upstream"),
+    runner: str = typer.Option("local", "--runner", help="where jobs run: local"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (hf/<id>/<config>/<split>.jsonl); default: hub when online, else the shipped slices"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", help="override the preset's sparsity, e.g. 0.6 or 60%"),
+    force: bool = typer.Option(False, "--force", help="recompute even if cached (also replaces corrupted results)"),
+):
+    """Compress a model with METHOD, evaluate dense and compressed on the tracks, print the table."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .bench import plan_bench, run_bench
+    from .report import build_report, render_rich, write_report
+
+    t0 = time.perf_counter()
+    try:
+        plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity)
+        console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.preset} on {plan.model.name} "
+                      f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      TextColumn("[dim]{task.fields[status]}"), console=console, transient=False) as progress:
+            run_bench(plan, force=force, on_job=_progress_callback(progress))
+        rep = build_report(plan)
+    except UserError as e:
+        _fail(e, e.exit_code)
+    except JobFailed as e:
+        _fail(e, e.exit_code)
+    render_rich(rep, console)
+    path = write_report(rep, plan.runs["compress"].run_dir)
+    console.print(f"report: {path}  ({time.perf_counter() - t0:.1f} s)")
+
+
+@app.command()
+def score(csv_file: Path = typer.Argument(..., help="long-format CSV: track,model,method,setting,metric,value")):
+    """Score published or external figures with the same OM code (format: tracks/paper/long_format.md)."""
+    from rich.table import Table
+
+    from ..tracks.scoring import ScoringError, read_long_csv
+    from ..tracks.scoring import score as score_records
+
+    if not csv_file.is_file():
+        _fail(UserError(f"{csv_file} does not exist"), 2)
+    try:
+        rows = score_records(read_long_csv(csv_file))
+    except ScoringError as e:
+        _fail(UserError(str(e)), 2)
+    if not rows:
+        _fail(UserError(f"{csv_file}: no method has all the cells of any OM (dense rows are the baseline)"), 2)
+    t = Table(title=f"Overall metrics of {csv_file.name}")
+    for col in ("method", "setting", "track", "OM", "value", "cells"):
+        t.add_column(col, justify="right" if col in {"track", "value", "cells"} else "left")
+    for r in rows:
+        t.add_row(r.method, r.setting, str(r.track), r.om, f"{r.value:.2f}", str(r.n_cells))
+    console.print(t)
+
+
+@methods_app.command("list")
+def methods_list():
+    """List the methods, their presets, engines and upstream pins."""
+    from rich.table import Table
+
+    from .registry import discover
+
+    try:
+        specs = discover()
+    except UserError as e:
+        _fail(e, e.exit_code)
+    t = Table(title="Methods")
+    for col in ("method", "kind", "presets (paper first)", "engines", "upstream"):
+        t.add_column(col)
+    for s in specs.values():
+        presets = [s.paper_preset] + [p for p in s.presets if p != s.paper_preset] if s.paper_preset else list(s.presets)
+        t.add_row(s.name, s.kind, ", ".join(presets), ", ".join(s.engines), f"{s.upstream.repo.removeprefix('https://github.com/')}@{s.upstream.commit[:10]}")
+    console.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]: finished jobs are kept in the store; run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

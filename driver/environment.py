@@ -1,0 +1,69 @@
+"""What ran a job: library versions, CUDA, GPU; and the identity that enters job hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from .contract import Environment
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_SOURCE_DIRS = ("driver", "methods", "tracks")
+_SOURCE_SUFFIXES = {".py", ".toml", ".yaml", ".yml", ".jsonl", ".json", ".csv"}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect_environment() -> Environment:
+    """Called inside the job process, after torch is imported anyway."""
+    import torch
+
+    cuda = torch.version.cuda if torch.cuda.is_available() else None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return Environment(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=_version("transformers"),
+        lm_eval=_version("lm_eval"),
+        cuda=cuda,
+        gpu_name=gpu,
+        driver=_nvidia_driver(),
+        platform=f"{platform.system()} {platform.machine()}",
+        llmcbench=_version("llmcbench"),
+    )
+
+
+def _nvidia_driver() -> str | None:
+    path = Path("/proc/driver/nvidia/version")
+    if not path.is_file():
+        return None
+    first = path.read_text().splitlines()[0]
+    return first.split("Kernel Module")[-1].split()[0] if "Kernel Module" in first else first.strip()
+
+
+def source_digest() -> str:
+    """sha256 over the harness's own code and data (driver, methods, tracks).
+
+    It enters the local runner's identity so that a changed engine, task or scorer never
+    serves a stale cached result; the docker runner uses the image digest instead.
+    """
+    h = hashlib.sha256()
+    for d in _SOURCE_DIRS:
+        for p in sorted((PROJECT_ROOT / d).rglob("*")):
+            if p.is_file() and p.suffix in _SOURCE_SUFFIXES and "__pycache__" not in p.parts and not p.name.startswith("test_"):
+                h.update(p.relative_to(PROJECT_ROOT).as_posix().encode())
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def local_environment_id() -> str:
+    libs = ",".join(f"{d}={_version(d)}" for d in ("torch", "transformers", "lm_eval", "accelerate"))
+    return f"local:py{sys.version_info.major}.{sys.version_info.minor}:{libs}:src={source_digest()[:16]}"

@@ -1,0 +1,39 @@
+"""Error classes the driver reports as one red line with the fix (SPEC.md section 9)."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2, nothing written."""
+
+    exit_code = 2
+
+
+class StoreError(UserError):
+    """The result store holds something that cannot be trusted (corrupted, partial)."""
+
+
+class JobFailed(Exception):
+    """A job ran and failed; its log and `result.json` (status failed) are kept."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, run_dir=None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+def classify_exception(exc: BaseException) -> str:
+    """Map an exception raised inside a job to the contract's error class."""
+    import builtins
+
+    name = type(exc).__name__
+    if isinstance(exc, builtins.MemoryError) or name in {"OutOfMemoryError", "OOMError"}:
+        return "oom"
+    if "out of memory" in str(exc).lower():
+        return "oom"
+    if isinstance(exc, NotImplementedError) or name == "UnsupportedModelError":
+        return "unsupported"
+    if isinstance(exc, (FileNotFoundError, ValueError)):
+        return "bad_input"
+    return "crash"

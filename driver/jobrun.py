@@ -1,0 +1,238 @@
+"""The job process: what runs inside a container (or a local child process).
+
+It reads only the volume contract: `/job/job.json`, the input model under `/models`,
+data under `/data`, and writes `/out` (`model/` with `compression.json`, `log.txt` via
+its stdout, and `result.json` last). The compression step is timed apart from model
+loading and saving (SPEC.md track 3); peak memory is the process's host RSS and, on GPU,
+torch's peak reserved memory.
+
+    python -m llmcbench.driver.jobrun --job /job/job.json --models /models --data /data --out /out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .contract import Compression, ErrorInfo, Job, Provenance, Result, read_record
+from .errors import classify_exception
+from .fsio import sha256_file, sha256_tree, write_atomic, write_record
+
+COMPRESSION_FILE = "compression.json"
+
+
+class Paths:
+    def __init__(self, job: Path, models: Path, data: Path, out: Path):
+        self.job, self.models, self.data, self.out = Path(job), Path(models), Path(data), Path(out)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _log(msg: str) -> None:
+    print(f"[llmcbench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _device(job: Job):
+    import torch
+
+    if job.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"job asks for device {job.device} but no CUDA GPU is visible")
+    return torch.device(job.device)
+
+
+def load_model(path: Path, job: Job):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, job.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=job.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=job.model.trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def run_compress(job: Job, paths: Paths, result: dict) -> None:
+    import torch
+
+    from ..methods._engine.calibration import load_calibration
+    from .registry import get_method
+
+    spec = get_method(job.method)
+    engine = spec.engine_module(job.engine)
+    device = _device(job)
+    model_dir = paths.models / job.model.name
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_dir, job)
+    cal = job.calibration
+    calib_file = None if cal.source == "hub" else paths.data / "hf" / "allenai__c4" / "en" / "train.jsonl"
+    calibration_ids, calib_sha = load_calibration(tokenizer, calib_file, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=cal.seed)
+    result["load_s"] = time.perf_counter() - t0
+    _log(f"loaded {job.model.name} and {cal.nsamples}x{cal.seqlen} calibration tokens in {result['load_s']:.1f} s")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    declaration: Compression = engine.compress(model, calibration_ids, dict(job.params), device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_reserved(device)
+    result["compress_s"] = time.perf_counter() - t0
+    compress_peak_rss = peak_rss_bytes()
+    _log(f"compressed with {job.method}/{job.preset} ({job.engine}) in {result['compress_s']:.1f} s")
+
+    t0 = time.perf_counter()
+    declaration = declaration.model_copy(update={"method": job.method, "preset": job.preset, "engine": job.engine})
+    tmp = paths.out / ".model.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_record(tmp / COMPRESSION_FILE, declaration)
+    final = paths.out / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    result["save_s"] = time.perf_counter() - t0
+
+    result["input_sha256"]["calibration"] = calib_sha or "hub:allenai/c4"
+    result["output_sha256"] = {f"model/{k}": v for k, v in sha256_tree(final).items()}
+    result["metrics"] = {
+        "track3": {
+            "compress_s": result["compress_s"],
+            "compress_peak_rss_bytes": compress_peak_rss,
+            "compress_peak_gpu_bytes": result.get("peak_gpu_bytes"),
+            "device": str(device),
+        },
+        "compression": {"measured_sparsity": declaration.measured_sparsity, "weight_bits": declaration.weight_bits, "act_bits": declaration.act_bits},
+    }
+
+
+def run_eval(job: Job, paths: Paths, result: dict) -> None:
+    from ..tracks.inference.measure import count_macs, inference_memory_bytes, size_on_disk_bytes
+    from ..tracks.performance import evaluate_tasks, wikitext2_ppl
+
+    settings = job.evaluation
+    device = _device(job)
+    model_dir = paths.models / job.model.name
+    declaration = None
+    if (model_dir / COMPRESSION_FILE).is_file():
+        declaration = read_record(model_dir / COMPRESSION_FILE, Compression)
+        if declaration.act_bits < 16:
+            raise NotImplementedError(
+                f"the artifact declares {declaration.act_bits}-bit activations; evaluating it without activation "
+                "fake-quantization would be wrong, and this evaluation image does not apply it yet"
+            )
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_dir, job)
+    model.to(device)
+    result["load_s"] = time.perf_counter() - t0
+    metrics: dict = {}
+    if 4 in settings.tracks:
+        # Measured first, before the accuracy tasks grow the process's memory.
+        macs = count_macs(model, seqlen=settings.macs_seqlen, compression=declaration)
+        metrics["track4"] = {
+            "inference_memory_bytes": inference_memory_bytes(model, seqlen=settings.macs_seqlen, device=device),
+            "model_size_bytes": size_on_disk_bytes(model_dir),
+            "macs": macs,
+            "macs_seqlen": settings.macs_seqlen,
+        }
+        _log(f"track 4: {metrics['track4']['model_size_bytes'] / 1e6:.1f} MB on disk, {macs['effective_macs'] / 1e9:.2f} GMACs effective")
+    if 1 in settings.tracks:
+        data_dir = None if settings.data_source == "hub" else paths.data
+        t0 = time.perf_counter()
+        tasks = evaluate_tasks(model, tokenizer, tasks=settings.tasks, data_dir=data_dir, limit=settings.limit,
+                               batch_size=settings.batch_size, mmlu_shots=settings.mmlu_shots)
+        ppl = wikitext2_ppl(model, tokenizer, data_dir=data_dir, seqlen=settings.ppl_seqlen,
+                            max_windows=settings.ppl_max_windows, device=device)
+        metrics["track1"] = {"tasks": tasks, "wikitext2": ppl, "eval_s": time.perf_counter() - t0}
+        _log(f"track 1: {len(tasks)} tasks, wikitext2 ppl {ppl['ppl']:.2f} in {metrics['track1']['eval_s']:.0f} s")
+    bad = [k for k, v in _flatten(metrics) if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite metrics: {', '.join(bad)}")
+    if device.type == "cuda":
+        import torch
+
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_reserved(device)
+    result["metrics"] = metrics
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def execute(paths: Paths) -> int:
+    """Run one job; always leaves a sealed result.json (written last, atomically)."""
+    started, t_start = _now(), time.perf_counter()
+    result: dict = {"input_sha256": {}, "output_sha256": {}, "metrics": {}}
+    job_hash = "unknown"
+    status, error = "ok", None
+    provenance = Provenance(runner=os.environ.get("LLMCBENCH_RUNNER", "local"),
+                            image=os.environ.get("LLMCBENCH_IMAGE"), image_digest=os.environ.get("LLMCBENCH_IMAGE_DIGEST"))
+    environment = None
+    try:
+        job_hash = os.environ.get("LLMCBENCH_JOB_HASH", "unknown")
+        result["input_sha256"]["job.json"] = sha256_file(paths.job)
+        job = read_record(paths.job, Job)
+        from .environment import collect_environment
+
+        environment = collect_environment()
+        _log(f"{job.kind} job {job_hash[:12]}: {job.method}/{job.preset} on {job.model.name} ({job.device}, {job.dtype})")
+        if job.kind == "compress":
+            from .registry import get_method
+
+            upstream = get_method(job.method).upstream
+            provenance.upstream_repo, provenance.upstream_commit = upstream.repo, upstream.commit
+            run_compress(job, paths, result)
+        elif job.kind == "eval":
+            run_eval(job, paths, result)
+        else:
+            raise NotImplementedError(f"job kind {job.kind} is not implemented by this image")
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a failed result
+        traceback.print_exc()
+        status = "failed"
+        error = ErrorInfo(type="nan_metric" if isinstance(e, FloatingPointError) else classify_exception(e),
+                          message=f"{type(e).__name__}: {e}".splitlines()[0][:500])
+    record = Result(
+        job_hash=job_hash, status=status, error=error, started_at=started, finished_at=_now(),
+        wall_s=time.perf_counter() - t_start, load_s=result.get("load_s"), compress_s=result.get("compress_s"),
+        save_s=result.get("save_s"), peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=result.get("peak_gpu_bytes"),
+        environment=environment or {}, provenance=provenance, input_sha256=result["input_sha256"],
+        output_sha256=result["output_sha256"], metrics=json.loads(json.dumps(result["metrics"], default=float)),
+    ).sealed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    write_record(paths.out / "result.json", record)
+    _log(f"status {status}" + (f": {error.type}: {error.message}" if error else ""))
+    return 0 if status == "ok" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", default="/job/job.json")
+    ap.add_argument("--models", default="/models")
+    ap.add_argument("--data", default="/data")
+    ap.add_argument("--out", default="/out")
+    a = ap.parse_args(argv)
+    return execute(Paths(a.job, a.models, a.data, a.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

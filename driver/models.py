@@ -1,0 +1,109 @@
+"""Resolving `--model` into a `ModelRef`: the embedded default, a local HF dir, or a hub id.
+
+Local dirs are identified by the sha256 of their files, cached by (path, size, mtime) so
+a 500 MB checkpoint is hashed once, not on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .contract import ModelRef
+from .embedded_model import EMBEDDED_NAME, EmbeddedModelError, cache_root, embedded_model_dir
+from .errors import UserError
+from .fsio import sha256_file, tree_digest, write_atomic
+
+EMBEDDED_ALIASES = {"", "embedded", "default", EMBEDDED_NAME}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(spec: str | None, revision: str | None = None) -> ModelRef:
+    spec = (spec or "").strip()
+    if spec in EMBEDDED_ALIASES:
+        try:
+            path = embedded_model_dir()
+        except EmbeddedModelError as e:
+            raise UserError(str(e)) from None
+        return ModelRef(name=EMBEDDED_NAME, source="embedded", identity=f"sha256:{local_dir_digest(path)}", path=str(path))
+    path = Path(spec).expanduser()
+    looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or not _HUB_ID.match(spec)
+    if looks_like_path:
+        if not path.exists():
+            raise UserError(f"model path {spec} does not exist: pass an HF model dir, a hub id, or nothing for the embedded default")
+        if not path.is_dir():
+            raise UserError(f"model path {spec} is not a directory: pass an HF model dir (with config.json)")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model dir {spec} has no config.json: it is not a Hugging Face model dir")
+        path = path.resolve()
+        return ModelRef(name=_safe_name(path.name), source="local", identity=f"sha256:{local_dir_digest(path)}", path=str(path))
+    return _resolve_hub(spec, revision)
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
+    """Download (or find in the HF cache) a hub model; the revision is pinned to a commit."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except GatedRepoError:
+        raise UserError(f"model {repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model {repo_id} not found on the hub (and no local dir of that name)") from None
+    except Exception as e:  # offline, network
+        raise UserError(f"model {repo_id} is not available offline and the hub cannot be reached ({type(e).__name__}): pass a local model dir") from None
+    commit = path.name
+    return ModelRef(name=_safe_name(repo_id.split("/")[-1]), source="hub", identity=f"hub:{repo_id}@{commit}", path=str(path), revision=commit)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower() or "model"
+
+
+def local_dir_digest(path: Path) -> str:
+    """Content digest of a model dir; per-file hashes cached by (path, size, mtime_ns)."""
+    cache_file = cache_root() / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hashes, dirty = {}, False
+    for p in sorted(Path(path).rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in cache:
+            cache[key] = sha256_file(p)
+            dirty = True
+        hashes[p.relative_to(path).as_posix()] = cache[key]
+    if dirty:
+        write_atomic(cache_file, json.dumps(cache, indent=0))
+    return tree_digest(hashes)
+
+
+def hub_online() -> bool:
+    """Whether the HF hub may be used: not when the user (or CI) set the offline flags."""
+    return not any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "LLMCBENCH_OFFLINE"))
+
+
+_ONLINE: bool | None = None
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Online means: no offline flag set and the hub answers a TCP connect within `timeout_s`."""
+    global _ONLINE
+    if not hub_online():
+        return False
+    if _ONLINE is None:
+        import socket
+
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+            _ONLINE = True
+        except OSError:
+            _ONLINE = False
+    return _ONLINE

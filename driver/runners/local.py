@@ -1,0 +1,112 @@
+"""The local runner: each job in a child process, with the volume contract's layout.
+
+A staging directory mirrors the container mounts (`job/job.json`, `models/<name>`,
+`data`, `out`) through symlinks into the store, so the job process cannot tell whether
+it runs in Docker or here. The child runs in its own session, so a time limit kills the
+whole process group; its stdout and stderr go to `out/log.txt`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from ..contract import ContractError, ErrorInfo, Job, Provenance, Result, read_record
+from ..environment import local_environment_id
+from ..fsio import write_record
+
+
+class LocalRunner:
+    name = "local"
+
+    def environment_id(self) -> str:
+        return local_environment_id()
+
+    def run(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
+            on_line: Callable[[str], None] | None = None) -> Result:
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="llmcbench-stage-") as stage:
+            stage = Path(stage)
+            (stage / "job").mkdir()
+            (stage / "models").mkdir()
+            os.symlink(run_dir / "job.json", stage / "job" / "job.json")
+            os.symlink(Path(model_path).resolve(), stage / "models" / job.model.name)
+            os.symlink(Path(data_dir).resolve(), stage / "data")
+            os.symlink(run_dir.resolve(), stage / "out")
+            cmd = [sys.executable, "-m", "llmcbench.driver.jobrun", "--job", str(stage / "job" / "job.json"),
+                   "--models", str(stage / "models"), "--data", str(stage / "data"), "--out", str(stage / "out")]
+            env = {**os.environ, "LLMCBENCH_JOB_HASH": job_hash, "LLMCBENCH_RUNNER": self.name,
+                   "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+            timed_out = False
+            with open(run_dir / "log.txt", "ab") as log:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                deadline = time.monotonic() + job.limits.time_limit_s
+                try:
+                    for line in _lines(proc, deadline):
+                        log.write(line)
+                        log.flush()
+                        if on_line:
+                            on_line(line.decode(errors="replace").rstrip())
+                except TimeoutError:
+                    timed_out = True
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except BaseException:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    raise
+                rc = proc.wait()
+        return self._collect(job_hash, run_dir, rc, timed_out, started, time.perf_counter() - t0, job)
+
+    def _collect(self, job_hash, run_dir, rc, timed_out, started, wall_s, job) -> Result:
+        path = run_dir / "result.json"
+        if not timed_out and path.exists():
+            try:
+                return read_record(path, Result)
+            except ContractError as e:
+                error = ErrorInfo(type="crash", message=f"job wrote an invalid result.json ({e})")
+        elif timed_out:
+            error = ErrorInfo(type="timeout", message=f"killed after the time limit of {job.limits.time_limit_s} s")
+        elif rc < 0 and -rc == signal.SIGKILL:
+            error = ErrorInfo(type="oom", message="killed by SIGKILL (most likely the out-of-memory killer)")
+        else:
+            error = ErrorInfo(type="crash", message=f"job process exited with code {rc} without a result")
+        result = Result(job_hash=job_hash, status="failed", error=error, started_at=started,
+                        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), wall_s=wall_s,
+                        provenance=Provenance(runner=self.name)).sealed()
+        write_record(path, result)
+        return result
+
+
+def _lines(proc: subprocess.Popen, deadline: float):
+    """Yield the child's output lines, raising TimeoutError past the deadline."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        if not sel.select(timeout=min(remaining, 1.0)):
+            if proc.poll() is not None:
+                break
+            continue
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line + b"\n"
+    if buf.strip():
+        yield buf + b"\n"

@@ -1,0 +1,25 @@
+"""Maps the top-level folders (SPEC.md section 4 layout) onto the `llmcbench` package.
+
+driver/ -> llmcbench.driver, methods/ -> llmcbench.methods (each methods/<name>/ a
+subpackage, discovered), tracks/ -> llmcbench.tracks. Data files (method.toml, task
+YAMLs, the shipped data slices, the paper tables) travel as package data.
+"""
+
+from setuptools import find_packages, setup
+
+ROOTS = {"driver": "llmcbench.driver", "methods": "llmcbench.methods", "tracks": "llmcbench.tracks"}
+
+packages, package_dir = [], {}
+for folder, name in ROOTS.items():
+    package_dir[name] = folder
+    packages.append(name)
+    packages += [f"{name}.{sub}" for sub in find_packages(folder, exclude=["tests", "*.tests"])]
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={
+        "llmcbench.methods": ["*/method.toml"],
+        "llmcbench.tracks": ["data/**/*", "paper/*", "*/*.yaml"],
+    },
+)

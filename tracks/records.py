@@ -1,0 +1,41 @@
+"""From job results to scoring records: the one place that maps what a job measured
+(`result.json` metrics, in bytes and seconds) to the catalogue's metrics and units
+(`tracks.scoring.METRICS`: %, ppl, GB, TMACs, minutes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .scoring import MetricRecord
+
+GB = 1e9
+
+
+def eval_records(metrics: dict[str, Any], model: str, method: str, setting: str) -> list[MetricRecord]:
+    out: list[MetricRecord] = []
+
+    def add(track: int, metric: str, value: float) -> None:
+        out.append(MetricRecord(track=track, model=model, method=method, setting=setting, metric=metric, value=float(value)))
+
+    t1 = metrics.get("track1")
+    if t1:
+        for dataset, r in t1["tasks"].items():
+            add(1, dataset, r["accuracy_pct"])
+        add(1, "wikitext2_ppl", t1["wikitext2"]["ppl"])
+    t4 = metrics.get("track4")
+    if t4:
+        add(4, "gpu_memory_gb", t4["inference_memory_bytes"] / GB)
+        add(4, "model_size_gb", t4["model_size_bytes"] / GB)
+        add(4, "tmacs", t4["macs"]["effective_macs"] / 1e12)
+    return out
+
+
+def compress_records(metrics: dict[str, Any], model: str, method: str, setting: str) -> list[MetricRecord]:
+    """Track 3: time of the compression step alone and its peak memory (GPU when it ran on
+    one, else host RSS; the device is in the result so the two are never mixed silently)."""
+    t3 = metrics["track3"]
+    memory = t3.get("compress_peak_gpu_bytes") or t3["compress_peak_rss_bytes"]
+    return [
+        MetricRecord(track=3, model=model, method=method, setting=setting, metric="compress_time_min", value=t3["compress_s"] / 60),
+        MetricRecord(track=3, model=model, method=method, setting=setting, metric="compress_memory_gb", value=memory / GB),
+    ]
