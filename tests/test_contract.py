@@ -1,0 +1,107 @@
+"""The contract: records round-trip, job hashes are stable across processes, tampering is caught."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmcbench.driver.contract import (
+    Calibration, Compression, ContractError, EvalSettings, Job, LayerCompression, ModelRef, Result, read_record,
+)
+from llmcbench.driver.fsio import sha256_tree, write_atomic, write_record
+
+
+def _job(**kw) -> Job:
+    base = dict(kind="compress", method="wanda", preset="2:4", params={"sparsity": 0.5, "pattern": "n:m", "n": 2, "m": 4},
+                model=ModelRef(name="m", source="local", identity="sha256:abc", path="/somewhere/m"),
+                calibration=Calibration(nsamples=16, seqlen=128, seed=0))
+    base.update(kw)
+    return Job(**base)
+
+
+def test_job_round_trip(tmp_path):
+    job = _job(evaluation=EvalSettings(tracks=[1, 4], tasks=["arc_e"], limit=5))
+    write_record(tmp_path / "job.json", job)
+    back = read_record(tmp_path / "job.json", Job)
+    assert back == job
+    assert back.job_hash("env") == job.job_hash("env")
+
+
+def test_compression_round_trip(tmp_path):
+    c = Compression(method="wanda", preset="2:4", sparsity_pattern="n:m", n_m=(2, 4), target_sparsity=0.5,
+                    measured_sparsity=0.5, layers={"model.layers.0.mlp.up_proj": LayerCompression(sparsity=0.5, shape=[128, 64])})
+    write_record(tmp_path / "compression.json", c)
+    assert read_record(tmp_path / "compression.json", Compression) == c
+
+
+def test_job_hash_ignores_paths_but_not_content():
+    a = _job()
+    moved = _job(model=ModelRef(name="m", source="local", identity="sha256:abc", path="/elsewhere/m"))
+    other = _job(model=ModelRef(name="m", source="local", identity="sha256:abd", path="/somewhere/m"))
+    assert a.job_hash("env") == moved.job_hash("env")
+    assert a.job_hash("env") != other.job_hash("env")
+    assert a.job_hash("env") != a.job_hash("other-env")
+    assert a.job_hash("env") != _job(preset="4:8").job_hash("env")
+
+
+def test_job_hash_stable_across_processes():
+    code = (
+        "from llmcbench.driver.contract import *\n"
+        "j = Job(kind='compress', method='wanda', preset='2:4', params={'n': 2, 'm': 4, 'sparsity': 0.5, 'pattern': 'n:m'},"
+        " model=ModelRef(name='m', source='local', identity='sha256:abc', path='/x'),"
+        " calibration=Calibration(nsamples=16, seqlen=128, seed=0))\n"
+        "print(j.job_hash('env'))\n"
+    )
+    hashes = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout.strip() for seed in (1, 2, 3)}
+    assert len(hashes) == 1
+    # params given in another key order hash the same (canonical JSON)
+    assert hashes == {_job(params={"m": 4, "n": 2, "pattern": "n:m", "sparsity": 0.5}).job_hash("env")}
+
+
+def _result(**kw) -> Result:
+    base = dict(job_hash="h", status="ok", started_at="t0", finished_at="t1", wall_s=1.5, metrics={"track1": {"x": 1.0}})
+    base.update(kw)
+    return Result(**base).sealed()
+
+
+def test_result_seal_detects_edits(tmp_path):
+    path = tmp_path / "result.json"
+    write_record(path, _result())
+    assert read_record(path, Result).metrics == {"track1": {"x": 1.0}}
+    data = json.loads(path.read_text())
+    data["metrics"]["track1"]["x"] = 2.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ContractError, match="checksum mismatch"):
+        read_record(path, Result)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"schema_version": "99"}', "schema version 99"),
+    ('{"schema_version": "1", "status": "ok"}', "invalid Result"),
+])
+def test_result_corruption_is_one_line(tmp_path, content, message):
+    path = tmp_path / "result.json"
+    path.write_text(content)
+    with pytest.raises(ContractError, match=message) as info:
+        read_record(path, Result)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_fields_and_bad_values_are_rejected():
+    with pytest.raises(ValueError):
+        Job.model_validate({**_job().model_dump(), "surprise": 1})
+    with pytest.raises(ValueError):
+        Calibration(nsamples=0, seqlen=128)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    write_atomic(tmp_path / "a" / "f.txt", "one")
+    write_atomic(tmp_path / "a" / "f.txt", "two")
+    assert (tmp_path / "a" / "f.txt").read_text() == "two"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.txt"]
+    assert set(sha256_tree(tmp_path)) == {"a/f.txt"}
