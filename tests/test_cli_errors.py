@@ -1,0 +1,136 @@
+"""Bad input: one line naming the problem, a non-zero exit, nothing half-written in runs/.
+
+These run the real console script in a child process, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LLMCBENCH = [sys.executable, "-m", "llmcbench.driver.cli"]
+
+
+def run_cli(*args, cwd=None, timeout=900):
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([*LLMCBENCH, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error:"), err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--method", "nosuchmethod"], ["unknown method 'nosuchmethod'", "wanda"]),
+    (["--method", "wanda", "--preset", "3:7"], ["unknown preset '3:7'", "unstructured-50"]),
+    (["--method", "wanda", "--model", "/no/such/model"], ["/no/such/model", "does not exist"]),
+    (["--method", "wanda", "--tracks", "1,9"], ["unknown track 9"]),
+    (["--method", "wanda", "--tracks", "1,x"], ["unknown track 'x'"]),
+    (["--method", "wanda", "--sparsity", "-0.1"], ["out of range"]),
+    (["--method", "wanda", "--sparsity", "150%"], ["out of range"]),
+    (["--method", "wanda", "--profile", "fast"], ["unknown profile 'fast'"]),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", *args, "--runs-dir", str(runs))
+    _one_line_error(proc, *needles)
+    assert proc.returncode == 2
+    assert not runs.exists()
+
+
+def test_model_dir_without_config(tmp_path):
+    model = tmp_path / "not_a_model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"0")
+    proc = run_cli("bench", "--method", "wanda", "--model", str(model), "--runs-dir", str(tmp_path / "runs"))
+    _one_line_error(proc, "no config.json")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_score_rejects_unknown_metric(tmp_path):
+    csv = tmp_path / "x.csv"
+    csv.write_text("track,model,method,setting,metric,value\n1,m,dense,0,mmlu,40\n1,m,wanda,50%,nosuch,30\n")
+    _one_line_error(run_cli("score", str(csv)), "nosuch", ":3")
+
+
+def test_score_paper_table(tmp_path, shared_dir):
+    from llmcbench.tracks.scoring import paper_wide_to_long, write_long_csv
+
+    csv = tmp_path / "t1.csv"
+    write_long_csv(paper_wide_to_long(shared_dir / "spec" / "paper" / "table1_track1_performance.csv"), csv)
+    proc = run_cli("score", str(csv))
+    assert proc.returncode == 0, proc.stderr
+    wanda_rows = [line for line in proc.stdout.splitlines() if "Wanda" in line and "50%" in line]
+    assert any("om_perf" in r and "86.79" in r for r in wanda_rows), proc.stdout
+
+
+def test_help_and_methods_list():
+    assert run_cli("--help").returncode == 0
+    proc = run_cli("methods", "list")
+    assert proc.returncode == 0
+    assert "wanda" in proc.stdout and "2:4" in proc.stdout and "8e8fc87b4a" in proc.stdout
+
+
+def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir):
+    """A compress-only bench (track 3) on the tiny model, then three kinds of corruption."""
+    runs = tmp_path / "runs"
+    args = ["bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "3", "--runs-dir", str(runs)]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (result_path,) = runs.glob("*/*/result.json")
+    run_dir = result_path.parent
+    assert {p.name for p in run_dir.iterdir()} >= {"job.json", "result.json", "log.txt", "model", "report.md", "bench.json"}
+    assert (run_dir / "model" / "compression.json").is_file()
+    good = result_path.read_text()
+
+    assert "cached" in run_cli(*args).stdout  # untouched store: a cache hit
+
+    result_path.write_text(good[: len(good) // 2])  # truncated
+    _one_line_error(run_cli(*args), "corrupted result", "--force")
+
+    data = json.loads(good)
+    data["compress_s"] = 0.001  # edited figure
+    result_path.write_text(json.dumps(data))
+    _one_line_error(run_cli(*args), "corrupted result", "checksum")
+
+    result_path.write_text(good)
+    weights = next((run_dir / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # swapped artifact bytes
+    _one_line_error(run_cli(*args), "corrupted artifact", weights.name)
+
+    healed = run_cli(*args, "--force")
+    assert healed.returncode == 0, healed.stderr
+    assert "cached" in run_cli(*args).stdout
+
+
+def test_failed_job_keeps_log_and_result(tmp_path, tiny_llama_dir):
+    """A job past its time limit is killed; result.json says failed/timeout and the log stays."""
+    from llmcbench.driver.bench import compress_job, plan_bench
+    from llmcbench.driver.contract import Limits
+    from llmcbench.driver.runners.local import LocalRunner
+    from llmcbench.driver.store import Store
+
+    plan = plan_bench("wanda", model=str(tiny_llama_dir), tracks="3", runs_dir=tmp_path / "runs")
+    job = compress_job(plan).model_copy(update={"limits": Limits(time_limit_s=1)})
+    runner = LocalRunner()
+    h = job.job_hash(runner.environment_id())
+    store = Store(plan.runs_dir)
+    run_dir = store.run_dir(plan.cell, h)
+    store.prepare(run_dir, job)
+    result = runner.run(job, h, run_dir, Path(plan.model.path), plan.data_dir)
+    assert result.status == "failed" and result.error.type == "timeout"
+    assert (run_dir / "log.txt").is_file()
+    assert store.cached(run_dir) is None  # a failed job is not a cache hit: it runs again
+    shutil.rmtree(run_dir)
