@@ -48,7 +48,8 @@ def _progress_callback(progress):
         if key in tasks:
             progress.update(tasks[key], status=f"{status} in {run.result.wall_s:.0f} s", total=1, completed=1)
         else:
-            progress.add_task(f"{key}: {job.method} {job.preset or ''}", total=1, completed=1, status=f"{status} ({run.job_hash[:12]})")
+            task = progress.add_task(f"{key}: {job.method} {job.preset or ''}", total=1, status=f"{status} ({run.job_hash[:12]})")
+            progress.update(task, completed=1)
         return None
 
     return on_job

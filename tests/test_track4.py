@@ -1,0 +1,129 @@
+"""Track 4 measurement: the FLOP counter's reading, effective MACs after pruning and
+quantization, size on disk, inference memory."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmcbench.driver.contract import Compression, LayerCompression
+from llmcbench.methods._engine.calibration import sample_calibration
+from llmcbench.methods.wanda.reference import compress
+from llmcbench.tracks.inference.measure import (
+    count_macs,
+    inference_memory_bytes,
+    measure_inference_memory,
+    model_size,
+    size_on_disk_bytes,
+)
+
+SEQLEN = 128
+
+
+def load(model_dir) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def block_linear_names(model) -> list[str]:
+    return [name for name, m in model.model.layers.named_modules(prefix="model.layers") if isinstance(m, nn.Linear)]
+
+
+@pytest.fixture(scope="module")
+def dense_macs(tiny_llama_dir):
+    model = load(tiny_llama_dir)
+    return model, count_macs(model, seqlen=SEQLEN)
+
+
+def test_raw_macs_match_the_analytic_count(dense_macs):
+    """Linears: tokens * in * out each; attention: QK^T and AV per layer, the full
+    seqlen x seqlen matrix as torch counts it (heads * seqlen^2 * head_dim each)."""
+    model, macs = dense_macs
+    config = model.config
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linears) == 2 * 7 + 1  # blocks + lm_head
+    for name, linear in linears.items():
+        assert macs["linears"][name]["raw_macs"] == SEQLEN * linear.in_features * linear.out_features, name
+    linear_macs = sum(SEQLEN * m.in_features * m.out_features for m in linears.values())
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention_macs = config.num_hidden_layers * 2 * config.num_attention_heads * SEQLEN * SEQLEN * head_dim
+    assert macs["linear_raw_macs"] == linear_macs
+    assert macs["raw_macs"] == linear_macs + attention_macs
+
+
+def test_dense_model_effective_equals_raw(dense_macs):
+    _, macs = dense_macs
+    assert macs["effective_macs"] == macs["raw_macs"]
+    assert macs["linear_effective_macs"] == macs["linear_raw_macs"]
+    assert all(v["density"] == 1.0 and v["weight_bits"] == 16 for v in macs["linears"].values())
+
+
+def test_wanda_50_halves_the_pruned_linears(tiny_llama_dir, data_dir, dense_macs):
+    _, dense = dense_macs
+    model = load(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    calibration = sample_calibration(tokenizer, nsamples=4, seqlen=64, seed=0,
+                                     data_file=data_dir / "hf" / "allenai__c4" / "en" / "train.jsonl")
+    declaration = compress(model, calibration.input_ids, {"pattern": "unstructured", "sparsity": 0.5}, torch.device("cpu"))
+    macs = count_macs(model, seqlen=SEQLEN, compression=declaration)
+
+    assert macs["raw_macs"] == dense["raw_macs"]
+    pruned = block_linear_names(model)
+    assert set(pruned) == set(declaration.layers)
+    for name in pruned:
+        assert macs["linears"][name]["effective_macs"] == dense["linears"][name]["raw_macs"] / 2, name
+    head = macs["linears"]["lm_head"]
+    assert head["effective_macs"] == head["raw_macs"]
+    non_linear = dense["raw_macs"] - dense["linear_raw_macs"]
+    half_blocks = sum(dense["linears"][n]["raw_macs"] for n in pruned) / 2
+    assert macs["effective_macs"] == non_linear + head["raw_macs"] + half_blocks
+
+
+def test_declared_8_bit_weights_quarter_the_linear_macs(dense_macs):
+    model, dense = dense_macs
+    names = block_linear_names(model)
+    per_layer = Compression(method="gptq", weight_bits=8, layers={n: LayerCompression(weight_bits=8) for n in names})
+    model_wide = Compression(method="gptq", weight_bits=8)  # no per-layer entries: all linears but lm_head
+    for declaration in (per_layer, model_wide):
+        macs = count_macs(model, seqlen=SEQLEN, compression=declaration)
+        for name in names:
+            assert macs["linears"][name]["effective_macs"] == dense["linears"][name]["raw_macs"] / 4, name
+        assert macs["linears"]["lm_head"]["effective_macs"] == dense["linears"]["lm_head"]["raw_macs"]
+        blocks_raw = sum(dense["linears"][n]["raw_macs"] for n in names)
+        assert macs["effective_macs"] == dense["raw_macs"] - blocks_raw + blocks_raw / 4
+
+
+def test_size_on_disk_is_the_safetensors_bytes(tiny_llama_dir):
+    weights = sum(p.stat().st_size for p in tiny_llama_dir.glob("*.safetensors"))
+    assert weights > 0
+    assert size_on_disk_bytes(tiny_llama_dir) == weights
+    assert model_size(tiny_llama_dir) == {"checkpoint_bytes": weights, "packed_bytes": None, "size_bytes": weights}
+
+
+def test_size_on_disk_prefers_a_packed_export(tiny_llama_dir, tmp_path):
+    model_dir = tmp_path / "out" / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    packed = model_dir.parent / "packed"
+    packed.mkdir()
+    (packed / "weights.int4").write_bytes(b"\0" * 1000)
+    report = model_size(model_dir)
+    assert report["packed_bytes"] == 1000 and report["size_bytes"] == 1000
+    assert report["checkpoint_bytes"] == size_on_disk_bytes(tiny_llama_dir)
+
+
+def test_missing_model_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        size_on_disk_bytes(tmp_path / "nope")
+
+
+def test_cpu_inference_memory_counts_weights_and_growth(dense_macs):
+    model, _ = dense_macs
+    memory = measure_inference_memory(model, seqlen=SEQLEN, device="cpu")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert memory.weights_bytes >= weights
+    assert memory.total_bytes == memory.weights_bytes + memory.activation_bytes
+    assert memory.method.startswith("cpu_")
+    assert inference_memory_bytes(model, seqlen=SEQLEN, device="cpu") >= weights

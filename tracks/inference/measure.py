@@ -1,0 +1,221 @@
+"""Track 4, inference consumption: MACs, size on disk, inference memory (SPEC.md section 5).
+
+MACs are counted by torch's own `FlopCounterMode` on a (1, seqlen) input, 128 tokens by
+default, and halved (one multiply-accumulate = two FLOPs). Two figures:
+
+- raw MACs: what the dense kernels execute;
+- effective MACs: each linear's MACs, read from the counter's per-module breakdown, scaled by
+  its density measured from the weights (a pruned weight contributes nothing) and by
+  (weight_bits / 16)^2 for a weight the compression declaration says is quantized (this
+  reproduces the paper's Table 3). Everything outside the linears (attention score and value
+  products) is counted as is.
+
+torch's counter has no formula for the CPU fused attention kernel
+(`_scaled_dot_product_flash_attention_for_cpu`), so one is registered here with torch's own
+`sdpa_flop_count`; on CUDA the flash / efficient / cuDNN kernels are counted by torch. As
+torch does, the full seqlen x seqlen score matrix is counted (no causal discount).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from llmcbench.driver.contract import Compression
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FORMULAS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _weight_bits(name: str, linear: nn.Linear, model: nn.Module, compression: Compression | None) -> int:
+    """A linear's weight bits as the declaration states them.
+
+    A linear named in `compression.layers` has its own `weight_bits`, or the model-wide
+    `weight_bits` when that is unset; one not named is 16-bit. A declaration without
+    per-layer entries applies its `weight_bits` to every linear but the output head (the
+    quantization methods here all leave lm_head in 16 bits).
+    """
+    if compression is None:
+        return 16
+    if compression.layers:
+        layer = compression.layers.get(name)
+        if layer is None:
+            return 16
+        return layer.weight_bits if layer.weight_bits is not None else compression.weight_bits
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return 16 if linear is head else compression.weight_bits
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, seqlen: int = 128, compression: Compression | None = None) -> dict:
+    """Raw and effective MACs of one forward over a (1, seqlen) input.
+
+    Returns `raw_macs`, `effective_macs`, `linear_raw_macs`, `linear_effective_macs`,
+    `seqlen`, and `linears`: per linear module name its `raw_macs`, measured `density`,
+    declared `weight_bits` and `effective_macs`.
+    """
+    input_ids = torch.zeros((1, seqlen), dtype=torch.long, device=_device_of(model))
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    with counter:
+        model(input_ids=input_ids, use_cache=False)
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    total_macs = counter.get_total_flops() // 2
+
+    linears = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        raw = sum(per_module.get(f"{root}.{name}", {}).values()) // 2
+        weight = module.weight.data
+        density = 1.0 - int((weight == 0).sum().item()) / weight.numel()
+        bits = _weight_bits(name, module, model, compression)
+        linears[name] = {
+            "raw_macs": raw,
+            "density": density,
+            "weight_bits": bits,
+            "effective_macs": raw * density * (bits / 16) ** 2,
+        }
+    linear_raw = sum(v["raw_macs"] for v in linears.values())
+    if linears and linear_raw == 0 and total_macs > 0:
+        raise RuntimeError(f"the FLOP counter's per-module breakdown names no linear of {root}: cannot split linear MACs")
+    linear_effective = sum(v["effective_macs"] for v in linears.values())
+    return {
+        "seqlen": seqlen,
+        "raw_macs": total_macs,
+        "effective_macs": total_macs - linear_raw + linear_effective,
+        "linear_raw_macs": linear_raw,
+        "linear_effective_macs": linear_effective,
+        "linears": linears,
+    }
+
+
+def _weight_files_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _packed_dir(model_dir: Path) -> Path | None:
+    """The real low-bit export: `packed/` inside the model dir, or beside it in a compress
+    job's output (`out/model` and `out/packed`, SPEC.md section 4)."""
+    candidates = [model_dir / "packed"]
+    if model_dir.name == "model":
+        candidates.append(model_dir.parent / "packed")
+    for candidate in candidates:
+        if candidate.is_dir() and any(p.is_file() for p in candidate.rglob("*")):
+            return candidate
+    return None
+
+
+def model_size(model_dir: str | Path) -> dict:
+    """`checkpoint_bytes`: the shipped checkpoint's weight files (*.safetensors, *.bin, *.pt,
+    *.pth at the top of the model dir; config and tokenizer files excluded);
+    `packed_bytes`: every file of the real low-bit export in `packed/` if there is one, else
+    None; `size_bytes`: what a user must store, the packed export when present, else the
+    checkpoint (SPEC.md track 4)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model dir {model_dir} not found")
+    checkpoint = _weight_files_bytes(model_dir)
+    packed = _packed_dir(model_dir)
+    packed_bytes = _tree_bytes(packed) if packed is not None else None
+    return {
+        "checkpoint_bytes": checkpoint,
+        "packed_bytes": packed_bytes,
+        "size_bytes": packed_bytes if packed_bytes is not None else checkpoint,
+    }
+
+
+def size_on_disk_bytes(model_dir: str | Path) -> int:
+    """Bytes a user must store for the model: `model_size(model_dir)["size_bytes"]`."""
+    return model_size(model_dir)["size_bytes"]
+
+
+@dataclass(frozen=True)
+class InferenceMemory:
+    total_bytes: int
+    weights_bytes: int  # parameters + buffers
+    activation_bytes: int  # growth during the forward beyond the weights
+    method: str
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+@torch.no_grad()
+def measure_inference_memory(model: nn.Module, seqlen: int = 128, device: torch.device | str | None = None) -> InferenceMemory:
+    """Memory to run one forward over a (1, seqlen) input with the model on `device`.
+
+    CUDA: `torch.cuda.max_memory_allocated` over the forward, after resetting the peak
+    statistics; weights already on the GPU are part of it (tensors allocated by the caching
+    allocator, not the reserved pool and not the CUDA context).
+    CPU: the bytes of the model's parameters and buffers plus the growth of the process's
+    resident set during the forward (peak RSS during minus RSS before; Linux
+    /proc/self/status VmHWM after a clear_refs reset). Where the peak cannot be reset, the
+    growth is that of the lifetime peak (getrusage ru_maxrss), a lower bound.
+    """
+    device = torch.device(device) if device is not None else _device_of(model)
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    weights += sum(t.numel() * t.element_size() for t in model.buffers())
+    input_ids = torch.zeros((1, seqlen), dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        model(input_ids=input_ids, use_cache=False)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return InferenceMemory(peak, weights, max(0, peak - weights), "cuda_max_memory_allocated")
+    if _reset_peak_rss():
+        before = _status_kib("VmRSS") * 1024
+        model(input_ids=input_ids, use_cache=False)
+        growth = max(0, _status_kib("VmHWM") * 1024 - before)
+        method = "cpu_weights_plus_peak_rss_growth"
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model(input_ids=input_ids, use_cache=False)
+        growth = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+        method = "cpu_weights_plus_maxrss_growth_lower_bound"
+    return InferenceMemory(weights + growth, weights, growth, method)
+
+
+def inference_memory_bytes(model: nn.Module, seqlen: int = 128, device: torch.device | str | None = None) -> int:
+    """`measure_inference_memory(...).total_bytes`."""
+    return measure_inference_memory(model, seqlen, device).total_bytes
