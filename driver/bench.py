@@ -122,6 +122,12 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         merged["sparsity"] = s
     elif "sparsity" in merged:
         parse_sparsity(merged["sparsity"])
+    engine_module = spec.engine_module(engine)
+    if hasattr(engine_module, "validate_params"):
+        try:
+            engine_module.validate_params(merged)
+        except ValueError as e:
+            raise UserError(f"{spec.name} {preset_name}: {e}") from None
     track_list = parse_tracks(tracks)
     get_runner(runner)
     source, ddir = resolve_data(data_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .contract import Compression, ErrorInfo, Job, Provenance, Result, read_record
 from .errors import classify_exception
-from .fsio import sha256_file, sha256_tree, write_atomic, write_record
+from .fsio import sha256_file, sha256_tree, write_record
 
 COMPRESSION_FILE = "compression.json"
 
@@ -87,7 +87,8 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    declaration: Compression = engine.compress(model, calibration_ids, dict(job.params), device)
+    output = engine.compress(model, calibration_ids, dict(job.params), device)
+    declaration, export_packed = (output, None) if isinstance(output, Compression) else (output.declaration, output.export_packed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result["peak_gpu_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -105,10 +106,20 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     final = paths.out / "model"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    if export_packed is not None:
+        packed_tmp, packed = paths.out / ".packed.partial", paths.out / "packed"
+        shutil.rmtree(packed_tmp, ignore_errors=True)
+        packed_tmp.mkdir()
+        declaration = declaration.model_copy(update={"packed_format": export_packed(packed_tmp)})
+        write_record(final / COMPRESSION_FILE, declaration)
+        shutil.rmtree(packed, ignore_errors=True)
+        os.replace(packed_tmp, packed)
     result["save_s"] = time.perf_counter() - t0
 
     result["input_sha256"]["calibration"] = calib_sha or "hub:allenai/c4"
     result["output_sha256"] = {f"model/{k}": v for k, v in sha256_tree(final).items()}
+    if export_packed is not None:
+        result["output_sha256"].update({f"packed/{k}": v for k, v in sha256_tree(paths.out / "packed").items()})
     result["metrics"] = {
         "track3": {
             "compress_s": result["compress_s"],

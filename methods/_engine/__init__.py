@@ -11,6 +11,7 @@ from .blockwise import (
     find_linears,
     run_blockwise,
 )
+from .output import EngineOutput
 from .calibration import CalibrationError, CalibrationSet, load_calibration, sample_calibration, sample_windows
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BlockStep",
     "CalibrationError",
     "CalibrationSet",
+    "EngineOutput",
     "LinearStatistics",
     "UnsupportedModelError",
     "capture_block_inputs",

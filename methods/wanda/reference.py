@@ -145,6 +145,11 @@ def prune_block(step: BlockStep, settings: WandaSettings) -> None:
         linear.weight.data.masked_fill_(prune_mask(scores, settings), 0)
 
 
+def validate_params(params: dict[str, Any]) -> None:
+    """Called by the driver before any job is written, so bad params fail as bad input."""
+    WandaSettings.from_params(params)
+
+
 def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, Any],
              device: torch.device) -> Compression:
     """Prune every linear of every decoder block of `model` in place; declare the result.
