@@ -78,3 +78,18 @@ def tiny_llama_dir(tmp_path_factory, embedded_model_dir) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def _run_cli(*args, cwd=None, timeout=900):
+    """Run the real `llmcbench` CLI in a child process, offline, as a user would."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "llmcbench.driver.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    return _run_cli

@@ -6,20 +6,10 @@ These run the real console script in a child process, as a user would.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-LLMCBENCH = [sys.executable, "-m", "llmcbench.driver.cli"]
-
-
-def run_cli(*args, cwd=None, timeout=900):
-    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([*LLMCBENCH, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 def _one_line_error(proc, *needles):
@@ -42,7 +32,7 @@ def _one_line_error(proc, *needles):
     (["--method", "wanda", "--sparsity", "150%"], ["out of range"]),
     (["--method", "wanda", "--profile", "fast"], ["unknown profile 'fast'"]),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_cli):
     runs = tmp_path / "runs"
     proc = run_cli("bench", *args, "--runs-dir", str(runs))
     _one_line_error(proc, *needles)
@@ -50,7 +40,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
     assert not runs.exists()
 
 
-def test_model_dir_without_config(tmp_path):
+def test_model_dir_without_config(tmp_path, run_cli):
     model = tmp_path / "not_a_model"
     model.mkdir()
     (model / "weights.bin").write_bytes(b"0")
@@ -59,13 +49,13 @@ def test_model_dir_without_config(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_score_rejects_unknown_metric(tmp_path):
+def test_score_rejects_unknown_metric(tmp_path, run_cli):
     csv = tmp_path / "x.csv"
     csv.write_text("track,model,method,setting,metric,value\n1,m,dense,0,mmlu,40\n1,m,wanda,50%,nosuch,30\n")
     _one_line_error(run_cli("score", str(csv)), "nosuch", ":3")
 
 
-def test_score_paper_table(tmp_path, shared_dir):
+def test_score_paper_table(tmp_path, shared_dir, run_cli):
     from llmcbench.tracks.scoring import paper_wide_to_long, write_long_csv
 
     csv = tmp_path / "t1.csv"
@@ -76,14 +66,14 @@ def test_score_paper_table(tmp_path, shared_dir):
     assert any("om_perf" in r and "86.79" in r for r in wanda_rows), proc.stdout
 
 
-def test_help_and_methods_list():
+def test_help_and_methods_list(run_cli):
     assert run_cli("--help").returncode == 0
     proc = run_cli("methods", "list")
     assert proc.returncode == 0
     assert "wanda" in proc.stdout and "2:4" in proc.stdout and "8e8fc87b4a" in proc.stdout
 
 
-def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir):
+def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir, run_cli):
     """A compress-only bench (track 3) on the tiny model, then three kinds of corruption."""
     runs = tmp_path / "runs"
     args = ["bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "3", "--runs-dir", str(runs)]

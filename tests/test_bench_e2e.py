@@ -1,0 +1,88 @@
+"""The spine end to end: `llmcbench bench --method wanda` on the embedded model, offline, CPU,
+quick profile — then the same command again, which must be a cache hit."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from llmcbench.driver.contract import Compression, Job, Result, read_record
+from llmcbench.driver.fsio import sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, run_cli):
+    runs = tmp_path_factory.mktemp("store") / "runs"
+    t0 = time.perf_counter()
+    first = run_cli("bench", "--method", "wanda", "--runs-dir", str(runs), timeout=1500)
+    cold_s = time.perf_counter() - t0
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    t0 = time.perf_counter()
+    second = run_cli("bench", "--method", "wanda", "--runs-dir", str(runs), timeout=600)
+    warm_s = time.perf_counter() - t0
+    assert second.returncode == 0, second.stderr
+    return runs, first.stdout, second.stdout, cold_s, warm_s
+
+
+def _runs(runs, cell_prefix):
+    out = {}
+    for job_path in runs.glob(f"{cell_prefix}*/*/job.json"):
+        job = read_record(job_path, Job)
+        out[job.kind] = (job, read_record(job_path.parent / "result.json", Result), job_path.parent)
+    return out
+
+
+def test_table_and_oms_printed(bench_run):
+    _, stdout, _, _, _ = bench_run
+    for needle in ("MMLU", "ARC-c", "WikiText-2 ppl", "om_ka", "om_ia", "om_perf", "om_inf", "om_train", "profile quick"):
+        assert needle in stdout, needle
+
+
+def test_run_dirs_hold_the_contract_files(bench_run):
+    runs, *_ = bench_run
+    wanda = _runs(runs, "wanda-unstructured-50-smollm2")
+    job, result, run_dir = wanda["compress"]
+    assert {"job.json", "result.json", "log.txt", "report.md", "bench.json", "model"} <= {p.name for p in run_dir.iterdir()}
+    assert result.status == "ok" and result.job_hash == run_dir.name
+    assert result.environment.torch and result.environment.transformers and result.environment.python
+    assert result.provenance.upstream_commit == "8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6"
+    assert result.compress_s > 0 and result.load_s > 0 and result.save_s > 0 and result.peak_rss_bytes > 0
+    assert result.input_sha256["job.json"] == sha256_file(run_dir / "job.json")
+    assert result.input_sha256["calibration"] == sha256_file(
+        __import__("llmcbench.driver.data", fromlist=["x"]).SHIPPED_DATA / "hf/allenai__c4/en/train.jsonl")
+    for rel, digest in result.output_sha256.items():
+        assert sha256_file(run_dir / rel) == digest
+    decl = read_record(run_dir / "model" / "compression.json", Compression)
+    assert decl.method == "wanda" and decl.preset == "unstructured-50" and decl.sparsity_pattern == "unstructured"
+    assert len(decl.layers) == 30 * 7
+    assert all(abs(layer.sparsity - 0.5) < 0.01 for layer in decl.layers.values())
+    assert job.calibration.nsamples == 16 and job.calibration.seqlen == 128
+    report = (run_dir / "report.md").read_text()
+    assert "profile: **quick**" in report and "om_perf" in report
+
+
+def test_compressed_vs_dense_figures(bench_run):
+    runs, *_ = bench_run
+    dense = _runs(runs, "dense-smollm2")["eval"][1].metrics
+    comp_job, comp, _ = _runs(runs, "wanda-unstructured-50-smollm2")["eval"]
+    assert comp_job.model.source == "artifact"
+    # pruning half the weights of a 135M model must cost perplexity, but not destroy it
+    assert dense["track1"]["wikitext2"]["ppl"] < comp["track1"]["wikitext2"]["ppl"] < 20 * dense["track1"]["wikitext2"]["ppl"]
+    # effective MACs: the pruned linears count half (the dense GGUF-derived weights hold a few exact zeros)
+    d, c = dense["track4"]["macs"], comp["track4"]["macs"]
+    assert d["raw_macs"] == c["raw_macs"]
+    assert c["linear_effective_macs"] == pytest.approx(d["linear_raw_macs"] * 0.5, rel=0.02)
+    assert dense["track4"]["model_size_bytes"] == comp["track4"]["model_size_bytes"]  # dense layout with zeros
+    assert set(dense["track1"]["tasks"]) == {"mmlu", "arc_c", "arc_e", "hellaswag", "piqa", "winogrande", "qnli", "mnli"}
+
+
+def test_rerun_is_a_cache_hit(bench_run):
+    runs, _, stdout2, cold_s, warm_s = bench_run
+    assert stdout2.count("cached") == 3
+    assert warm_s < 0.2 * cold_s, (warm_s, cold_s)
+    bench = json.loads(next(runs.glob("wanda-*/*/bench.json")).read_text())
+    assert all(j["cached"] for j in bench["jobs"].values())
