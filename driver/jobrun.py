@@ -133,6 +133,7 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
 
 def run_eval(job: Job, paths: Paths, result: dict) -> None:
     from ..tracks.inference.measure import count_macs, inference_memory_bytes, size_on_disk_bytes
+    from ..tracks.fakequant import apply_declared_activation_quant
     from ..tracks.performance import evaluate_tasks, wikitext2_ppl
 
     settings = job.evaluation
@@ -141,16 +142,17 @@ def run_eval(job: Job, paths: Paths, result: dict) -> None:
     declaration = None
     if (model_dir / COMPRESSION_FILE).is_file():
         declaration = read_record(model_dir / COMPRESSION_FILE, Compression)
-        if declaration.act_bits < 16:
-            raise NotImplementedError(
-                f"the artifact declares {declaration.act_bits}-bit activations; evaluating it without activation "
-                "fake-quantization would be wrong, and this evaluation image does not apply it yet"
-            )
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir, job)
     model.to(device)
+    # A W8A8/W4A4 artifact is evaluated with the activation quantization it declares, on every track.
+    activation_quant = apply_declared_activation_quant(model, declaration)
     result["load_s"] = time.perf_counter() - t0
     metrics: dict = {}
+    if activation_quant is not None:
+        metrics["activation_quantization"] = activation_quant.record()
+        _log(f"activation fake-quantization applied: {declaration.act_bits}-bit {declaration.act_granularity} "
+             f"on {len(activation_quant.linears)} linears")
     if 4 in settings.tracks:
         # Measured first, before the accuracy tasks grow the process's memory.
         macs = count_macs(model, seqlen=settings.macs_seqlen, compression=declaration)

@@ -29,7 +29,7 @@ def cell_name(method: str, preset: str | None, model_name: str) -> str:
 
 class Store:
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()
 
     def run_dir(self, cell: str, job_hash: str) -> Path:
         return self.root / cell / job_hash

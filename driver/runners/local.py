@@ -31,6 +31,7 @@ class LocalRunner:
 
     def run(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
             on_line: Callable[[str], None] | None = None) -> Result:
+        run_dir = Path(run_dir).resolve()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="llmcbench-stage-") as stage:
@@ -40,7 +41,7 @@ class LocalRunner:
             os.symlink(run_dir / "job.json", stage / "job" / "job.json")
             os.symlink(Path(model_path).resolve(), stage / "models" / job.model.name)
             os.symlink(Path(data_dir).resolve(), stage / "data")
-            os.symlink(run_dir.resolve(), stage / "out")
+            os.symlink(run_dir, stage / "out")
             cmd = [sys.executable, "-m", "llmcbench.driver.jobrun", "--job", str(stage / "job" / "job.json"),
                    "--models", str(stage / "models"), "--data", str(stage / "data"), "--out", str(stage / "out")]
             env = {**os.environ, "LLMCBENCH_JOB_HASH": job_hash, "LLMCBENCH_RUNNER": self.name,
