@@ -16,13 +16,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory, run_cli):
-    runs = tmp_path_factory.mktemp("store") / "runs"
+    cwd = tmp_path_factory.mktemp("store")
+    runs = cwd / "runs"
     t0 = time.perf_counter()
-    first = run_cli("bench", "--method", "wanda", "--runs-dir", str(runs), timeout=1500)
+    # a relative store path, as `make bench` passes it
+    first = run_cli("bench", "--method", "wanda", "--runs-dir", "runs", cwd=cwd, timeout=1500)
     cold_s = time.perf_counter() - t0
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     t0 = time.perf_counter()
-    second = run_cli("bench", "--method", "wanda", "--runs-dir", str(runs), timeout=600)
+    second = run_cli("bench", "--method", "wanda", "--runs-dir", "runs", cwd=cwd, timeout=600)
     warm_s = time.perf_counter() - t0
     assert second.returncode == 0, second.stderr
     return runs, first.stdout, second.stdout, cold_s, warm_s
