@@ -20,7 +20,7 @@ def bench_run(tmp_path_factory, run_cli):
     runs = cwd / "runs"
     t0 = time.perf_counter()
     # a relative store path, as `make bench` passes it
-    first = run_cli("bench", "--method", "wanda", "--runs-dir", "runs", cwd=cwd, timeout=1500)
+    first = run_cli("bench", "--method", "wanda", "--runs-dir", "runs", cwd=cwd, timeout=2400)
     cold_s = time.perf_counter() - t0
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     t0 = time.perf_counter()
