@@ -70,7 +70,8 @@ def test_run_dirs_hold_the_contract_files(bench_run):
 def test_compressed_vs_dense_figures(bench_run):
     runs, *_ = bench_run
     dense = _runs(runs, "dense-smollm2")["eval"][1].metrics
-    comp_job, comp, _ = _runs(runs, "wanda-unstructured-50-smollm2")["eval"]
+    comp_job, comp_result, _ = _runs(runs, "wanda-unstructured-50-smollm2")["eval"]
+    comp = comp_result.metrics
     assert comp_job.model.source == "artifact"
     # pruning half the weights of a 135M model must cost perplexity, but not destroy it
     assert dense["track1"]["wikitext2"]["ppl"] < comp["track1"]["wikitext2"]["ppl"] < 20 * dense["track1"]["wikitext2"]["ppl"]
