@@ -75,10 +75,18 @@ def test_compressed_vs_dense_figures(bench_run):
     assert comp_job.model.source == "artifact"
     # pruning half the weights of a 135M model must cost perplexity, but not destroy it
     assert dense["track1"]["wikitext2"]["ppl"] < comp["track1"]["wikitext2"]["ppl"] < 20 * dense["track1"]["wikitext2"]["ppl"]
-    # effective MACs: the pruned linears count half (the dense GGUF-derived weights hold a few exact zeros)
+    # effective MACs: the pruned block linears count half, the lm_head (not pruned, as upstream) in full
+    # (the dense GGUF-derived weights hold a few exact zeros, hence approx)
     d, c = dense["track4"]["macs"], comp["track4"]["macs"]
     assert d["raw_macs"] == c["raw_macs"]
-    assert c["linear_effective_macs"] == pytest.approx(d["linear_raw_macs"] * 0.5, rel=0.02)
+    block = {n: v for n, v in c["linears"].items() if ".layers." in f".{n}"}
+    assert len(block) == 30 * 7
+    block_raw = sum(v["raw_macs"] for v in block.values())
+    assert sum(v["effective_macs"] for v in block.values()) == pytest.approx(0.5 * block_raw, rel=0.01)
+    rest_raw = c["linear_raw_macs"] - block_raw
+    assert rest_raw > 0  # the lm_head
+    assert c["linear_effective_macs"] == pytest.approx(0.5 * block_raw + rest_raw, rel=0.01)
+    assert c["effective_macs"] < d["effective_macs"]
     assert dense["track4"]["model_size_bytes"] == comp["track4"]["model_size_bytes"]  # dense layout with zeros
     assert set(dense["track1"]["tasks"]) == {"mmlu", "arc_c", "arc_e", "hellaswag", "piqa", "winogrande", "qnli", "mnli"}
 
