@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test install clean-venv
+.PHONY: bench test report install clean-venv
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -37,6 +37,9 @@ bench: $(STAMP)
 		--engine "$(ENGINE)" --runner "$(RUNNER)" --device "$(DEVICE)" --runs-dir "$(RUNS)" \
 		$(if $(PRESET),--preset "$(PRESET)") $(if $(MODEL),--model "$(MODEL)") \
 		$(if $(DATA),--data-dir "$(DATA)") $(if $(SPARSITY),--sparsity "$(SPARSITY)")
+
+report: $(STAMP)
+	$(BIN)/llmcbench report "$(RUNS)" -o "$(RUNS)/report"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

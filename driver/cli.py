@@ -138,6 +138,9 @@ def methods_list():
     console.print(t)
 
 
+from .reporting.commands import register; register(app)  # noqa: E402,E702  report, bundle, verify (driver/reporting/)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,268 @@
+"""From a result store to the typed `StoreReport`: which runs are trusted, which runs form a
+cell, what each cell is scored against.
+
+Rules (all from the store's own records, so a bundle re-derives the same report):
+- A run dir is trusted when its `job.json` and sealed `result.json` validate, the result
+  belongs to the dir (`job_hash`), the job file is the one the result hashed, and a bundled
+  `model/compression.json` matches its recorded sha256. Others are listed as problems, never
+  scored. Failed jobs are listed with their error.
+- A cell is one (model identity, profile, method, preset, engine, params); when the store
+  holds several compress runs of a cell (code changed between runs), the latest counts.
+- Its compressed evaluation is the latest eval of the artifact (`artifact:<compress hash>`);
+  its dense baseline is the latest dense eval of the same model with the same evaluation
+  settings, device and dtype that finished before the compressed one started (what `bench`
+  used), else the latest such.
+- A group (one model identity under one profile) is what gets compared: track 3's baseline
+  is the largest time and memory among its cells (SPEC 5), and the fairness check flags what
+  differs between them. Profiles are never mixed: quick figures compare only with quick ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from ...tracks.records import compress_records, eval_records
+from ...tracks.scoring import MetricRecord, ScoringError, score
+from ..contract import ContractError, Job, Result, canonical_json, read_record
+from ..fsio import sha256_file
+from ..report import TRACK1_LABELS, TRACK4_LABELS
+from .paper import compare_group, load_matching
+from .schema import (
+    FAIRNESS_FIELDS, CellReport, Fairness, GroupReport, MetricCell, OMCell, RunProblem, RunRef, StoreReport, Track3Cell,
+)
+
+GB = 1e9
+LABELS = {**TRACK1_LABELS, **TRACK4_LABELS}
+
+
+@dataclass
+class StoredRun:
+    job: Job
+    result: Result
+    path: str  # run dir relative to the store root
+
+    @property
+    def ref(self) -> RunRef:
+        return RunRef(kind=self.job.kind, job_hash=self.result.job_hash, path=self.path, finished_at=self.result.finished_at)
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}/result.json"
+
+
+def generator() -> str:
+    try:
+        return f"llmcbench {metadata.version('llmcbench')}"
+    except metadata.PackageNotFoundError:
+        return "llmcbench"
+
+
+def scan_store(root: Path) -> tuple[list[StoredRun], list[RunProblem]]:
+    """Every run dir (`<cell>/<hash>/` holding a job.json or result.json), trusted or not."""
+    runs, problems = [], []
+    root = Path(root)
+    dirs = sorted({p.parent for pattern in ("*/*/job.json", "*/*/result.json") for p in root.glob(pattern)})
+    for d in dirs:
+        rel = d.relative_to(root).as_posix()
+        try:
+            job = read_record(d / "job.json", Job)
+        except ContractError as e:
+            problems.append(RunProblem(path=f"{rel}/job.json", status="untrusted", message=_strip(str(e), d)))
+            continue
+        if not (d / "result.json").is_file():
+            problems.append(RunProblem(path=rel, status="incomplete", message="no result.json (still running, or interrupted)"))
+            continue
+        try:
+            result = read_record(d / "result.json", Result)
+        except ContractError as e:
+            problems.append(RunProblem(path=f"{rel}/result.json", status="untrusted", message=_strip(str(e), d)))
+            continue
+        message = _consistency(d, job, result)
+        if message:
+            problems.append(RunProblem(path=rel, status="untrusted", message=message))
+        elif result.status != "ok":
+            err = result.error
+            problems.append(RunProblem(path=f"{rel}/result.json", status="failed",
+                                       message=f"{err.type}: {err.message}" if err else "failed"))
+        else:
+            runs.append(StoredRun(job, result, rel))
+    return runs, problems
+
+
+def _strip(message: str, run_dir: Path) -> str:
+    return message.replace(f"{run_dir}/", "")
+
+
+def _consistency(run_dir: Path, job: Job, result: Result) -> str | None:
+    if result.job_hash != run_dir.name:
+        return f"result.json belongs to job {result.job_hash[:12]}, not to this run dir"
+    recorded = result.input_sha256.get("job.json")
+    if recorded and sha256_file(run_dir / "job.json") != recorded:
+        return "job.json does not match the sha256 its result.json recorded"
+    declaration = run_dir / "model" / "compression.json"
+    recorded = result.output_sha256.get("model/compression.json")
+    if declaration.is_file() and recorded and sha256_file(declaration) != recorded:
+        return "model/compression.json does not match the sha256 its result.json recorded"
+    return None
+
+
+def build_store_report(root: Path) -> StoreReport:
+    runs, problems = scan_store(root)
+    matching = load_matching()
+    compress = [r for r in runs if r.job.kind == "compress"]
+    evals = [r for r in runs if r.job.kind == "eval"]
+
+    latest: dict[tuple, StoredRun] = {}
+    for r in compress:
+        key = (r.job.model.identity, r.job.profile, r.job.method, r.job.preset or "", r.job.engine, canonical_json(r.job.params))
+        if key not in latest or _newer(r, latest[key]):
+            latest[key] = r
+    by_group: dict[tuple[str, str], list[StoredRun]] = {}
+    for key in sorted(latest):
+        by_group.setdefault((key[0], key[1]), []).append(latest[key])
+
+    groups = []
+    for (identity, profile), members in sorted(by_group.items()):
+        model = members[0].job.model.name
+        groups.append(_group(model, identity, profile, members, evals, matching.paper_model(identity)))
+    paper_rows = [row for g in groups for row in compare_group(g, matching)]
+    notes = _paper_notes(groups, paper_rows)
+    profiles = sorted({g.profile for g in groups} | {r.job.profile for r in runs})
+    return StoreReport(generator=generator(), profiles=profiles, n_runs=len(runs), groups=groups, paper=paper_rows,
+                       paper_notes=notes, runs=[r.ref for r in sorted(runs, key=lambda r: r.path)], problems=problems)
+
+
+def _newer(a: StoredRun, b: StoredRun) -> bool:
+    return (a.result.finished_at, a.result.job_hash) > (b.result.finished_at, b.result.job_hash)
+
+
+def _settings_labels(members: list[StoredRun]) -> list[str]:
+    """The preset, plus `key=value` for the params that tell apart two runs of the same preset."""
+    labels = []
+    for r in members:
+        twins = [o for o in members if (o.job.method, o.job.preset, o.job.engine) == (r.job.method, r.job.preset, r.job.engine)]
+        label = r.job.preset or "-"
+        if len(twins) > 1:
+            differing = sorted(k for k in r.job.params if any(o.job.params.get(k) != r.job.params[k] for o in twins))
+            label += " (" + ", ".join(f"{k}={r.job.params[k]}" for k in differing) + ")"
+        if r.job.engine != "reference":
+            label += f" [{r.job.engine}]"
+        labels.append(label)
+    return labels
+
+
+def _group(model: str, identity: str, profile: str, members: list[StoredRun], evals: list[StoredRun], paper_model: str | None) -> GroupReport:
+    settings = _settings_labels(members)
+    track3_records = [rec for r, s in zip(members, settings) for rec in compress_records(r.result.metrics, model, r.job.method, s)]
+    track3_sources = [r.source for r in members]
+    cells = []
+    for comp, setting in zip(members, settings):
+        comp_eval = _latest([e for e in evals if e.job.model.identity == f"artifact:{comp.result.job_hash}"])
+        dense = _dense_for(comp_eval, comp, evals) if comp_eval else None
+        cells.append(_cell(model, comp, setting, comp_eval, dense, track3_records, track3_sources))
+    flags = [name for name in FAIRNESS_FIELDS
+             if len({getattr(c.fairness, name) for c in cells}) > 1]
+    return GroupReport(model=model, model_identity=identity, profile=profile, paper_model=paper_model, cells=cells,
+                       fairness_flags=flags)
+
+
+def _latest(runs: list[StoredRun]) -> StoredRun | None:
+    best = None
+    for r in runs:
+        if best is None or _newer(r, best):
+            best = r
+    return best
+
+
+def _dense_for(comp_eval: StoredRun, comp: StoredRun, evals: list[StoredRun]) -> StoredRun | None:
+    j = comp_eval.job
+    candidates = [e for e in evals if e.job.method == "dense" and e.job.model.identity == comp.job.model.identity
+                  and e.job.evaluation == j.evaluation and e.job.profile == j.profile and e.job.device == j.device
+                  and e.job.dtype == j.dtype]
+    before = [e for e in candidates if e.result.finished_at <= comp_eval.result.started_at]
+    return _latest(before) or _latest(candidates)
+
+
+def _cell(model: str, comp: StoredRun, setting: str, comp_eval: StoredRun | None, dense: StoredRun | None,
+          track3_records: list[MetricRecord], track3_sources: list[str]) -> CellReport:
+    method = comp.job.method
+    metrics: list[MetricCell] = []
+    records: list[MetricRecord] = list(track3_records)
+    if comp_eval is not None:
+        comp_recs = eval_records(comp_eval.result.metrics, model, method, setting)
+        dense_recs = eval_records(dense.result.metrics, model, "dense", "dense") if dense else []
+        dense_values = {(r.track, r.metric): r.value for r in dense_recs}
+        records += comp_recs + dense_recs
+        for r in comp_recs:
+            d = dense_values.get((r.track, r.metric))
+            metrics.append(MetricCell(
+                track=r.track, metric=r.metric, label=LABELS.get(r.metric, r.metric), unit=r.info.unit, dense=d,
+                compressed=r.value, ratio=_ratio(r, d), dense_source=dense.source if d is not None else None,
+                compressed_source=comp_eval.source))
+    oms, notes = [], []
+    if comp_eval is None:
+        notes.append("no evaluation of this artifact in the store: tracks 1 and 4 not scored")
+    elif dense is None:
+        notes.append("no dense evaluation with the same settings in the store: ratios and OMs of tracks 1 and 4 not scored")
+    try:
+        scored = score(records)
+    except ScoringError as e:
+        scored = []
+        notes.append(f"not scored: {e}")
+    for row in scored:
+        if row.method != method or row.setting != setting:
+            continue
+        if row.track == 3:
+            sources = [comp.source] + [s for s in track3_sources if s != comp.source]
+        else:
+            sources = [comp_eval.source] + ([dense.source] if dense else [])
+        oms.append(OMCell(track=row.track, om=row.om, value=row.value, n_cells=row.n_cells, sources=sources))
+    t3 = comp.result.metrics["track3"]
+    gpu = t3.get("compress_peak_gpu_bytes")
+    track3 = Track3Cell(compress_s=t3["compress_s"], peak_memory_gb=(gpu or t3["compress_peak_rss_bytes"]) / GB,
+                        memory_kind="gpu" if gpu else "host_rss", device=t3["device"], source=comp.source)
+    return CellReport(method=method, preset=comp.job.preset or "-", setting=setting, engine=comp.job.engine,
+                      params=comp.job.params, compress=comp.ref, compressed_eval=comp_eval.ref if comp_eval else None,
+                      dense_eval=dense.ref if dense else None, metrics=metrics, track3=track3, oms=oms,
+                      fairness=_fairness(comp, comp_eval, dense), notes=notes)
+
+
+def _ratio(r: MetricRecord, dense: float | None) -> float | None:
+    if dense is None:
+        return None
+    num, den = (r.value, dense) if r.info.higher_is_better else (dense, r.value)
+    return num / den if den > 0 else math.inf
+
+
+def _fairness(comp: StoredRun, comp_eval: StoredRun | None, dense: StoredRun | None) -> Fairness:
+    cal, job, res = comp.job.calibration, comp.job, comp.result
+    env = res.environment
+    evaluation = None
+    if comp_eval is not None and comp_eval.job.evaluation is not None:
+        e = comp_eval.job.evaluation
+        evaluation = (f"tracks {','.join(map(str, e.tracks))}; limit {e.limit or 'full'}; ppl {e.ppl_seqlen}"
+                      f" x {e.ppl_max_windows or 'all'}; mmlu {e.mmlu_shots}-shot; {e.data_source} data")
+    return Fairness(
+        calibration_dataset=f"{cal.dataset} ({cal.source})" if cal else None,
+        calibration_sha256=res.input_sha256.get("calibration") or (cal.data_sha256 if cal else None),
+        calibration_nsamples=cal.nsamples if cal else None, calibration_seqlen=cal.seqlen if cal else None,
+        calibration_seed=cal.seed if cal else None, engine=job.engine, runner=res.provenance.runner,
+        image=res.provenance.image, image_digest=res.provenance.image_digest, profile=job.profile, device=job.device,
+        dtype=job.dtype, evaluation=evaluation, dense_baseline=dense.result.job_hash if dense else None,
+        environment=f"torch {env.torch}, transformers {env.transformers}, lm-eval {env.lm_eval}", source=comp.source)
+
+
+def _paper_notes(groups: list[GroupReport], rows) -> list[str]:
+    notes = []
+    for g in groups:
+        where = f"{g.model} (profile {g.profile})"
+        if g.paper_model is None:
+            notes.append(f"{where} matches no model of the paper's tables (model identity {g.model_identity[:24]}…): "
+                         "only the hub ids listed in driver/reporting/paper_match.toml do, so none of its cells is compared.")
+        elif not any(r.model == g.model and r.profile == g.profile for r in rows):
+            notes.append(f"{where} is the paper's {g.paper_model}, but none of its methods/presets is a row of the paper's tables.")
+    return notes
+

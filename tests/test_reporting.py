@@ -1,0 +1,582 @@
+"""The store report, compare-with-paper, the fairness check, and bundle/verify, on synthetic
+stores written through the contract types (Job, Result, Compression) with known values."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import tarfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from llmcbench.driver.contract import Calibration, Compression, EvalSettings, Job, ModelRef, Provenance, Result, Environment
+from llmcbench.driver.fsio import sha256_file, sha256_tree, write_atomic, write_record
+from llmcbench.driver.reporting.build import build_store_report
+from llmcbench.driver.reporting.bundle import MANIFEST, TOP, _targz, make_bundle, verify_bundle
+from llmcbench.driver.reporting.write import write_store_report
+from llmcbench.driver.store import cell_name
+
+ENV = "test-environment"
+LLAMA2 = ModelRef(name="llama-2-7b-hf", source="hub", identity="hub:meta-llama/Llama-2-7b-hf@01c7f73d771dfac7d292323805ebc428287df4f9",
+                  revision="01c7f73d771dfac7d292323805ebc428287df4f9", path="/hf/llama-2-7b")
+EMBEDDED = ModelRef(name="smollm2-135m-instruct", source="embedded", identity="sha256:" + "e" * 64, path="/cache/smollm2")
+CALIB_SHA = "c" * 64
+
+# The paper's Table 1 / Table 3 rows for LLaMA-2-7B (tracks/paper/*.csv).
+PAPER_DENSE = {"mmlu": 40.52, "arc_c": 46.33, "arc_e": 74.58, "hellaswag": 75.98, "piqa": 79.11, "winogrande": 69.06,
+               "qnli": 50.53, "mnli": 44.31, "wikitext2_ppl": 5.12, "gpu_memory_gb": 22.96, "model_size_gb": 12.55, "tmacs": 0.85}
+PAPER_WANDA = {"mmlu": 29.67, "arc_c": 42.75, "arc_e": 69.07, "hellaswag": 70.78, "piqa": 76.66, "winogrande": 68.90,
+               "qnli": 50.67, "mnli": 35.28, "wikitext2_ppl": 6.46, "gpu_memory_gb": 22.96, "model_size_gb": 12.55, "tmacs": 0.43}
+PAPER_WANDA_24 = {"mmlu": 23.63, "arc_c": 32.25, "arc_e": 58.46, "hellaswag": 55.11, "piqa": 71.71, "winogrande": 62.43,
+                  "qnli": 50.64, "mnli": 35.12, "wikitext2_ppl": 6.51}
+# Our synthetic measurement of Wanda 50%: the paper's figures plus these offsets.
+WANDA_OFFSET = {"mmlu": +0.5, "arc_c": -3.0, "wikitext2_ppl": +0.05, "tmacs": +0.05}
+
+
+def eval_metrics(values: dict[str, float]) -> dict:
+    tasks = {k: {"accuracy_pct": v} for k, v in values.items() if k not in ("wikitext2_ppl", "gpu_memory_gb", "model_size_gb", "tmacs")}
+    return {
+        "track1": {"tasks": tasks, "wikitext2": {"ppl": values["wikitext2_ppl"]}, "eval_s": 1.0},
+        "track4": {"inference_memory_bytes": int(round(values["gpu_memory_gb"] * 1e9)),
+                   "model_size_bytes": int(round(values["model_size_gb"] * 1e9)),
+                   "macs": {"effective_macs": values["tmacs"] * 1e12, "raw_macs": 0.85e12}, "macs_seqlen": 128},
+    }
+
+
+class SyntheticStore:
+    """Writes run dirs exactly as the job process does: job.json, log.txt, model/, sealed result.json."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.clock = 0
+
+    def _time(self) -> str:
+        self.clock += 1
+        return f"2025-01-01T00:{self.clock // 60:02d}:{self.clock % 60:02d}+00:00"
+
+    def _write(self, cell: str, job: Job, metrics: dict, inputs: dict | None = None, model_files: dict | None = None,
+               provenance: Provenance | None = None) -> Path:
+        h = job.job_hash(ENV)
+        d = self.root / cell / h
+        write_record(d / "job.json", job)
+        write_atomic(d / "log.txt", f"log of {job.kind} {job.method}\n")
+        outputs = {}
+        if model_files is not None:
+            for name, data in model_files.items():
+                write_atomic(d / "model" / name, data)
+            outputs = {f"model/{k}": v for k, v in sha256_tree(d / "model").items()}
+        started = self._time()
+        result = Result(job_hash=h, status="ok", started_at=started, finished_at=self._time(), wall_s=10.0,
+                        compress_s=metrics.get("track3", {}).get("compress_s"), environment=Environment(python="3.11", torch="2.4", transformers="4.56", lm_eval="0.4.13"),
+                        provenance=provenance or Provenance(runner="local"),
+                        input_sha256={"job.json": sha256_file(d / "job.json"), **(inputs or {})}, output_sha256=outputs,
+                        metrics=metrics).sealed()
+        write_record(d / "result.json", result)
+        return d
+
+    def dense(self, model: ModelRef, values: dict, profile: str = "paper") -> Path:
+        job = Job(kind="eval", method="dense", model=model, evaluation=EvalSettings(tracks=[1, 4]), profile=profile, device="cuda")
+        return self._write(cell_name("dense", None, model.name), job, eval_metrics(values))
+
+    def method(self, model: ModelRef, method: str, preset: str, params: dict, values: dict, compress_s: float,
+               memory_gb: float, profile: str = "paper", calib_sha: str = CALIB_SHA, nsamples: int = 128,
+               image_digest: str | None = None) -> tuple[Path, Path]:
+        cell = cell_name(method, preset, model.name)
+        comp_job = Job(kind="compress", method=method, preset=preset, params=params, model=model, profile=profile, device="cuda",
+                       calibration=Calibration(nsamples=nsamples, seqlen=2048, seed=0))
+        declaration = Compression(method=method, preset=preset, sparsity_pattern="unstructured", measured_sparsity=0.5)
+        comp = self._write(cell, comp_job, {"track3": {"compress_s": compress_s, "compress_peak_rss_bytes": int(3e9),
+                                                       "compress_peak_gpu_bytes": int(memory_gb * 1e9), "device": "cuda"}},
+                           inputs={"calibration": calib_sha},
+                           model_files={"compression.json": declaration.model_dump_json(indent=2),
+                                        "model.safetensors": f"weights of {method} {preset}".encode()},
+                           provenance=Provenance(runner="docker" if image_digest else "local",
+                                                 image=f"llmcbench/{method}" if image_digest else None, image_digest=image_digest))
+        artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.name}", path=str(comp / "model"))
+        ev_job = Job(kind="eval", method=method, preset=preset, model=artifact, evaluation=EvalSettings(tracks=[1, 4]),
+                     profile=profile, device="cuda")
+        ev = self._write(cell, ev_job, eval_metrics(values))
+        return comp, ev
+
+
+def wanda_values() -> dict:
+    return {k: v + WANDA_OFFSET.get(k, 0.0) for k, v in PAPER_WANDA.items()}
+
+
+def write_llama_store(root: Path) -> Path:
+    """LLaMA-2-7B (paper profile): dense, Wanda 50% (paper figures + known offsets), Wanda 2:4."""
+    s = SyntheticStore(root)
+    s.dense(LLAMA2, PAPER_DENSE)
+    s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, wanda_values(), 60.0, 14.0)
+    two_four = {**PAPER_WANDA, **PAPER_WANDA_24}
+    s.method(LLAMA2, "wanda", "2:4", {"pattern": "n:m", "n": 2, "m": 4, "sparsity": 0.5}, two_four, 30.0, 20.0)
+    return root
+
+
+@pytest.fixture
+def llama_store(tmp_path) -> Path:
+    return write_llama_store(tmp_path / "runs")
+
+
+# ---------------------------------------------------------------- compare with paper
+
+
+def _row(report, method: str, setting: str, quantity: str):
+    rows = [r for r in report.paper if r.method == method and r.setting == setting and r.quantity == quantity]
+    assert len(rows) == 1, (method, setting, quantity, rows)
+    return rows[0]
+
+
+def test_compare_with_paper_known_deltas(llama_store):
+    report = build_store_report(llama_store)
+    (group,) = report.groups
+    assert group.paper_model == "LLaMA-2-7B" and group.profile == "paper"
+    for metric, paper in PAPER_WANDA.items():
+        row = _row(report, "wanda", "unstructured-50", metric)
+        assert (row.paper_model, row.paper_method, row.paper_setting) == ("LLaMA-2-7B", "Wanda", "50%")
+        assert row.paper == pytest.approx(paper)
+        assert row.measured == pytest.approx(paper + WANDA_OFFSET.get(metric, 0.0))
+        assert row.delta == pytest.approx(WANDA_OFFSET.get(metric, 0.0), abs=1e-6)
+        assert row.source.startswith("wanda-unstructured-50-llama-2-7b-hf/") and row.source.endswith("/result.json")
+    verdicts = {m: _row(report, "wanda", "unstructured-50", m).verdict for m in PAPER_WANDA}
+    assert verdicts["mmlu"] == "ok"            # +0.5 pt, tolerance ±1 pt
+    assert verdicts["arc_c"] == "outside"      # -3 pt
+    assert verdicts["wikitext2_ppl"] == "ok"   # +0.05 on 6.46 = 0.8%, tolerance ±2%
+    assert verdicts["tmacs"] == "outside"      # +0.05 on 0.43 = 11.6%, tolerance ±5%
+    assert [m for m, v in verdicts.items() if v == "outside"] == ["arc_c", "tmacs"]
+    # Wanda 2:4 is the paper's 2:4 row; the dense baseline its dense row: deltas 0
+    for metric, paper in PAPER_WANDA_24.items():
+        row = _row(report, "wanda", "2:4", metric)
+        assert row.paper_setting == "2:4" and row.delta == pytest.approx(0, abs=1e-9) and row.verdict == "ok"
+    for metric in PAPER_DENSE:
+        assert _row(report, "dense", "-", metric).delta == pytest.approx(0, abs=1e-9)
+
+
+def test_compare_with_paper_oms_are_rescored_per_model(llama_store):
+    report = build_store_report(llama_store)
+    knowledge = ("mmlu", "arc_c", "arc_e")
+    paper_ka = 100 * math.sqrt(sum((PAPER_WANDA[m] / PAPER_DENSE[m]) ** 2 for m in knowledge) / 3)
+    ours_ka = 100 * math.sqrt(sum((wanda_values()[m] / PAPER_DENSE[m]) ** 2 for m in knowledge) / 3)
+    row = _row(report, "wanda", "unstructured-50", "om_ka")
+    assert row.paper == pytest.approx(paper_ka) and row.measured == pytest.approx(ours_ka)
+    assert row.delta == pytest.approx(ours_ka - paper_ka)
+    assert row.paper != pytest.approx(83.25, abs=0.01)  # the printed OM averages LLaMA-2-7B and LLaMA-3-8B
+    assert _row(report, "wanda", "2:4", "om_perf").delta == pytest.approx(0, abs=1e-9)
+    assert {r.quantity for r in report.paper if r.method == "wanda" and r.quantity.startswith("om_")} == {"om_ka", "om_ia", "om_perf", "om_inf"}
+
+
+def test_compare_with_paper_matches_nothing_it_should_not(tmp_path):
+    s = SyntheticStore(tmp_path / "runs")
+    s.dense(EMBEDDED, PAPER_DENSE, profile="quick")
+    s.method(EMBEDDED, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, PAPER_WANDA, 5, 1, profile="quick")
+    s.dense(LLAMA2, PAPER_DENSE, profile="quick")  # the paper's model, but a quick run: shown, never judged
+    s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, PAPER_WANDA, 5, 1, profile="quick")
+    s.method(LLAMA2, "wanda", "4:8", {"pattern": "n:m", "n": 4, "m": 8, "sparsity": 0.5}, PAPER_WANDA, 5, 1)  # not a paper row
+    report = build_store_report(tmp_path / "runs")
+    assert not [r for r in report.paper if r.model == EMBEDDED.name]
+    assert any("smollm2-135m-instruct (profile quick) matches no model of the paper" in n for n in report.paper_notes)
+    quick = [r for r in report.paper if r.profile == "quick"]
+    assert quick and all(r.verdict == "n/a" and "not comparable" in r.tolerance for r in quick)
+    assert not [r for r in report.paper if r.setting == "4:8"]
+    assert any("llama-2-7b-hf (profile paper) is the paper's LLaMA-2-7B, but none" in n for n in report.paper_notes)
+
+
+# ---------------------------------------------------------------- scores and fairness
+
+
+def test_cells_are_scored_against_their_dense_baseline(llama_store):
+    (group,) = build_store_report(llama_store).groups
+    cells = {c.setting: c for c in group.cells}
+    assert set(cells) == {"unstructured-50", "2:4"}
+    oms = {k: {o.om: o.value for o in c.oms} for k, c in cells.items()}
+    # track 3: T_max = 60 s, M_max = 20 GB among the compared methods (SPEC 5), not x100
+    assert oms["unstructured-50"]["om_train"] == pytest.approx(math.sqrt((1 + (20 / 14) ** 2) / 2))
+    assert oms["2:4"]["om_train"] == pytest.approx(math.sqrt(((60 / 30) ** 2 + 1) / 2))
+    inference = ("hellaswag", "piqa", "winogrande", "qnli", "mnli")
+    ia = [(PAPER_WANDA_24[m] / PAPER_DENSE[m]) ** 2 for m in inference] + [(5.12 / 6.51) ** 2]
+    assert oms["2:4"]["om_ia"] == pytest.approx(100 * math.sqrt(sum(ia) / len(ia)))
+    mmlu = next(m for m in cells["2:4"].metrics if m.metric == "mmlu")
+    assert (mmlu.dense, mmlu.compressed) == (pytest.approx(40.52), pytest.approx(23.63))
+    assert mmlu.dense_source.startswith("dense-llama-2-7b-hf/") and mmlu.compressed_source.startswith("wanda-2-4-llama-2-7b-hf/")
+    assert group.fairness_flags == []
+
+
+def _two_methods(tmp_path, **sparsegpt_kw) -> Path:
+    s = SyntheticStore(tmp_path / "runs")
+    s.dense(EMBEDDED, PAPER_DENSE, profile="quick")
+    s.method(EMBEDDED, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, PAPER_WANDA, 5, 1, profile="quick")
+    s.method(EMBEDDED, "sparsegpt", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, PAPER_WANDA, 9, 2,
+             profile="quick", **sparsegpt_kw)
+    return tmp_path / "runs"
+
+
+def test_fairness_check_passes_identical_conditions(tmp_path):
+    (group,) = build_store_report(_two_methods(tmp_path)).groups
+    assert [c.method for c in group.cells] == ["sparsegpt", "wanda"]
+    assert group.fairness_flags == []
+    assert {c.fairness.calibration_sha256 for c in group.cells} == {CALIB_SHA}
+
+
+def test_fairness_check_flags_different_calibration_data(tmp_path):
+    runs = _two_methods(tmp_path, calib_sha="d" * 64, nsamples=64)
+    report = write_store_report(runs, runs / "report")
+    (group,) = report.groups
+    assert group.fairness_flags == ["calibration_sha256", "calibration_nsamples"]
+    md = (runs / "report" / "report.md").read_text()
+    assert "⚠ calibration sha256" in md and "**⚠ dddddddddddd**" in md and "**⚠ cccccccccccc**" in md
+    html = (runs / "report" / "report.html").read_text()
+    assert '<th class="flag">calibration sha256</th>' in html and '<th class="flag">nsamples</th>' in html
+    assert "differs between the compared methods (flagged): calibration sha256, nsamples" in html
+
+
+def test_fairness_check_flags_image_digest_and_runner(tmp_path):
+    (group,) = build_store_report(_two_methods(tmp_path, image_digest="sha256:" + "1" * 64)).groups
+    assert {"runner", "image", "image_digest"} <= set(group.fairness_flags)
+
+
+def test_untrusted_and_failed_runs_are_listed_not_scored(llama_store):
+    run = _eval_result(llama_store, "wanda-2-4-*")
+    data = json.loads(run.read_text())
+    data["metrics"]["track1"]["tasks"]["mmlu"]["accuracy_pct"] = 99.0  # edited by hand: the seal breaks
+    run.write_text(json.dumps(data))
+    report = build_store_report(llama_store)
+    (problem,) = report.problems
+    assert problem.status == "untrusted" and problem.path == run.relative_to(llama_store).as_posix()
+    assert "checksum mismatch" in problem.message
+    cell = next(c for c in report.groups[0].cells if c.setting == "2:4")
+    assert cell.compressed_eval is None and not any(o.track == 1 for o in cell.oms)
+    assert cell.notes == ["no evaluation of this artifact in the store: tracks 1 and 4 not scored"]
+
+
+# ---------------------------------------------------------------- the report files
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.hrefs: list[str] = []
+        self.srcs: list[str] = []
+        self.number_cells = 0
+        self.unlinked_numbers: list[str] = []
+        self._in_number: list[bool] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append(tag)
+        if "href" in a:
+            self.hrefs.append(a["href"])
+        if "src" in a:
+            self.srcs.append(a["src"])
+        if tag == "td":
+            self._in_number.append("n" in (a.get("class") or "").split())
+            self._linked = False
+        if tag == "a" and self._in_number and self._in_number[-1]:
+            self._linked = True
+
+    def handle_data(self, data):
+        if self._in_number and self._in_number[-1] and data.strip() and not getattr(self, "_linked", False):
+            self.unlinked_numbers.append(data)
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._in_number:
+            self.number_cells += self._in_number.pop()
+
+
+def test_html_is_self_contained_and_every_number_links_to_its_source(llama_store):
+    out = llama_store / "report"
+    write_store_report(llama_store, out)
+    text = (out / "report.html").read_text()
+    page = _Page()
+    page.feed(text)
+    assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
+    assert page.tags.count("table") >= 7 and page.tags.count("img") >= 2
+    assert "http://" not in text and "https://" not in text and not [h for h in page.hrefs if ":" in h or h.startswith("/")]
+    for src in page.srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    files = [h for h in page.hrefs if not h.startswith("#")]
+    assert sum(h.endswith("/result.json") for h in files) > 50
+    assert [h for h in files if not (out / h).is_file()] == []  # no broken link
+    assert page.number_cells > 50 and page.unlinked_numbers == []
+    assert "profile paper" in text and "Compare with paper" in text and "Fairness check" in text
+    assert "Track 5 (hardware acceleration, Table 5 layout, Fig. 3): no deploy results in this store." in text
+    md = (out / "report.md").read_text()
+    assert "Profile of these results: paper:" in md and "| wanda | 2:4 |" in md
+
+
+def test_report_is_a_pure_function_of_the_store(llama_store, tmp_path):
+    a = write_store_report(llama_store, tmp_path / "a")
+    b = write_store_report(llama_store, tmp_path / "b")
+    assert a == b
+    for name in ("report.json", "report.md", "report.html"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_deploy_and_trust_results_get_their_table_and_figures():
+    from llmcbench.driver.reporting import plots
+    from llmcbench.driver.reporting.schema import GroupReport, MetricCell
+    from llmcbench.driver.reporting.tables import track5_table
+
+    report_group = GroupReport.model_validate(json.loads(json.dumps(_minimal_group())))
+    cell = report_group.cells[0]
+    cell.metrics = [MetricCell(track=5, metric=lib, label=lib, unit="tokens/s", dense=100.0, compressed=v, ratio=v / 100,
+                               dense_source="d/result.json", compressed_source="c/result.json")
+                    for lib, v in (("vllm", 120.0), ("tensorrt_llm", 150.0))]
+    cell.metrics += [MetricCell(track=6, metric=m, label=m, unit="%", dense=60.0, compressed=55.0, ratio=55 / 60,
+                                dense_source="d/result.json", compressed_source="c/result.json")
+                     for m in ("advglue_sst2", "truthfulqa_mc1")]
+    table = track5_table(report_group)
+    assert table.columns[2:] == ["TensorRT-LLM", "vLLM", "OM_hard"]
+    assert plots.fig_tokens_per_s(report_group)[:4] == b"\x89PNG"
+    assert plots.fig_trust(report_group)[:4] == b"\x89PNG"
+
+
+def _minimal_group() -> dict:
+    ref = {"kind": "compress", "job_hash": "h", "path": "c", "finished_at": "t"}
+    fairness = {k: None for k in ("calibration_dataset", "calibration_sha256", "calibration_nsamples", "calibration_seqlen",
+                                  "calibration_seed", "image", "image_digest", "evaluation", "dense_baseline", "environment")}
+    fairness.update(engine="reference", runner="local", profile="quick", device="cpu", dtype="float32", source="c/result.json")
+    cell = {"method": "wanda", "preset": "2:4", "setting": "2:4", "engine": "reference", "params": {}, "compress": ref,
+            "compressed_eval": None, "dense_eval": None, "metrics": [], "oms": [], "fairness": fairness,
+            "track3": {"compress_s": 1.0, "peak_memory_gb": 1.0, "memory_kind": "host_rss", "device": "cpu", "source": "c/result.json"}}
+    return {"model": "m", "model_identity": "sha256:x", "profile": "quick", "paper_model": None, "cells": [cell], "fairness_flags": []}
+
+
+# ---------------------------------------------------------------- bundle and verify
+
+
+@pytest.fixture(scope="module")
+def bundled_store(tmp_path_factory) -> tuple[Path, bytes]:
+    """One bundle of the LLaMA store, built once; each test tampers with its own copy."""
+    base = tmp_path_factory.mktemp("bundled")
+    store = write_llama_store(base / "runs")
+    digest, warnings, n = make_bundle(store, base / "bundle.tar.gz")
+    assert warnings == [] and n == 5 and len(digest) == 64
+    return store, (base / "bundle.tar.gz").read_bytes()
+
+
+@pytest.fixture
+def bundle(bundled_store, tmp_path) -> Path:
+    path = tmp_path / "bundle.tar.gz"
+    path.write_bytes(bundled_store[1])
+    return path
+
+
+def _unpack(bundle: Path, dest: Path) -> Path:
+    with tarfile.open(bundle) as tar:
+        for m in tar.getmembers():
+            target = dest / m.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(m).read())
+    return dest / TOP
+
+
+def _repack(root: Path, bundle: Path, remanifest: bool = False) -> None:
+    if remanifest:  # the attacker also rewrites the manifest
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+        (root / MANIFEST).write_text("".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files))
+    bundle.write_bytes(_targz(root))
+
+
+def _eval_result(root: Path, cell_pattern: str) -> Path:
+    """The result.json of the cell's evaluation (the run dir without a model/)."""
+    (path,) = [p for p in root.glob(f"{cell_pattern}/*/result.json") if not (p.parent / "model").exists()]
+    return path
+
+
+def _run(root: Path, pattern: str) -> Path:
+    (path,) = list(root.glob(pattern))
+    return path
+
+
+def test_bundle_holds_records_not_weights(bundle, tmp_path):
+    root = _unpack(bundle, tmp_path / "x")
+    names = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert not [n for n in names if n.endswith(".safetensors")]
+    assert {"MANIFEST.sha256", "reproduce.sh", "environment.json", "artifacts.json", "report/report.html",
+            "report/report.md", "report/report.json"} <= names
+    assert sum(n.endswith("/result.json") for n in names) == 5 and sum(n.endswith("/compression.json") for n in names) == 2
+    artifacts = json.loads((root / "artifacts.json").read_text())
+    comp = _run(root, "runs/wanda-unstructured-50-*/*/model/compression.json").parent.parent
+    result = json.loads((comp / "result.json").read_text())
+    key = f"{comp.relative_to(root).as_posix()}/model/model.safetensors"
+    assert artifacts[key] == result["output_sha256"]["model/model.safetensors"]
+    manifest = dict(reversed(line.split("  ", 1)) for line in (root / MANIFEST).read_text().splitlines())
+    assert set(manifest) == names - {MANIFEST}
+    assert all(sha256_file(root / n) == h for n, h in manifest.items())
+    script = (root / "reproduce.sh").read_text()
+    assert ("HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 llmcbench bench --method wanda --preset unstructured-50 "
+            "--model meta-llama/Llama-2-7b-hf --sparsity 0.5 --tracks 1,3,4 --profile paper --engine reference "
+            "--runner local --device cuda --runs-dir runs") in script
+    assert "--preset 2:4" in script and script.rstrip().endswith("llmcbench report runs -o runs/report")
+
+
+def test_bundle_is_reproducible(bundled_store, tmp_path, bundle):
+    again = tmp_path / "again.tar.gz"
+    make_bundle(bundled_store[0], again)
+    assert again.read_bytes() == bundle.read_bytes()
+
+
+def test_verify_passes_a_clean_bundle(bundle, run_cli):
+    problems, summary = verify_bundle(bundle)
+    assert problems == []
+    assert summary["oms"] == 2 * 5 and summary["results"] == 5
+    digest = hashlib.sha256(_manifest_text(bundle).encode()).hexdigest()
+    assert summary["digest"] == digest
+    proc = run_cli("verify", str(bundle), "--expect-digest", digest)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok:"), proc.stdout + proc.stderr
+
+
+def _manifest_text(bundle: Path) -> str:
+    with tarfile.open(bundle) as tar:
+        return tar.extractfile(f"{TOP}/{MANIFEST}").read().decode()
+
+
+def _reseal_with_metric(result_path: Path, dataset: str, value: float) -> None:
+    result = Result.model_validate_json(result_path.read_text())
+    result.metrics["track1"]["tasks"][dataset]["accuracy_pct"] = value
+    result_path.write_text(result.sealed().model_dump_json(indent=2))
+
+
+def test_verify_catches_a_modified_metric_even_resealed(bundle, tmp_path, run_cli):
+    root = _unpack(bundle, tmp_path / "x")
+    target = _eval_result(root, "runs/wanda-unstructured-50-*")
+    _reseal_with_metric(target, "mmlu", 40.0)  # the seal is valid again: the manifest is what catches it
+    _repack(root, bundle)
+    rel = target.relative_to(root).as_posix()
+    problems, _ = verify_bundle(bundle)
+    assert f"{rel}: sha256 does not match MANIFEST.sha256 (modified)" in problems
+    assert any(p.startswith("report/report.json: om_ka of wanda unstructured-50 on llama-2-7b-hf (paper) is ") for p in problems)
+    proc = run_cli("verify", str(bundle))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].endswith(f"problem(s) in {bundle}") and len(lines) == len(problems) + 1
+    assert any(rel in line for line in lines)
+
+
+def test_verify_rescoring_catches_a_resealed_metric_with_a_rewritten_manifest(bundle, tmp_path):
+    root = _unpack(bundle, tmp_path / "x")
+    target = _eval_result(root, "runs/wanda-2-4-*")
+    _reseal_with_metric(target, "arc_e", 70.0)
+    _repack(root, bundle, remanifest=True)
+    problems, summary = verify_bundle(bundle)
+    assert not [p for p in problems if "MANIFEST" in p]
+    assert {p.split(" is ")[0] for p in problems if p.startswith("report/report.json: om_")} == {
+        "report/report.json: om_ka of wanda 2:4 on llama-2-7b-hf (paper)", "report/report.json: om_perf of wanda 2:4 on llama-2-7b-hf (paper)"}
+    assert "report/report.md: does not match the report re-derived from the raw results (edited, or built by another llmcbench)" in problems
+    assert verify_bundle(bundle, expect_digest=hashlib.sha256(_manifest_text(bundle).encode()).hexdigest())[0] == problems
+    original = hashlib.sha256(b"the digest the author published").hexdigest()
+    assert any(p.startswith("MANIFEST.sha256: bundle digest") for p in verify_bundle(bundle, expect_digest=original)[0])
+
+
+def test_verify_rederives_the_pages(bundle, tmp_path):
+    root = _unpack(bundle, tmp_path / "x")
+    page = root / "report" / "report.html"
+    html = page.read_text()
+    assert html.count(">84.62</a>") >= 2 and ">89.62</a>" not in html  # om_ka of Wanda 50%
+    page.write_text(html.replace(">84.62</a>", ">89.62</a>", 1))
+    md = root / "report" / "report.md"
+    md.write_text(md.read_text().replace("| wanda | 2:4 |", "| wanda | 2:4 (better) |"))
+    _repack(root, bundle, remanifest=True)
+    problems, _ = verify_bundle(bundle)
+    assert problems == [
+        "report/report.md: does not match the report re-derived from the raw results (edited, or built by another llmcbench)",
+        "report/report.html: its text does not match the report re-derived from the raw results (edited, or built by another llmcbench)"]
+
+
+def test_verify_names_a_removed_file(bundle, tmp_path):
+    root = _unpack(bundle, tmp_path / "x")
+    log = _run(root, "runs/dense-*/*/log.txt")
+    log.unlink()
+    (root / "report" / "report.html").unlink()
+    _repack(root, bundle)
+    problems, _ = verify_bundle(bundle)
+    assert sorted(problems) == ["report/report.html: listed in MANIFEST.sha256 but missing from the bundle (removed)",
+                                f"{log.relative_to(root).as_posix()}: listed in MANIFEST.sha256 but missing from the bundle (removed)"]
+
+
+def test_verify_names_a_removed_result(bundle, tmp_path):
+    root = _unpack(bundle, tmp_path / "x")
+    result = _run(root, "runs/dense-*/*/result.json")
+    result.unlink()
+    _repack(root, bundle, remanifest=True)
+    problems, _ = verify_bundle(bundle)
+    rel = result.parent.relative_to(root).as_posix()
+    assert f"{rel}/result.json: missing" in problems
+    assert any(p.startswith("report/report.json: states om_ka of wanda") and p.endswith("which the raw results do not give") for p in problems)
+
+
+@pytest.mark.parametrize("remanifest", [False, True])
+def test_verify_catches_artifacts_swapped_between_cells(bundle, tmp_path, remanifest):
+    root = _unpack(bundle, tmp_path / "x")
+    a = _run(root, "runs/wanda-unstructured-50-*/*/model/compression.json")
+    b = _run(root, "runs/wanda-2-4-*/*/model/compression.json")
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    _repack(root, bundle, remanifest=remanifest)
+    problems, _ = verify_bundle(bundle)
+    for f in (a, b):
+        rel = f.relative_to(root).as_posix()
+        if remanifest:
+            assert f"{rel}: does not match the sha256 its result.json recorded (swapped or modified)" in problems
+        else:
+            assert f"{rel}: sha256 does not match MANIFEST.sha256 (modified)" in problems
+
+
+def test_verify_catches_results_swapped_between_cells(bundle, tmp_path):
+    root = _unpack(bundle, tmp_path / "x")
+    a = _run(root, "runs/wanda-unstructured-50-*/*/model").parent / "result.json"
+    b = _run(root, "runs/wanda-2-4-*/*/model").parent / "result.json"
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    _repack(root, bundle, remanifest=True)
+    problems, _ = verify_bundle(bundle)
+    for f in (a, b):
+        rel = f.relative_to(root).as_posix()
+        assert any(p.startswith(f"{rel}: belongs to job ") and p.endswith("(swapped)") for p in problems), problems
+
+
+def test_verify_refuses_unsafe_archive_members(bundle, tmp_path):
+    root = _unpack(bundle, tmp_path / "x")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                tar.add(p, arcname=f"{TOP}/{p.relative_to(root).as_posix()}")
+        evil = tarfile.TarInfo("../evil.sh")
+        evil.size = 3
+        tar.addfile(evil, io.BytesIO(b"bad"))
+    bundle.write_bytes(raw.getvalue())
+    problems, _ = verify_bundle(bundle)
+    assert problems == ["../evil.sh: unsafe path in the archive, not extracted"]
+    assert not (tmp_path / "evil.sh").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, run_cli):
+    proc = run_cli("report", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: store") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tarball")
+    proc = run_cli("verify", str(tmp_path / "junk.tar.gz"))
+    assert proc.returncode == 2 and "not a readable tar.gz" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "nope").exists()
+
+
+def test_bundle_and_verify_refuse_what_is_not_there(tmp_path):
+    from llmcbench.driver.reporting.bundle import BundleError
+
+    with pytest.raises(BundleError, match="does not exist"):
+        make_bundle(tmp_path / "nope", tmp_path / "b.tar.gz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="no trusted ok result"):
+        make_bundle(tmp_path / "empty", tmp_path / "b.tar.gz")
+    with pytest.raises(BundleError, match="does not exist"):
+        verify_bundle(tmp_path / "nope.tar.gz")
+    assert not (tmp_path / "b.tar.gz").exists()
