@@ -93,3 +93,26 @@ def _run_cli(*args, cwd=None, timeout=900):
 @pytest.fixture(scope="session")
 def run_cli():
     return _run_cli
+
+
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory):
+    """The spine end to end on the embedded SmolLM2, offline, CPU, quick profile, as a user runs
+    it (`llmcbench bench` with a relative store path, like `make bench`): Wanda cold, Wanda again
+    (all cached), then SparseGPT into the same store (its dense evaluation is a cache hit).
+
+    Returns (runs dir, {"wanda": stdout, "wanda-again": stdout, "sparsegpt": stdout},
+    {"wanda": seconds, "wanda-again": seconds, "sparsegpt": seconds}). Session-scoped: the e2e
+    test and the browser test of the report read the same real store."""
+    import time
+
+    cwd = tmp_path_factory.mktemp("embedded_store")
+    stdout, seconds = {}, {}
+    # a loaded 2-core machine is 10x slower than a quiet one: 40 min before calling the CLI hung
+    for key, method in (("wanda", "wanda"), ("wanda-again", "wanda"), ("sparsegpt", "sparsegpt")):
+        t0 = time.perf_counter()
+        proc = _run_cli("bench", "--method", method, "--runs-dir", "runs", cwd=cwd, timeout=2400)
+        seconds[key] = time.perf_counter() - t0
+        assert proc.returncode == 0, f"{key}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+        stdout[key] = proc.stdout
+    return cwd / "runs", stdout, seconds

@@ -114,7 +114,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         raise UserError(f"{spec.name} has no '{engine}' engine here: choose from {', '.join(spec.engines)}")
     if profile not in PROFILES:
         raise UserError(f"unknown profile '{profile}': choose quick or paper")
-    merged = {**preset_params, **(params or {})}
+    merged = {**preset_params, **spec.profile_params(profile), **(params or {})}
     s = parse_sparsity(sparsity)
     if s is not None:
         if "sparsity" not in preset_params:

@@ -59,8 +59,13 @@ def load_model(path: Path, job: Job):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..methods._engine.structured import load_structured_pruned
+
     dtype = getattr(torch, job.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=job.model.trust_remote_code)
+    # a structured-pruned artifact with per-layer shapes (declared in its compression.json)
+    model = load_structured_pruned(path, dtype=dtype, trust_remote_code=job.model.trust_remote_code)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=job.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=job.model.trust_remote_code)
     return model.eval(), tokenizer
 

@@ -43,6 +43,9 @@ class MethodSpec(BaseModel):
     calibration: CalibrationDefaults | None = None
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     presets: dict[str, dict[str, Any]]
+    # [profiles.<profile>]: param overrides a harness profile applies on top of every preset
+    # (e.g. OmniQuant's quick profile trains 2 epochs instead of 20); the job records the result.
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     folder: Path | None = None
 
     def preset(self, name: str | None) -> tuple[str, dict[str, Any]]:
@@ -50,6 +53,9 @@ class MethodSpec(BaseModel):
         if name not in self.presets:
             raise UserError(f"unknown preset '{name}' for {self.name}: choose one of {', '.join(self.presets)}")
         return name, dict(self.presets[name])
+
+    def profile_params(self, profile: str) -> dict[str, Any]:
+        return dict(self.profiles.get(profile, {}))
 
     def engine_module(self, engine: str):
         if engine not in self.engines:
@@ -76,7 +82,7 @@ def discover(methods_dir: Path = METHODS_DIR) -> dict[str, MethodSpec]:
 
 def get_method(name: str) -> MethodSpec:
     methods = discover()
-    key = name.strip().lower()
+    key = name.strip().lower().replace("-", "_")  # llm-pruner -> the llm_pruner folder
     if key not in methods:
         raise UserError(f"unknown method '{name}': choose one of {', '.join(methods) or '(none installed)'}")
     return methods[key]

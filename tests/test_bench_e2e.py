@@ -1,10 +1,10 @@
 """The spine end to end: `llmcbench bench --method wanda` on the embedded model, offline, CPU,
-quick profile — then the same command again, which must be a cache hit."""
+quick profile — then the same command again, which must be a cache hit — and SparseGPT into
+the same store, which reuses the dense evaluation (the `embedded_store` fixture, conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -15,19 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory, run_cli):
-    cwd = tmp_path_factory.mktemp("store")
-    runs = cwd / "runs"
-    t0 = time.perf_counter()
-    # a relative store path, as `make bench` passes it
-    first = run_cli("bench", "--method", "wanda", "--runs-dir", "runs", cwd=cwd, timeout=2400)
-    cold_s = time.perf_counter() - t0
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    t0 = time.perf_counter()
-    second = run_cli("bench", "--method", "wanda", "--runs-dir", "runs", cwd=cwd, timeout=600)
-    warm_s = time.perf_counter() - t0
-    assert second.returncode == 0, second.stderr
-    return runs, first.stdout, second.stdout, cold_s, warm_s
+def bench_run(embedded_store):
+    """(runs, first stdout, second stdout, cold seconds, warm seconds) of the Wanda benches."""
+    runs, stdout, seconds = embedded_store
+    return runs, stdout["wanda"], stdout["wanda-again"], seconds["wanda"], seconds["wanda-again"]
 
 
 def _runs(runs, cell_prefix):
@@ -97,3 +88,18 @@ def test_rerun_is_a_cache_hit(bench_run):
     assert warm_s < 0.2 * cold_s, (warm_s, cold_s)
     bench = json.loads(next(runs.glob("wanda-*/*/bench.json")).read_text())
     assert all(j["cached"] for j in bench["jobs"].values())
+
+
+def test_second_method_reuses_the_dense_evaluation(embedded_store):
+    runs, stdout, _ = embedded_store
+    assert stdout["sparsegpt"].count("cached") == 1  # the dense eval; compress and compressed eval ran
+    dense = _runs(runs, "dense-smollm2")
+    assert len(dense) == 1 and len(list(runs.glob("dense-smollm2*/*/result.json"))) == 1
+    job, result, run_dir = _runs(runs, "sparsegpt-unstructured-50-smollm2")["compress"]
+    assert result.status == "ok" and job.method == "sparsegpt"
+    decl = read_record(run_dir / "model" / "compression.json", Compression)
+    assert decl.method == "sparsegpt" and len(decl.layers) == 30 * 7
+    assert all(abs(layer.sparsity - 0.5) < 0.01 for layer in decl.layers.values())
+    d_ppl = dense["eval"][1].metrics["track1"]["wikitext2"]["ppl"]
+    s_ppl = _runs(runs, "sparsegpt-unstructured-50-smollm2")["eval"][1].metrics["track1"]["wikitext2"]["ppl"]
+    assert d_ppl < s_ppl < 20 * d_ppl

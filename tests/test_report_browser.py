@@ -1,8 +1,8 @@
 """The report of a real store renders in headless Chromium: tables present, every image
 decoded (naturalWidth > 0), no script error, no broken link, and a screenshot.
 
-The store comes from two real benches (Wanda 50% and Wanda 2:4) on the tiny random LLaMA,
-tracks 1, 3, 4, through the CLI. Chromium is the Debian package that tests/browser-setup.sh
+The store comes from real benches of two methods (Wanda and SparseGPT, 50% unstructured) on
+the embedded SmolLM2, tracks 1, 3, 4, through the CLI (the session's `embedded_store`). Chromium is the Debian package that tests/browser-setup.sh
 installs (CI runs it first and sets LLMCBENCH_REQUIRE_BROWSER=1, which turns a missing
 browser into a failure instead of a skip).
 """
@@ -54,13 +54,9 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def real_report(chromium, tmp_path_factory, tiny_llama_dir, run_cli):
+def real_report(chromium, embedded_store, tmp_path_factory, run_cli):
+    runs = embedded_store[0]  # Wanda and SparseGPT on the embedded SmolLM2, tracks 1, 3, 4
     base = tmp_path_factory.mktemp("browser")
-    runs = base / "runs"
-    for preset in ("unstructured-50", "2:4"):
-        proc = run_cli("bench", "--method", "wanda", "--preset", preset, "--model", str(tiny_llama_dir), "--tracks", "1,3,4",
-                       "--device", "cpu", "--runs-dir", str(runs), timeout=1200)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     png = base / "report.png"
     proc = run_cli("report", str(runs), "-o", str(runs / "report"), "--screenshot", str(png), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

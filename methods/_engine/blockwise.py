@@ -110,6 +110,27 @@ def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) and name}
 
 
+# upstream llama.py --true-sequential (GPTQ, SparseGPT): each group sees the outputs of the
+# groups compressed before it
+LLAMA_SEQUENTIAL = (
+    ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.up_proj", "mlp.gate_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def llama_sequential_groups(method: str, blocks: Sequence[nn.Module]) -> tuple[tuple[str, ...], ...]:
+    """`LLAMA_SEQUENTIAL`, for `run_blockwise(sequential=...)`, after checking that the
+    blocks have exactly LLaMA's linears (checked before any weight changes)."""
+    names = set(find_linears(blocks[0]))
+    wanted = {name for group in LLAMA_SEQUENTIAL for name in group}
+    if names != wanted:
+        raise ValueError(f"{method}: true_sequential needs LLaMA's block linears ({', '.join(sorted(wanted))}), "
+                         f"the model's blocks have {', '.join(sorted(names))}; set true_sequential = false")
+    return LLAMA_SEQUENTIAL
+
+
 def module_device(module: nn.Module) -> torch.device | None:
     for tensor in module.parameters():
         return tensor.device

@@ -32,9 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmcbench.driver.contract import Compression, LayerCompression
+from llmcbench.driver.contract import Compression
 
-from .._engine.blockwise import BlockStep, decoder_blocks, find_linears, run_blockwise
+from .._engine.blockwise import BlockStep, run_blockwise
+from .._engine.params import calibration_batch_size, check_n_m, reject_unknown, sparsity_pattern, sparsity_value
+from .._engine.sparsity import check_n_m_shapes, sparsity_declaration
 
 PARAMS = {"pattern", "sparsity", "n", "m", "calibration_batch_size"}
 
@@ -50,46 +52,19 @@ class WandaSettings:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "WandaSettings":
         """Validate a preset's params merged with the job's overrides."""
-        unknown = sorted(set(params) - PARAMS)
-        if unknown:
-            raise ValueError(f"wanda: unknown parameter(s) {', '.join(unknown)}: allowed are {', '.join(sorted(PARAMS))}")
-        pattern = str(params.get("pattern", "unstructured")).strip().lower()
-        n, m = params.get("n"), params.get("m")
-        if ":" in pattern and pattern != "n:m":  # upstream's --sparsity_type spelling, e.g. "2:4"
-            try:
-                pn, pm = (int(x) for x in pattern.split(":"))
-            except ValueError:
-                raise ValueError(f"wanda: pattern '{pattern}' is not 'unstructured', 'n:m' or N:M like '2:4'") from None
-            if (n is not None and n != pn) or (m is not None and m != pm):
-                raise ValueError(f"wanda: pattern '{pattern}' contradicts n={n}, m={m}")
-            pattern, n, m = "n:m", pn, pm
-        if pattern not in ("unstructured", "n:m"):
-            raise ValueError(f"wanda: pattern '{pattern}' is not 'unstructured', 'n:m' or N:M like '2:4'")
-
-        sparsity = params.get("sparsity", 0.5 if pattern == "n:m" else None)
-        if sparsity is None:
-            raise ValueError("wanda: unstructured pruning needs a sparsity in [0, 1), e.g. 0.5")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise ValueError(f"wanda: sparsity must be a number in [0, 1), got {sparsity!r}")
-        sparsity = float(sparsity)
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"wanda: sparsity {sparsity} is out of range: it must be in [0, 1)")
+        reject_unknown("wanda", params, PARAMS)
+        pattern, n, m = sparsity_pattern("wanda", params)  # also upstream's --sparsity_type spelling, e.g. "2:4"
+        sparsity = sparsity_value("wanda", params.get("sparsity", 0.5 if pattern == "n:m" else None))
 
         if pattern == "n:m":
-            for key, value in (("n", n), ("m", m)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"wanda: N:M pruning needs positive integers n and m, got {key}={value!r}")
-            if n >= m:
-                raise ValueError(f"wanda: N:M pruning needs n < m, got {n}:{m}")
+            check_n_m("wanda", n, m)
             if sparsity != 0.5 or n * 2 != m:
                 # upstream main.py: assert args.sparsity_ratio == 0.5 for N:M sparsity types
                 raise ValueError(f"wanda: N:M pruning is defined at 50% sparsity (2:4, 4:8), got {n}:{m} at sparsity {sparsity}")
         elif n is not None or m is not None:
             raise ValueError("wanda: n and m apply to the N:M pattern only; use pattern = 'n:m'")
 
-        batch = params.get("calibration_batch_size")
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise ValueError(f"wanda: calibration_batch_size must be a positive integer, got {batch!r}")
+        batch = calibration_batch_size("wanda", params)
         return cls(pattern, sparsity, n, m, batch)
 
 
@@ -161,41 +136,13 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
     """
     settings = WandaSettings.from_params(params)
     if settings.pattern == "n:m":  # checked up front, so a bad shape never leaves a half-pruned model
-        _, blocks = decoder_blocks(model)
-        odd = sorted({linear.in_features for block in blocks for linear in find_linears(block).values()
-                      if linear.in_features % settings.m})
-        if odd:
-            raise ValueError(f"wanda: {settings.n}:{settings.m} pruning needs in_features divisible by {settings.m}, "
-                             f"the model has linears with {', '.join(map(str, odd))}")
+        check_n_m_shapes("wanda", model, settings.n, settings.m)
     if settings.sparsity > 0:
         run_blockwise(model, calibration_ids, device,
                       statistics=lambda _name, linear: InputChannelNorms(linear),
                       update=lambda step: prune_block(step, settings),
                       batch_size=settings.calibration_batch_size)
     nsamples, seqlen = calibration_ids.shape
-    return _declaration(model, settings, notes=[f"calibration: {nsamples} x {seqlen} tokens"])
+    return sparsity_declaration(model, "wanda", settings.pattern, settings.n, settings.m, settings.sparsity,
+                                notes=[f"calibration: {nsamples} x {seqlen} tokens"])
 
-
-def _declaration(model: nn.Module, settings: WandaSettings, notes: list[str]) -> Compression:
-    """The compression declaration, with every sparsity measured from the weights as they now are."""
-    prefix, blocks = decoder_blocks(model)
-    layers: dict[str, LayerCompression] = {}
-    zeros = total = 0
-    for index, block in enumerate(blocks):
-        for name, linear in find_linears(block).items():
-            weight = linear.weight.data
-            layer_zeros = int((weight == 0).sum().item())
-            layers[f"{prefix}.{index}.{name}"] = LayerCompression(sparsity=layer_zeros / weight.numel(), shape=list(weight.shape))
-            zeros += layer_zeros
-            total += weight.numel()
-    n_m = settings.pattern == "n:m"
-    return Compression(
-        method="wanda",
-        engine="reference",
-        sparsity_pattern="n:m" if n_m else "unstructured",
-        n_m=(settings.n, settings.m) if n_m else None,
-        target_sparsity=settings.sparsity,
-        measured_sparsity=zeros / total,
-        layers=layers,
-        notes=notes,
-    )

@@ -3,16 +3,16 @@ activations, determinism, parameter checks, and a run on the embedded model."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from llmcbench.methods._engine.blockwise import UnsupportedModelError, decoder_blocks, find_linears, run_blockwise
+from llmcbench.methods._engine.blockwise import UnsupportedModelError, run_blockwise
 from llmcbench.methods._engine.calibration import CalibrationError, sample_calibration
+from llmcbench.methods._engine.testing import block_linears, c4_file, c4_loss, load, read_method_toml
 from llmcbench.methods.wanda.reference import (
     InputChannelNorms,
     WandaSettings,
@@ -23,25 +23,6 @@ from llmcbench.methods.wanda.reference import (
 
 PROJECT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-
-
-def c4_file(data_dir: Path) -> Path:
-    return data_dir / "hf" / "allenai__c4" / "en" / "train.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tiny_calibration(tiny_llama_dir, data_dir) -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    return sample_calibration(tokenizer, nsamples=8, seqlen=128, seed=0, data_file=c4_file(data_dir)).input_ids
-
-
-def load(model_dir) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def block_linears(model) -> dict[str, nn.Linear]:
-    prefix, blocks = decoder_blocks(model)
-    return {f"{prefix}.{i}.{name}": linear for i, block in enumerate(blocks) for name, linear in find_linears(block).items()}
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +174,9 @@ def test_bad_params_raise(params, message):
 
 
 def test_method_toml_declares_upstream_and_valid_presets():
-    declaration = tomllib.loads((Path(__file__).parent / "method.toml").read_text())
-    assert declaration["name"] == "wanda" and declaration["kind"] == "pruning"
-    upstream = declaration["upstream"]
-    assert upstream["repo"] == "https://github.com/locuslab/wanda"
-    assert upstream["commit"] == "8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6"
-    assert upstream["license"] == "MIT"
+    declaration = read_method_toml(Path(__file__).parent, name="wanda", kind="pruning",
+                                   repo="https://github.com/locuslab/wanda",
+                                   commit="8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6", license="MIT")
     assert declaration["calibration"] == {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0}
     assert set(declaration["engines"]) == {"reference"}
     presets = declaration["presets"]
@@ -231,17 +209,12 @@ def test_unsupported_architecture_is_named():
         run_blockwise(NotADecoder(), torch.zeros(1, 4, dtype=torch.long), CPU, statistics=None, update=None)
 
 
-def _c4_loss(model, input_ids) -> float:
-    with torch.no_grad():
-        return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.item()
-
-
 def test_embedded_model_half_of_every_row_and_sane_loss(embedded_model_dir, data_dir):
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
     calibration = sample_calibration(tokenizer, nsamples=8, seqlen=128, seed=0, data_file=c4_file(data_dir))
     held_out = sample_calibration(tokenizer, nsamples=1, seqlen=256, seed=1234, data_file=c4_file(data_dir)).input_ids
     model = load(embedded_model_dir)
-    dense_loss = _c4_loss(model, held_out)
+    dense_loss = c4_loss(model, held_out)
 
     declaration = compress(model, calibration.input_ids, {"pattern": "unstructured", "sparsity": 0.5}, CPU)
     linears = block_linears(model)
@@ -250,7 +223,7 @@ def test_embedded_model_half_of_every_row_and_sane_loss(embedded_model_dir, data
         assert torch.all((linear.weight == 0).sum(dim=1) == linear.in_features // 2), name
     assert declaration.measured_sparsity == 0.5
 
-    pruned_loss = _c4_loss(model, held_out)
+    pruned_loss = c4_loss(model, held_out)
     print(f"embedded model C4 loss: dense {dense_loss:.4f}, wanda 50% {pruned_loss:.4f}")
     assert torch.isfinite(torch.tensor(pruned_loss))
     assert dense_loss < pruned_loss < 2.0 * dense_loss

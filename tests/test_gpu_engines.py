@@ -1,0 +1,96 @@
+"""The seven reference engines on CUDA, at the LLaMA-2-7B layer shape.
+
+Each method's paper preset runs on a randomly initialised 2-layer LLaMA with LLaMA-2-7B's
+layer shape (hidden 4096, intermediate 11008, 32 heads, vocab 32000) in fp16 on the GPU,
+with 8 x 512 random calibration tokens (OmniQuant with 1 epoch, LLM-Pruner with 2 LoRA
+steps, to keep each test to seconds). The model must stay on the GPU and finite, the engine
+must declare the method, and the peak CUDA memory of `compress` must stay within the model
+plus a fixed margin: block-wise processing needs the weights plus one block's working set,
+not a second copy of the model in fp32 or the activations of every layer.
+
+Marked `gpu`: the root conftest.py skips them, with the reason, where CUDA is absent.
+The CPU engines are tested on the embedded model elsewhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+METHODS = ("wanda", "sparsegpt", "gptq", "smoothquant", "awq", "omniquant", "llm_pruner")
+# params on top of each paper preset, to keep the run short (the quick profile's spirit)
+SHORTER = {"omniquant": {"epochs": 1}, "llm_pruner": {"lora_steps": 2}}
+NSAMPLES, SEQLEN = 8, 512
+MARGIN_BYTES = 8 * 2**30  # one 7B-shape block's working set fits easily; a second model copy would not at 32 layers
+
+
+def _llama_7b_shape(layers: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         use_cache=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):  # allocated and initialised on the GPU, once
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_engine_paper_preset_on_cuda(method):
+    import torch
+
+    from llmcbench.driver.registry import get_method
+    from llmcbench.methods._engine.output import EngineOutput
+
+    assert torch.cuda.is_available()
+    if method == "llm_pruner":
+        pytest.importorskip("peft", reason="LLM-Pruner's LoRA recovery needs peft")
+    spec = get_method(method)
+    preset, params = spec.preset(spec.paper_preset)
+    params.update(SHORTER.get(method, {}))
+    engine = spec.engine_module("reference")
+    engine.validate_params(params)
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = _llama_7b_shape(layers=2)
+    assert model.dtype == torch.float16 and next(model.parameters()).device.type == "cuda"
+    dense_bytes = _model_bytes(model)
+    calibration_ids = torch.randint(3, model.config.vocab_size, (NSAMPLES, SEQLEN),
+                                    generator=torch.Generator().manual_seed(0))
+
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    output = engine.compress(model, calibration_ids, dict(params), device)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+
+    declaration = output.declaration if isinstance(output, EngineOutput) else output
+    assert declaration.method == method, f"{method}/{preset}: declared {declaration.method!r}"
+
+    devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
+    assert devices == {"cuda"}, f"{method}/{preset}: model left on {devices}"
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), f"{method}/{preset}: {name} has non-finite values"
+
+    with torch.no_grad():
+        logits = model(input_ids=calibration_ids[:1, :16].to(device)).logits
+    assert logits.shape == (1, 16, model.config.vocab_size)
+    assert torch.isfinite(logits).all(), f"{method}/{preset}: non-finite logits after compression"
+
+    bound = dense_bytes + MARGIN_BYTES
+    assert peak < bound, (f"{method}/{preset}: peak CUDA memory {peak / 2**30:.2f} GiB exceeds the model "
+                          f"({dense_bytes / 2**30:.2f} GiB) + {MARGIN_BYTES / 2**30:.0f} GiB: not block-wise?")
