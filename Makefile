@@ -16,11 +16,12 @@ RUNS    ?= runs
 DATA    ?=
 SPARSITY ?=
 PYTEST_ARGS ?=
+IMAGE   ?= all
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test report install clean-venv
+.PHONY: bench test report install clean-venv images
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -43,6 +44,11 @@ report: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Container images for RUNNER=docker (IMAGE: all, base, eval, method names, space-separated).
+# Needs a Docker daemon; images/ci-setup.sh installs and starts one and builds the offline base.
+images: $(STAMP)
+	$(BIN)/llmcbench images build $(IMAGE)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -49,6 +49,7 @@ class BenchPlan:
     data_dir: Path
     runs_dir: Path
     runner_name: str
+    gpus: str | None = None
     runs: dict[str, JobRun] = field(default_factory=dict)
 
     @property
@@ -107,7 +108,8 @@ def resolve_device(device: str) -> str:
 
 def plan_bench(method: str, preset: str | None = None, model: str | None = None, tracks=None, profile: str = "quick",
                engine: str = "reference", runner: str = "local", runs_dir: str | Path = "runs",
-               data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None) -> BenchPlan:
+               data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None,
+               gpus: str | None = None) -> BenchPlan:
     spec = get_method(method)
     preset_name, preset_params = spec.preset(preset)
     if engine not in spec.engines:
@@ -129,12 +131,12 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         except ValueError as e:
             raise UserError(f"{spec.name} {preset_name}: {e}") from None
     track_list = parse_tracks(tracks)
-    get_runner(runner)
+    get_runner(runner, gpus)
     source, ddir = resolve_data(data_dir)
     dev = resolve_device(device)
     model_ref = resolve_model(model)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner)
+                     Path(runs_dir), runner, gpus)
 
 
 def compress_job(plan: BenchPlan) -> Job:
@@ -168,13 +170,17 @@ def _dtype(device: str) -> str:
 
 def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None) -> BenchPlan:
     """Run (or find cached) compress, dense eval and compressed eval; fills `plan.runs`."""
-    runner = get_runner(plan.runner_name)
-    env_id = runner.environment_id()
+    runner = get_runner(plan.runner_name, plan.gpus)
     store = Store(plan.runs_dir)
     need_eval = any(t in EVAL_TRACKS for t in plan.tracks)
+    # The environment (what enters a job's hash) may differ per job kind (the docker runner's
+    # method and eval images); asking for it first checks the runner can run every job.
+    runner.environment_id(compress_job(plan))
+    if need_eval:
+        runner.environment_id(eval_job(plan, plan.model, "dense", None))
 
     def execute(key: str, job: Job, cell: str, model_path: Path) -> JobRun:
-        h = job.job_hash(env_id)
+        h = job.job_hash(runner.environment_id(job))
         run_dir = store.run_dir(cell, h)
         if force and run_dir.exists():
             shutil.rmtree(run_dir)

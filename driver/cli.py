@@ -63,7 +63,8 @@ def bench(
     tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="comma-separated tracks, e.g. 1,3,4 (default: all available)"),
     profile: str = typer.Option("quick", "--profile", help="quick (minutes on CPU) or paper (the paper's settings)"),
     engine: str = typer.Option("reference", "--engine", help="reference or upstream"),
-    runner: str = typer.Option("local", "--runner", help="where jobs run: local"),
+    runner: str = typer.Option("local", "--runner", help="where jobs run: local or docker (a container per job)"),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="docker runner: GPUs for CUDA jobs, all or ids like 0,1 (default all)"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (hf/<id>/<config>/<split>.jsonl); default: hub when online, else the shipped slices"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
@@ -78,7 +79,7 @@ def bench(
 
     t0 = time.perf_counter()
     try:
-        plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity)
+        plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity, gpus=gpus)
         console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.preset} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -139,6 +140,7 @@ def methods_list():
 
 
 from .reporting.commands import register; register(app)  # noqa: E402,E702  report, bundle, verify (driver/reporting/)
+from .docker_commands import register as _register_docker; _register_docker(app)  # noqa: E402,E702  images, doctor
 
 
 def main() -> None:

@@ -44,9 +44,25 @@ def embedded_model_dir() -> Path:
     """Path of the converted HF dir, converting on first use (about 30 s, once)."""
     target = cache_root() / "models" / EMBEDDED_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        _world_readable(target)
         return target
     _convert(gguf_path(), target)
+    _world_readable(target)
     return target
+
+
+def _world_readable(target: Path) -> None:
+    """A public model: readable by every user, so containers (never root) can mount it.
+
+    tempfile and save_pretrained create it private (0700 dir, 0600 weights)."""
+    for p in [target, *target.iterdir()]:
+        mode = p.stat().st_mode
+        want = mode | (0o555 if p.is_dir() else 0o444)
+        if want != mode:
+            try:
+                os.chmod(p, want)
+            except OSError:
+                pass
 
 
 def _convert(gguf: Path, target: Path) -> None:

@@ -127,3 +127,24 @@ def test_cpu_inference_memory_counts_weights_and_growth(dense_macs):
     assert memory.total_bytes == memory.weights_bytes + memory.activation_bytes
     assert memory.method.startswith("cpu_")
     assert inference_memory_bytes(model, seqlen=SEQLEN, device="cpu") >= weights
+
+
+def test_bench_counts_the_packed_export_of_a_compressed_model(tiny_llama_dir, tmp_path, run_cli):
+    """Through the CLI and the local runner: the compressed evaluation sees the compress job's
+    `packed/` (staged as /models/<name>.packed) and reports its bytes, not the fp32 checkpoint."""
+    import json
+
+    proc = run_cli("bench", "--method", "gptq", "--preset", "w8a16", "--model", str(tiny_llama_dir), "--tracks", "4",
+                   "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    compress_dir = next((tmp_path / "runs").glob("gptq-*/*/packed")).parent
+    packed_bytes = sum(p.stat().st_size for p in (compress_dir / "packed").rglob("*") if p.is_file())
+    sizes = {}
+    for result_path in (tmp_path / "runs").glob("*/*/result.json"):
+        job = json.loads((result_path.parent / "job.json").read_text())
+        if job["kind"] == "eval":
+            sizes[job["model"]["source"]] = json.loads(result_path.read_text())["metrics"]["track4"]["model_size_bytes"]
+    dense = size_on_disk_bytes(tiny_llama_dir)
+    assert sizes["artifact"] == packed_bytes
+    assert packed_bytes < 0.5 * dense  # int8 codes + fp16 rest vs the fp32 checkpoint
+    assert sizes[next(k for k in sizes if k != "artifact")] == dense

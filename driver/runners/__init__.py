@@ -1,13 +1,75 @@
-"""Runners execute one job under the volume contract: `local` here; `docker` and `slurm` plug in beside it."""
+"""Runners execute one job under the volume contract: `local` (a child process) and `docker`
+(a container per job); `slurm` plugs in beside them.
+
+Every runner has `environment_id(job)` (what enters the job's hash: the package versions and
+source digest for local, the image digest for docker) and
+`run(job, job_hash, run_dir, model_path, data_dir, on_line)`, which always leaves a result.json.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..contract import ContractError, ErrorInfo, Provenance, Result, read_record
 from ..errors import UserError
+from ..fsio import write_record
+
+PACKED_SUFFIX = ".packed"
+
+RUNNERS = ("local", "docker")
 
 
-def get_runner(name: str):
+def get_runner(name: str, gpus: str | None = None):
+    if gpus is not None and name != "docker":
+        raise UserError(f"--gpus applies to the docker runner (got --runner {name}): the local runner uses the host's "
+                        "GPUs as they are (set CUDA_VISIBLE_DEVICES to choose)")
     if name == "local":
         from .local import LocalRunner
 
         return LocalRunner()
-    raise UserError(f"unknown runner '{name}': this version has 'local' (docker and slurm are planned)")
+    if name == "docker":
+        from .docker import DockerRunner
+
+        return DockerRunner(gpus=gpus)
+    raise UserError(f"unknown runner '{name}': choose one of {', '.join(RUNNERS)} (slurm is planned)")
+
+
+def model_inputs(model_name: str, model_path: Path) -> list[tuple[Path, str]]:
+    """What a job sees under `/models`: (host path, name) pairs.
+
+    The model itself as `/models/<name>`; for a compress job's artifact (`<run>/model`) with a
+    real low-bit export beside it (`<run>/packed`), that export too, as `/models/<name>.packed`,
+    so the evaluation's size measurement (track 4) counts the packed bytes a user would store.
+    """
+    model_path = Path(model_path).resolve()
+    inputs = [(model_path, model_name)]
+    packed = model_path.parent / "packed"
+    if model_path.name == "model" and packed.is_dir():
+        inputs.append((packed, model_name + PACKED_SUFFIX))
+    return inputs
+
+
+def collect_result(run_dir: Path, job_hash: str, started: str, wall_s: float, provenance: Provenance,
+                   failure: ErrorInfo | None) -> Result:
+    """What a runner leaves once its job process or container is gone.
+
+    `failure` is what the runner itself saw go wrong (a timeout, a kill), or None. Without
+    one, the job's own result.json is the result when it wrote a valid one; otherwise (a
+    failure, no result, an invalid one) a sealed `failed` result is written in its place, so
+    a run dir always ends with a result.json and the log beside it.
+    """
+    path = run_dir / "result.json"
+    if failure is None:
+        if path.exists():
+            try:
+                return read_record(path, Result)
+            except ContractError as e:
+                failure = ErrorInfo(type="crash", message=f"job wrote an invalid result.json ({e})")
+        else:
+            failure = ErrorInfo(type="crash", message="the job ended without writing a result")
+    result = Result(job_hash=job_hash, status="failed", error=failure, started_at=started,
+                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), wall_s=wall_s,
+                    provenance=provenance).sealed()
+    write_record(path, result)
+    return result

@@ -18,15 +18,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..contract import ContractError, ErrorInfo, Job, Provenance, Result, read_record
+from ..contract import ErrorInfo, Job, Provenance, Result
 from ..environment import local_environment_id
-from ..fsio import write_record
+from . import collect_result, model_inputs
 
 
 class LocalRunner:
     name = "local"
 
-    def environment_id(self) -> str:
+    def environment_id(self, job: Job | None = None) -> str:
+        """The same for every job: the host's library versions and the project's source digest."""
         return local_environment_id()
 
     def run(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
@@ -39,7 +40,8 @@ class LocalRunner:
             (stage / "job").mkdir()
             (stage / "models").mkdir()
             os.symlink(run_dir / "job.json", stage / "job" / "job.json")
-            os.symlink(Path(model_path).resolve(), stage / "models" / job.model.name)
+            for host, name in model_inputs(job.model.name, model_path):
+                os.symlink(host, stage / "models" / name)
             os.symlink(Path(data_dir).resolve(), stage / "data")
             os.symlink(run_dir, stage / "out")
             cmd = [sys.executable, "-m", "llmcbench.driver.jobrun", "--job", str(stage / "job" / "job.json"),
@@ -67,23 +69,14 @@ class LocalRunner:
         return self._collect(job_hash, run_dir, rc, timed_out, started, time.perf_counter() - t0, job)
 
     def _collect(self, job_hash, run_dir, rc, timed_out, started, wall_s, job) -> Result:
-        path = run_dir / "result.json"
-        if not timed_out and path.exists():
-            try:
-                return read_record(path, Result)
-            except ContractError as e:
-                error = ErrorInfo(type="crash", message=f"job wrote an invalid result.json ({e})")
-        elif timed_out:
-            error = ErrorInfo(type="timeout", message=f"killed after the time limit of {job.limits.time_limit_s} s")
-        elif rc < 0 and -rc == signal.SIGKILL:
-            error = ErrorInfo(type="oom", message="killed by SIGKILL (most likely the out-of-memory killer)")
-        else:
-            error = ErrorInfo(type="crash", message=f"job process exited with code {rc} without a result")
-        result = Result(job_hash=job_hash, status="failed", error=error, started_at=started,
-                        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), wall_s=wall_s,
-                        provenance=Provenance(runner=self.name)).sealed()
-        write_record(path, result)
-        return result
+        failure, wrote_result = None, (run_dir / "result.json").exists()
+        if timed_out:
+            failure = ErrorInfo(type="timeout", message=f"killed after the time limit of {job.limits.time_limit_s} s")
+        elif not wrote_result and rc < 0 and -rc == signal.SIGKILL:
+            failure = ErrorInfo(type="oom", message="killed by SIGKILL (most likely the out-of-memory killer)")
+        elif not wrote_result:
+            failure = ErrorInfo(type="crash", message=f"job process exited with code {rc} without a result")
+        return collect_result(run_dir, job_hash, started, wall_s, Provenance(runner=self.name), failure)
 
 
 def _lines(proc: subprocess.Popen, deadline: float):

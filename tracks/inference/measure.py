@@ -119,9 +119,10 @@ def _tree_bytes(folder: Path) -> int:
 
 
 def _packed_dir(model_dir: Path) -> Path | None:
-    """The real low-bit export: `packed/` inside the model dir, or beside it in a compress
-    job's output (`out/model` and `out/packed`, SPEC.md section 4)."""
-    candidates = [model_dir / "packed"]
+    """The real low-bit export: `packed/` inside the model dir, beside it in a compress job's
+    output (`out/model` and `out/packed`, SPEC.md section 4), or staged beside the input model
+    of an evaluation (`/models/<name>` and `/models/<name>.packed`, driver/runners)."""
+    candidates = [model_dir / "packed", model_dir.parent / f"{model_dir.name}.packed"]
     if model_dir.name == "model":
         candidates.append(model_dir.parent / "packed")
     for candidate in candidates:

@@ -1,0 +1,144 @@
+"""`llmcbench doctor`: what this machine can run, and why not.
+
+Checks Docker (SDK, binaries, daemon), the NVIDIA container runtime, the GPUs the host and
+torch see, free disk, and which images are built for the current sources; then says which
+runners and engines are usable here, each with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIN_FREE_GB = 20
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: informational / not applicable
+    detail: str
+
+
+@dataclass
+class Verdict:
+    what: str
+    usable: bool
+    why: str
+
+
+@dataclass
+class Diagnosis:
+    checks: list[Check] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+
+
+def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
+    from .dockerhost import connect, docker_installed, host_gpus, nvidia_runtime
+    from .errors import UserError
+    from .registry import discover
+
+    d = Diagnosis()
+    add = d.checks.append
+    add(Check("python", None, f"{platform.python_version()} ({platform.system()} {platform.machine()}), {os.cpu_count()} CPU cores"))
+
+    # torch and GPUs as the host sees them
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        n = torch.cuda.device_count() if cuda else 0
+        names = [torch.cuda.get_device_name(i) for i in range(n)]
+        add(Check("torch", True, f"{torch.__version__}; CUDA {'available: ' + ', '.join(names) if cuda else 'not available'}"))
+    except ImportError:
+        cuda, n = False, 0
+        add(Check("torch", False, "not installed: pip install torch"))
+    smi = host_gpus()
+    add(Check("GPUs (nvidia-smi)", bool(smi) if shutil.which("nvidia-smi") else None,
+              "; ".join(smi) if smi else ("nvidia-smi finds no GPU" if shutil.which("nvidia-smi") else "no nvidia-smi: no NVIDIA driver on this host")))
+
+    # Docker
+    client, daemon_why = None, ""
+    try:
+        import docker  # noqa: F401
+
+        add(Check("docker SDK", True, f"docker {docker.__version__}"))
+    except ImportError:
+        add(Check("docker SDK", False, "the Python package 'docker' is missing: pip install docker"))
+    cli = shutil.which("docker") or shutil.which("dockerd")
+    add(Check("docker installed", docker_installed(), cli or "no docker/dockerd command and no daemon socket (apt-get install docker.io)"))
+    info = {}
+    try:
+        client = connect(timeout_s=10)
+        info = client.info()
+        add(Check("docker daemon", True, f"{info.get('ServerVersion')} ({info.get('Driver')}, cgroup v{info.get('CgroupVersion', '?')}, "
+                                         f"{info.get('NCPU')} CPUs, {info.get('MemTotal', 0) / 2**30:.0f} GiB)"))
+    except UserError as e:
+        daemon_why = str(e)
+        add(Check("docker daemon", False, daemon_why))
+    runtime = nvidia_runtime(info) if client else None
+    add(Check("NVIDIA container runtime", bool(runtime) if client else None,
+              runtime or ("none: containers cannot get GPUs (install the NVIDIA container toolkit)" if client else "daemon not reachable")))
+
+    # Disk
+    places = [("runs dir", Path(runs_dir)), ("cache", Path(os.environ.get("LLMCBENCH_CACHE", Path.home() / ".cache" / "llmcbench")))]
+    if info.get("DockerRootDir"):
+        places.append(("docker root", Path(info["DockerRootDir"])))
+    for label, p in places:
+        q = p
+        while not q.exists() and q != q.parent:
+            q = q.parent
+        try:
+            free = shutil.disk_usage(q).free / 1e9
+        except OSError:
+            continue
+        add(Check(f"free disk ({label})", free >= MIN_FREE_GB, f"{free:.0f} GB free at {q}" + ("" if free >= MIN_FREE_GB else f" (below {MIN_FREE_GB} GB)")))
+
+    # Images for the current sources
+    built, missing = [], []
+    if client:
+        from . import images
+
+        try:
+            base = images.base_spec(client)
+            offline = images._image_id(client, images.OFFLINE_BASE)
+            add(Check("offline base", bool(offline) or None, images.OFFLINE_BASE + (" present" if offline else " not built (images/offline-base.sh)")))
+            add(Check("base image", None, f"FROM {base.base_image}" + ("" if base.base_image_id else " (not present locally)")))
+            specs = [base, images.eval_spec(client, base)] + [images.method_spec(client, m, base) for m in discover()]
+            for s in specs:
+                (built if images._image_id(client, s.tag) else missing).append(s)
+            add(Check("images built", not missing,
+                      (f"{len(built)}/{len(specs)} for the current sources"
+                       + (f"; missing: {', '.join(s.target for s in missing)} (llmcbench images build all)" if missing else ""))))
+        except UserError as e:
+            add(Check("images", False, str(e)))
+
+    # Verdicts
+    v = d.verdicts.append
+    v(Verdict("runner local", True, "jobs run as child processes of the driver on this host"))
+    if client is None:
+        v(Verdict("runner docker", False, daemon_why or "docker is not usable here"))
+    elif missing:
+        names = sorted({s.target for s in missing})
+        ready = sorted(s.target for s in built if s.role == "method") if not any(s.role in ("base", "eval") for s in missing) else []
+        v(Verdict("runner docker", bool(ready),
+                  (f"ready for {', '.join(ready)}; " if ready else "daemon up; ")
+                  + f"images to build first: {', '.join(names)} (`llmcbench images build {'all' if len(names) > 1 else names[0]}`)"))
+    else:
+        v(Verdict("runner docker", True, "daemon up and every image built for the current sources"))
+    v(Verdict("engine reference (cpu)", True, "pure PyTorch: runs on any CPU (slowly on big models)"))
+    v(Verdict("engine reference (cuda)", cuda, f"{n} CUDA GPU(s) visible to torch" if cuda else "no CUDA GPU visible to torch"))
+    if client:
+        gpu_docker = bool(runtime) and bool(smi)
+        v(Verdict("docker jobs on GPU", gpu_docker, "NVIDIA runtime and GPUs present" if gpu_docker
+                  else ("no NVIDIA container runtime" if not runtime else "no GPU on the host")))
+    upstream_methods = [name for name, s in discover().items() if "upstream" in s.engines]
+    if not upstream_methods:
+        v(Verdict("engine upstream", False, "no method declares an upstream engine yet (methods/<name>/method.toml [engines.upstream])"
+                  + ("" if cuda else "; it also needs a CUDA GPU, and none is visible")))
+    else:
+        v(Verdict("engine upstream", cuda, f"{', '.join(upstream_methods)}: " + ("CUDA GPU present" if cuda else "needs a CUDA GPU, none is visible")))
+    return d

@@ -1,0 +1,388 @@
+"""The docker runner: each job in its own container, through the volume contract.
+
+A compress job runs in its method's image, an eval job in the eval image (both built by
+`llmcbench images build`, found by the tag of the current sources; see driver/images.py).
+The container gets exactly the contract's mounts:
+
+    /job/job.json     ro   the run dir's job.json
+    /models/<name>    ro   the input model (a compress job's artifact for a compressed eval)
+    /data             ro   the staged data dir
+    /out              rw   the run dir: the job writes model/, packed/ and result.json
+
+and runs with no network, as a non-root user (the invoking user's uid and groups; a fixed
+unprivileged uid when the driver runs as root, with the run dir handed over for the run and
+taken back afterwards), all capabilities dropped, no privilege escalation, memory, shm and
+pid limits, GPUs only when the job's device is CUDA (device requests, `--gpus` semantics).
+Its output is streamed to `out/log.txt` and to the progress line. Past the job's wall-clock
+limit the container is killed and the driver writes the failed result (`timeout`); a
+container killed otherwise or out of memory is recorded as such, with its log kept.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from ..contract import ErrorInfo, Job, Provenance, Result
+from ..dockerhost import connect, device_requests, docker_sdk, nvidia_runtime, parse_gpus
+from ..errors import UserError
+from . import collect_result, model_inputs
+
+JOB_COMMAND = ["python", "-m", "llmcbench.driver.jobrun", "--job", "/job/job.json", "--models", "/models",
+               "--data", "/data", "--out", "/out"]
+ROOT_FALLBACK_UID = 1000
+DEFAULT_SHM_BYTES = 2 << 30
+
+
+class DockerRunner:
+    name = "docker"
+
+    def __init__(self, gpus: str | list[str] | None = None, client=None):
+        self.gpus = parse_gpus(gpus) if isinstance(gpus, str) or gpus is None else list(gpus)
+        self.client = client or connect()
+        self._info = None
+        self._images: dict[str, object] = {}
+        if self.gpus is not None:
+            self._check_gpu_support()
+
+    # ------------------------------------------------------------ identity and images
+
+    @property
+    def info(self) -> dict:
+        if self._info is None:
+            self._info = self.client.info()
+        return self._info
+
+    def _check_gpu_support(self) -> None:
+        if nvidia_runtime(self.info) is None:
+            raise UserError("GPUs were requested (--gpus or a CUDA job) but this Docker daemon has no NVIDIA runtime: "
+                            "install the NVIDIA container toolkit (nvidia-ctk runtime configure --runtime=docker) and "
+                            "restart dockerd, or run on CPU (--device cpu)")
+
+    def image_for(self, job: Job):
+        """The built image that runs `job` (method image for compress, eval image for eval)."""
+        from .. import images
+
+        key = job.method if job.kind == "compress" else job.kind
+        if key not in self._images:
+            if job.kind == "compress":
+                spec = images.method_spec(self.client, job.method)
+            elif job.kind == "eval":
+                spec = images.eval_spec(self.client)
+            else:
+                raise UserError(f"the docker runner has no image for {job.kind} jobs yet (deploy images are planned)")
+            self._images[key] = images.find_image(self.client, spec)
+        return self._images[key]
+
+    def environment_id(self, job: Job | None = None) -> str:
+        """The image id (content digest) of the image that runs `job`: part of the job's hash.
+
+        Also the runner's preflight: a job this runner cannot run (image not built, data on
+        the hub, GPUs without an NVIDIA runtime) fails here, before anything is written.
+        """
+        if job is None:
+            raise UserError("the docker runner's environment depends on the job (method image or eval image)")
+        self._check_job(job)
+        return f"docker:{self.image_for(job).id}"
+
+    def _check_job(self, job: Job) -> None:
+        reads_hub = (job.calibration is not None and job.calibration.source == "hub") or \
+                    (job.evaluation is not None and job.evaluation.data_source == "hub")
+        if reads_hub:
+            raise UserError("the docker runner runs jobs without network, but this job reads its data from the hub: "
+                            "pass --data-dir with a staged copy (hf/<id>/<config>/<split>.jsonl), or set "
+                            "HF_HUB_OFFLINE=1 to use the shipped slices")
+        if job.device.startswith("cuda"):
+            self._check_gpu_support()
+            index = job.device.partition(":")[2]
+            if isinstance(self.gpus, list) and index.isdigit() and int(index) >= len(self.gpus):
+                raise UserError(f"--gpus {','.join(self.gpus)} gives the container {len(self.gpus)} GPU(s), numbered from "
+                                f"cuda:0, so device {job.device} does not exist there: use --device cuda")
+
+    # ------------------------------------------------------------ running
+
+    def container_user(self) -> tuple[int, int, list[int]]:
+        uid, gid = os.getuid(), os.getgid()
+        if uid == 0:
+            fallback = int(os.environ.get("LLMCBENCH_CONTAINER_UID", ROOT_FALLBACK_UID))
+            if fallback == 0:
+                raise UserError("LLMCBENCH_CONTAINER_UID=0: containers never run as root")
+            return fallback, fallback, []
+        return uid, gid, [g for g in os.getgroups() if g != gid]
+
+    def container_config(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
+                         image, command: list[str] | None = None) -> dict:
+        """Everything `containers.create` gets for this job (the contract's mounts and limits)."""
+        uid, gid, groups = self.container_user()
+        mounts = {
+            str((run_dir / "job.json").resolve()): {"bind": "/job/job.json", "mode": "ro"},
+            str(Path(data_dir).resolve()): {"bind": "/data", "mode": "ro"},
+            str(run_dir.resolve()): {"bind": "/out", "mode": "rw"},
+        }
+        for host, name in model_inputs(job.model.name, model_path):
+            mounts[str(host)] = {"bind": f"/models/{name}", "mode": "ro"}
+        for host, container in (_symlink_mounts(Path(model_path), f"/models/{job.model.name}")
+                                + _symlink_mounts(Path(data_dir), "/data")):
+            mounts.setdefault(host, {"bind": container, "mode": "ro"})
+        memory = job.limits.memory_bytes or _default_memory_bytes()
+        shm = min(int(os.environ.get("LLMCBENCH_DOCKER_SHM_BYTES", DEFAULT_SHM_BYTES)), memory // 2)
+        tag = next(iter(image.tags), image.id)
+        env = {
+            "LLMCBENCH_JOB_HASH": job_hash, "LLMCBENCH_RUNNER": self.name,
+            "LLMCBENCH_IMAGE": tag, "LLMCBENCH_IMAGE_DIGEST": image.id,
+            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HOME": "/tmp",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        }
+        cfg = dict(
+            image=image.id, command=command or JOB_COMMAND, entrypoint="", environment=env,
+            volumes=mounts, working_dir="/tmp", user=f"{uid}:{gid}", group_add=[str(g) for g in groups] or None,
+            network_mode="none", mem_limit=memory, memswap_limit=memory, shm_size=shm, pids_limit=4096,
+            cap_drop=["ALL"], security_opt=["no-new-privileges"], init=True, detach=True,
+            name=f"llmcbench-{job.kind}-{job_hash[:12]}-{uuid.uuid4().hex[:6]}",
+            labels={"org.llmcbench.job_hash": job_hash, "org.llmcbench.kind": job.kind, "org.llmcbench.run_dir": str(run_dir)},
+        )
+        requests = device_requests(job.device, self.gpus)
+        if requests:
+            cfg["device_requests"] = requests
+        return cfg
+
+    def run(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
+            on_line: Callable[[str], None] | None = None, command: list[str] | None = None) -> Result:
+        """Run one job in a container; always returns (and leaves) a result.json.
+
+        `command` replaces the job process (tests use it to probe the container's confinement
+        under exactly the job's configuration).
+        """
+        docker = docker_sdk()
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        run_dir = Path(run_dir)
+        image = self.image_for(job)
+        uid, gid, _ = self.container_user()
+        _check_readable([Path(model_path), Path(data_dir)], uid, gid)
+        handed_over = _hand_over(run_dir, uid, gid)
+        cfg = self.container_config(job, job_hash, run_dir, model_path, data_dir, image, command)
+        timed_out, exit_code, oom_killed, error = False, None, False, None
+        container = None
+        try:
+            with open(run_dir / "log.txt", "ab") as log:
+                try:
+                    container = self.client.containers.create(**cfg)
+                except docker.errors.APIError as e:
+                    raise UserError(_api_error(e)) from None
+                streamer = _LogStreamer(container, log, on_line)
+                try:
+                    container.start()
+                except docker.errors.APIError as e:
+                    raise UserError(_api_error(e)) from None
+                streamer.start()
+                timed_out, exit_code = _wait(container, time.monotonic() + job.limits.time_limit_s, docker)
+                streamer.join(timeout=30)
+                if timed_out:
+                    log.write(f"[llmcbench] container killed after the time limit of {job.limits.time_limit_s} s\n".encode())
+            try:
+                container.reload()
+                state = container.attrs.get("State", {})
+                oom_killed = bool(state.get("OOMKilled"))
+                exit_code = state.get("ExitCode", exit_code) if exit_code is None else exit_code
+            except docker.errors.NotFound:
+                pass
+        except BaseException:
+            _remove(container, docker)
+            container = None
+            raise
+        finally:
+            _remove(container, docker)
+            if handed_over:
+                _take_back(run_dir)
+        return self._collect(job, job_hash, run_dir, image, exit_code, timed_out, oom_killed, started,
+                             time.perf_counter() - t0, error)
+
+    def _collect(self, job, job_hash, run_dir, image, exit_code, timed_out, oom_killed, started, wall_s, error) -> Result:
+        if timed_out:
+            error = ErrorInfo(type="timeout", message=f"container killed after the time limit of {job.limits.time_limit_s} s")
+        elif oom_killed and not (run_dir / "result.json").exists():
+            error = ErrorInfo(type="oom", message="container killed by the out-of-memory killer "
+                                                  f"(memory limit {_gib(job.limits.memory_bytes or _default_memory_bytes())})")
+        elif error is None and not (run_dir / "result.json").exists():
+            how = "killed (SIGKILL)" if exit_code == 137 else f"exited with code {exit_code}"
+            error = ErrorInfo(type="crash", message=f"container {how} without writing a result")
+        provenance = Provenance(runner=self.name, image=next(iter(image.tags), None), image_digest=image.id)
+        return collect_result(run_dir, job_hash, started, wall_s, provenance, error)
+
+
+# ---------------------------------------------------------------- helpers
+
+class _LogStreamer(threading.Thread):
+    """Copies the container's output, line by line, to log.txt and the progress callback."""
+
+    def __init__(self, container, log, on_line):
+        super().__init__(daemon=True)
+        self.container, self.log, self.on_line = container, log, on_line
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            for chunk in self.container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                buf += chunk
+                *lines, buf = buf.replace(b"\r", b"\n").split(b"\n")
+                for line in lines:
+                    self._emit(line)
+            if buf.strip():
+                self._emit(buf)
+        except Exception:  # noqa: BLE001 - the container went away (killed, removed): keep what we have
+            pass
+
+    def _emit(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        self.log.write(line + b"\n")
+        self.log.flush()
+        if self.on_line:
+            self.on_line(line.decode(errors="replace").rstrip())
+
+
+def _wait(container, deadline: float, docker) -> tuple[bool, int | None]:
+    """Wait for the container to exit; kill it at the deadline. Returns (timed_out, exit code)."""
+    import requests
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            try:
+                container.kill()
+            except docker.errors.APIError:
+                pass
+            try:
+                container.wait(timeout=60)
+            except (requests.exceptions.RequestException, docker.errors.APIError):
+                pass
+            return True, None
+        try:
+            status = container.wait(timeout=max(1, min(int(remaining) + 1, 300)))
+            return False, status.get("StatusCode")
+        except requests.exceptions.RequestException:
+            continue  # the wait request timed out: check the deadline and wait again
+        except docker.errors.NotFound:
+            return False, None
+
+
+def _remove(container, docker) -> None:
+    if container is None:
+        return
+    try:
+        container.remove(force=True)
+    except docker.errors.APIError:
+        pass
+
+
+def _api_error(e) -> str:
+    text = " ".join(str(getattr(e, "explanation", None) or e).split())
+    if "could not select device driver" in text or "nvidia" in text.lower():
+        return ("the container could not get GPUs: this Docker daemon has no NVIDIA runtime (install the NVIDIA "
+                f"container toolkit and restart dockerd) [{text[:160]}]")
+    return f"docker could not start the job's container: {text[:300]}"
+
+
+def _default_memory_bytes() -> int:
+    env = os.environ.get("LLMCBENCH_DOCKER_MEMORY_BYTES")
+    if env:
+        return int(env)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * 0.9)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _symlink_mounts(host_dir: Path, container_dir: str) -> list[tuple[str, str]]:
+    """Extra read-only mounts that make the symlinks inside a mounted dir resolve in the container.
+
+    A Hugging Face hub snapshot is a dir of links `../../blobs/<sha>`: mounting the snapshot
+    alone leaves them dangling, so the folder holding the targets is mounted where each
+    link points to from inside the container.
+    """
+    host_dir = Path(host_dir)
+    extra: dict[str, str] = {}
+    if not host_dir.is_dir():
+        return []
+    root = host_dir.resolve()
+    for p in host_dir.rglob("*"):
+        if not p.is_symlink():
+            continue
+        target = p.resolve()
+        try:
+            target.relative_to(root)
+            continue  # stays inside the mount
+        except ValueError:
+            pass
+        link = os.readlink(p)
+        rel = p.parent.relative_to(host_dir).as_posix()
+        where = os.path.normpath(link if os.path.isabs(link) else f"{container_dir}/{rel}/{link}")
+        host_parent, container_parent = str(target.parent), os.path.dirname(where)
+        if extra.get(host_parent, container_parent) != container_parent:
+            raise UserError(f"{p}: its symlinks point to {host_parent} from two places; copy the model to a plain dir")
+        extra[host_parent] = container_parent
+    return list(extra.items())
+
+
+def _readable_by(st: os.stat_result, uid: int, gid: int, is_dir: bool) -> bool:
+    need_other, need_owner, need_group = (stat.S_IROTH, stat.S_IRUSR, stat.S_IRGRP)
+    if is_dir:
+        need_other |= stat.S_IXOTH
+        need_owner |= stat.S_IXUSR
+        need_group |= stat.S_IXGRP
+    if st.st_uid == uid:
+        return st.st_mode & need_owner == need_owner
+    if st.st_gid == gid:
+        return st.st_mode & need_group == need_group
+    return st.st_mode & need_other == need_other
+
+
+def _check_readable(paths: list[Path], uid: int, gid: int) -> None:
+    """Inputs must be readable by the container's user: else a one-line error, before anything runs."""
+    if uid == os.getuid():
+        return  # the container runs as the invoking user: it reads what they read
+    for top in paths:
+        for p in [top, *top.rglob("*")]:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if not _readable_by(st, uid, gid, stat.S_ISDIR(st.st_mode)):
+                raise UserError(f"{p} is not readable by the container's user (uid {uid}; the driver runs as root and "
+                                f"containers never do): make the input readable (chmod -R o+rX {top}) or run "
+                                "llmcbench as a non-root user")
+
+
+def _hand_over(run_dir: Path, uid: int, gid: int) -> bool:
+    """When the driver runs as root, lend the run dir to the container's unprivileged user."""
+    if os.getuid() != 0 or uid == 0:
+        return False
+    os.chown(run_dir, uid, gid)
+    job = run_dir / "job.json"
+    if job.exists():
+        os.chmod(job, 0o644)
+    return True
+
+
+def _take_back(run_dir: Path) -> None:
+    """Give the run dir and everything the container wrote back to the invoking user (root),
+    readable by the containers of later jobs (the eval image reads a compress job's model/)."""
+    uid, gid = os.getuid(), os.getgid()
+    for p in [run_dir, *run_dir.rglob("*")]:
+        try:
+            os.lchown(p, uid, gid)
+            if not p.is_symlink():
+                mode = p.stat().st_mode
+                os.chmod(p, mode | stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH
+                         | ((stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH) if stat.S_ISDIR(mode) else 0))
+        except OSError:
+            pass

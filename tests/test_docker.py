@@ -1,0 +1,472 @@
+"""The docker runner and images against the real daemon (marker `docker`).
+
+These run whenever a Docker daemon answers (images/ci-setup.sh installs and starts one and
+builds the offline base) and are skipped, with the reason, otherwise. They build the base,
+eval and wanda images through `llmcbench images build` (reused when their input hash is
+unchanged), run `llmcbench bench --runner docker` for real on a tiny random LLaMA, and check
+the container's confinement, its time limit, `docker kill`, and the one-line errors.
+
+The tests at the bottom need no daemon: GPU device requests, the `[image]` table, and the
+errors for Docker missing or its daemon down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from llmcbench.driver import images
+from llmcbench.driver.dockerhost import connect, device_requests, parse_gpus
+from llmcbench.driver.errors import UserError
+
+LLMCBENCH = [sys.executable, "-m", "llmcbench.driver.cli"]
+
+
+def _daemon_problem() -> str | None:
+    try:
+        connect(timeout_s=10).close()
+        return None
+    except UserError as e:
+        return str(e)
+
+
+_PROBLEM = _daemon_problem()
+if _PROBLEM is not None and os.environ.get("LLMCBENCH_REQUIRE_DOCKER") == "1":
+    # CI sets this after images/ci-setup.sh: a daemon that does not answer there is a failure, not a skip
+    raise RuntimeError(f"LLMCBENCH_REQUIRE_DOCKER=1 but no usable Docker daemon: {_PROBLEM}")
+needs_docker = pytest.mark.skipif(_PROBLEM is not None, reason=f"no usable Docker daemon ({_PROBLEM}); images/ci-setup.sh sets one up")
+
+
+def run_cli(*args, env=None, timeout=1800):
+    full_env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*LLMCBENCH, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error:"), err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+# ---------------------------------------------------------------- fixtures (daemon)
+
+@pytest.fixture(scope="module")
+def client():
+    c = connect()
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def built_images(client):
+    """The base, wanda and eval images for the current sources, built by the real CLI."""
+    t0 = time.perf_counter()
+    proc = run_cli("images", "build", "wanda", "eval", timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    build_s = time.perf_counter() - t0
+    base = images.base_spec(client)
+    specs = {"base": base, "wanda": images.method_spec(client, "wanda", base), "eval": images.eval_spec(client, base)}
+    found = {k: client.images.get(s.tag) for k, s in specs.items()}
+    print(f"images ready in {build_s:.0f} s; sizes: { {k: round(v.attrs['Size'] / 1e9, 2) for k, v in found.items()} } GB")
+    return found
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir):
+    """The tiny LLaMA, readable by the containers' user (a root driver runs them as uid 1000)."""
+    for p in [tiny_llama_dir, *tiny_llama_dir.rglob("*")]:
+        p.chmod(p.stat().st_mode | (0o555 if p.is_dir() else 0o444))
+    return tiny_llama_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("docker_runs")
+
+
+def _small_plan(runner, model_dir, runs, tracks=(1, 3, 4)):
+    """A bench plan as `llmcbench bench` makes it, with track 1 cut to 4 examples per task."""
+    from llmcbench.driver.bench import plan_bench
+
+    plan = plan_bench("wanda", model=str(model_dir), tracks=list(tracks), runner=runner, runs_dir=runs, device="cpu")
+    plan.profile = replace(plan.profile, task_limit=4, ppl_seqlen=128, ppl_max_windows=2)
+    return plan
+
+
+# ---------------------------------------------------------------- end to end
+
+@needs_docker
+@pytest.mark.docker
+def test_bench_cli_compresses_in_the_method_image(client, built_images, model_dir, runs):
+    proc = run_cli("bench", "--method", "wanda", "--model", str(model_dir), "--tracks", "3", "--runner", "docker",
+                   "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [result_path] = runs.glob("wanda-unstructured-50-*/*/result.json")
+    result = json.loads(result_path.read_text())
+    assert result["status"] == "ok"
+    method_image = built_images["wanda"]
+    assert result["provenance"]["runner"] == "docker"
+    assert result["provenance"]["image"] in method_image.tags
+    assert result["provenance"]["image_digest"] == method_image.id
+    assert result["environment"]["python"].startswith(images.python_version())
+    run_dir = result_path.parent
+    assert (run_dir / "model" / "compression.json").is_file()
+    assert "compressed with wanda/unstructured-50" in (run_dir / "log.txt").read_text()
+    for p in [run_dir, *run_dir.rglob("*")]:  # the outputs belong to the invoking user
+        assert p.stat().st_uid == os.getuid(), p
+    # the image says whether upstream code is in it (offline: not fetched, the reference engine runs)
+    upstream = json.loads(client.containers.run(method_image.id, ["cat", "/opt/llmcbench/upstream/UPSTREAM.json"],
+                                                network_mode="none", remove=True, entrypoint=""))
+    assert upstream["commit"] == method_image.labels["org.llmcbench.upstream.commit"]
+    assert upstream["fetched"] == (method_image.labels["org.llmcbench.upstream.fetched"] == "true")
+
+
+@needs_docker
+@pytest.mark.docker
+def test_docker_and_local_give_the_same_metrics(built_images, model_dir, runs, tmp_path):
+    from llmcbench.driver.bench import run_bench
+
+    docker_plan = run_bench(_small_plan("docker", model_dir, runs))
+    local_plan = run_bench(_small_plan("local", model_dir, tmp_path / "local_runs"))
+
+    # a different environment is a different job: the hashes differ, so neither is served the other's result
+    for key in ("compress", "dense eval", "compressed eval"):
+        assert docker_plan.runs[key].job_hash != local_plan.runs[key].job_hash
+        d, l = docker_plan.runs[key].job.identity_dict(), local_plan.runs[key].job.identity_dict()
+        if key == "compressed eval":  # its input is the artifact of each runner's own compress job
+            assert d["model"].pop("identity") == f"artifact:{docker_plan.runs['compress'].job_hash}"
+            assert l["model"].pop("identity") == f"artifact:{local_plan.runs['compress'].job_hash}"
+        assert d == l
+    assert docker_plan.runs["dense eval"].result.provenance.image_digest == built_images["eval"].id
+    assert docker_plan.runs["compressed eval"].result.provenance.image_digest == built_images["eval"].id
+    assert docker_plan.runs["compress"].result.provenance.image_digest == built_images["wanda"].id
+
+    dc, lc = docker_plan.runs["compress"].result.metrics, local_plan.runs["compress"].result.metrics
+    assert dc["compression"] == lc["compression"]
+    for key in ("dense eval", "compressed eval"):
+        d, l = docker_plan.runs[key].result.metrics, local_plan.runs[key].result.metrics
+        assert d["track4"]["macs"] == l["track4"]["macs"]
+        assert d["track4"]["model_size_bytes"] == l["track4"]["model_size_bytes"]
+        assert d["track1"]["wikitext2"]["ppl"] == pytest.approx(l["track1"]["wikitext2"]["ppl"], rel=1e-4)
+        for task, value in l["track1"]["tasks"].items():
+            assert d["track1"]["tasks"][task]["accuracy_pct"] == pytest.approx(value["accuracy_pct"], abs=1e-6), task
+
+
+@needs_docker
+@pytest.mark.docker
+@pytest.mark.slow
+def test_embedded_model_bench_in_docker_matches_the_local_run(built_images, embedded_store, tmp_path):
+    """`llmcbench bench --method wanda --runner docker` on the embedded SmolLM2 (quick profile,
+    tracks 1, 3, 4), against the session's local run of the same command (same seeds)."""
+    from llmcbench.driver.contract import Job, Result, read_record
+
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "wanda", "--runner", "docker", "--runs-dir", str(runs), timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "om_perf" in proc.stdout
+
+    def by_kind(store):
+        out = {}
+        for job_path in store.glob("*/*/job.json"):
+            job = read_record(job_path, Job)
+            key = "compress" if job.kind == "compress" else f"eval-{job.model.source}"
+            out[key] = (job, read_record(job_path.parent / "result.json", Result))
+        return out
+
+    docker, local = by_kind(runs), by_kind(embedded_store[0])
+    assert set(docker) == {"compress", "eval-embedded", "eval-artifact"}, set(docker)
+    assert docker["compress"][1].provenance.runner == "docker"
+    assert docker["compress"][1].provenance.image_digest == built_images["wanda"].id
+    assert docker["eval-artifact"][1].provenance.image_digest == built_images["eval"].id
+    assert docker["compress"][1].metrics["compression"] == local["compress"][1].metrics["compression"]
+    for key in ("eval-embedded", "eval-artifact"):
+        d, l = docker[key][1].metrics, local[key][1].metrics
+        assert d["track4"]["macs"] == l["track4"]["macs"], key
+        assert d["track1"]["wikitext2"]["ppl"] == pytest.approx(l["track1"]["wikitext2"]["ppl"], rel=1e-4), key
+        for task, value in l["track1"]["tasks"].items():
+            assert d["track1"]["tasks"][task]["accuracy_pct"] == pytest.approx(value["accuracy_pct"], abs=1e-6), (key, task)
+
+
+# ---------------------------------------------------------------- confinement
+
+PROBE = r"""
+import errno, json, os, socket, sys
+name = sys.argv[1]
+r = {"uid": os.getuid(), "gid": os.getgid(), "interfaces": sorted(os.listdir("/sys/class/net"))}
+try:
+    socket.create_connection(("1.1.1.1", 443), timeout=5).close()
+    r["connect"] = "connected"
+except OSError as e:
+    r["connect"] = f"{type(e).__name__}: {e}"
+try:
+    socket.getaddrinfo("huggingface.co", 443)
+    r["dns"] = "resolved"
+except OSError as e:
+    r["dns"] = f"{type(e).__name__}: {e}"
+mounts = {line.split()[4]: line.split()[5].split(",")[0] for line in open("/proc/self/mountinfo")}
+r["mounts"] = {m: mounts.get(m) for m in ("/job/job.json", f"/models/{name}", "/data", "/out")}
+for path in ["/job/job.json", f"/models/{name}/config.json", f"/models/{name}/world_writable.txt",
+             f"/models/{name}/new.txt", "/data/new.txt"]:
+    try:
+        open(path, "a").close()
+        r[path] = "written"
+    except OSError as e:
+        r[path] = errno.errorcode.get(e.errno, str(e.errno))
+r["reads_job"] = json.load(open("/job/job.json"))["kind"]
+r["reads_model"] = os.path.getsize(f"/models/{name}/model.safetensors") > 0
+r["reads_data"] = os.path.isdir("/data/hf")
+open("/out/probe.txt", "w").write("written by the container\n")
+print("PROBE " + json.dumps(r), flush=True)
+"""
+
+
+def _compress_job_in_store(model_dir, runs, **limits):
+    from llmcbench.driver.bench import compress_job
+    from llmcbench.driver.contract import Limits
+    from llmcbench.driver.store import Store
+
+    plan = _small_plan("docker", model_dir, runs, tracks=[3])
+    job = compress_job(plan)
+    if limits:
+        job = job.model_copy(update={"limits": Limits(**limits)})
+    return plan, job, Store(runs)
+
+
+@needs_docker
+@pytest.mark.docker
+def test_container_has_no_network_runs_as_non_root_and_cannot_write_its_inputs(built_images, model_dir, tmp_path):
+    from llmcbench.driver.runners.docker import DockerRunner
+
+    # a copy of the model with a world-writable file: only the read-only mount can refuse that write
+    import shutil
+
+    model_copy = tmp_path / "model"
+    shutil.copytree(model_dir, model_copy)
+    (model_copy / "world_writable.txt").write_text("")
+    for p in [model_copy, *model_copy.iterdir()]:
+        p.chmod(0o777 if p.is_dir() else 0o666)
+    runner = DockerRunner()
+    plan, job, store = _compress_job_in_store(model_copy, tmp_path / "runs")
+    h = job.job_hash(runner.environment_id(job))
+    run_dir = store.run_dir("probe", h)
+    store.prepare(run_dir, job)
+    result = runner.run(job, h, run_dir, model_copy, plan.data_dir, command=["python", "-c", PROBE, job.model.name])
+    log = (run_dir / "log.txt").read_text()
+    [line] = [ln for ln in log.splitlines() if ln.startswith("PROBE ")]
+    probe = json.loads(line.removeprefix("PROBE "))
+
+    assert probe["uid"] != 0 and probe["uid"] == runner.container_user()[0]
+    assert probe["interfaces"] == ["lo"]
+    assert probe["connect"].startswith("OSError") and "unreachable" in probe["connect"].lower(), probe["connect"]
+    assert probe["dns"] != "resolved"
+    name = job.model.name
+    assert probe["mounts"] == {"/job/job.json": "ro", f"/models/{name}": "ro", "/data": "ro", "/out": "rw"}
+    # every write to an input fails; where file permissions would allow it, the mount refuses it
+    for path in ["/job/job.json", f"/models/{name}/config.json", f"/models/{name}/world_writable.txt",
+                 f"/models/{name}/new.txt", "/data/new.txt"]:
+        assert probe[path] in {"EROFS", "EACCES"}, (path, probe[path])
+    assert probe[f"/models/{name}/world_writable.txt"] == "EROFS"
+    assert probe[f"/models/{name}/new.txt"] == "EROFS"
+    assert probe["reads_job"] == "compress" and probe["reads_model"] and probe["reads_data"]
+    assert (run_dir / "probe.txt").read_text() == "written by the container\n"
+    assert (run_dir / "probe.txt").stat().st_uid == os.getuid()
+    # the probe is not a job: it wrote no result, so the driver recorded the failure
+    assert result.status == "failed" and result.error.type == "crash" and "without writing a result" in result.error.message
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"
+
+
+# ---------------------------------------------------------------- time limit and docker kill
+
+def _left_containers(client, job_hash):
+    return client.containers.list(all=True, filters={"label": f"org.llmcbench.job_hash={job_hash}"})
+
+
+@needs_docker
+@pytest.mark.docker
+def test_time_limit_kills_the_container_and_a_rerun_recomputes(client, built_images, model_dir, tmp_path):
+    from llmcbench.driver.runners.docker import DockerRunner
+
+    runner = DockerRunner()
+    plan, job, store = _compress_job_in_store(model_dir, tmp_path / "runs", time_limit_s=1)
+    h = job.job_hash(runner.environment_id(job))
+    run_dir = store.run_dir(plan.cell, h)
+    store.prepare(run_dir, job)
+    t0 = time.perf_counter()
+    result = runner.run(job, h, run_dir, model_dir, plan.data_dir)
+    assert time.perf_counter() - t0 < 60
+    assert result.status == "failed" and result.error.type == "timeout", result.error
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk["status"] == "failed" and on_disk["error"]["type"] == "timeout"
+    assert on_disk["provenance"]["image_digest"] == built_images["wanda"].id
+    assert "time limit" in (run_dir / "log.txt").read_text()
+    assert not (run_dir / "model" / "compression.json").exists()
+    assert store.cached(run_dir) is None  # a failed job is never a cache hit
+    assert _left_containers(client, h) == []
+
+    # the same job (limits are not part of its identity) with time enough: recomputed, ok
+    job_ok = job.model_copy(update={"limits": job.limits.model_copy(update={"time_limit_s": 900})})
+    assert job_ok.job_hash(runner.environment_id(job_ok)) == h
+    store.prepare(run_dir, job_ok)
+    result = runner.run(job_ok, h, run_dir, model_dir, plan.data_dir)
+    assert result.status == "ok", result.error
+    assert store.cached(run_dir) is not None
+
+
+@needs_docker
+@pytest.mark.docker
+def test_docker_kill_mid_run_leaves_a_failed_result_and_the_log(client, built_images, model_dir, tmp_path):
+    from llmcbench.driver.runners.docker import DockerRunner
+
+    runner = DockerRunner()
+    plan, job, store = _compress_job_in_store(model_dir, tmp_path / "runs")
+    h = job.job_hash(runner.environment_id(job))
+    run_dir = store.run_dir(plan.cell, h)
+    store.prepare(run_dir, job)
+    box = {}
+    worker = threading.Thread(target=lambda: box.setdefault("result", runner.run(job, h, run_dir, model_dir, plan.data_dir)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        running = [c for c in _left_containers(client, h) if c.status == "running"]
+        if running and (run_dir / "log.txt").stat().st_size > 0:
+            running[0].kill()
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the job's container never started")
+    worker.join(timeout=120)
+    result = box["result"]
+    assert result.status == "failed" and result.error.type == "crash", result.error
+    assert "SIGKILL" in result.error.message
+    assert (run_dir / "log.txt").read_text().strip()
+    assert store.cached(run_dir) is None
+    assert _left_containers(client, h) == []
+
+
+# ---------------------------------------------------------------- one-line errors (daemon up)
+
+@needs_docker
+@pytest.mark.docker
+def test_missing_image_names_the_build_command(model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "wanda", "--model", str(model_dir), "--tracks", "3", "--runner", "docker",
+                   "--runs-dir", str(runs), env={"LLMCBENCH_IMAGE_REPO": "llmcbench-test-never-built"})
+    _one_line_error(proc, "is not built", "llmcbench images build wanda")
+    assert not runs.exists()
+
+
+@needs_docker
+@pytest.mark.docker
+def test_gpus_without_nvidia_runtime_is_one_line(client, model_dir, tmp_path):
+    from llmcbench.driver.dockerhost import nvidia_runtime
+
+    if nvidia_runtime(client.info()):
+        pytest.skip("this daemon has an NVIDIA runtime")
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "wanda", "--model", str(model_dir), "--runner", "docker", "--gpus", "all",
+                   "--runs-dir", str(runs))
+    _one_line_error(proc, "NVIDIA runtime")
+    assert not runs.exists()
+
+
+# ---------------------------------------------------------------- no daemon needed
+
+def test_gpu_device_requests():
+    assert device_requests("cpu", None) is None
+    assert device_requests("cpu", "all") is None
+    [req] = device_requests("cuda", None)
+    assert req["Count"] == -1 and req["Capabilities"] == [["gpu"]]
+    [req] = device_requests("cuda:1", parse_gpus("all"))
+    assert req["Count"] == -1
+    [req] = device_requests("cuda", parse_gpus("0,2"))
+    assert req["DeviceIDs"] == ["0", "2"] and req["Count"] == 0
+    assert parse_gpus("device=GPU-1234") == ["GPU-1234"]
+    assert parse_gpus(None) is None
+    with pytest.raises(UserError, match="--gpus"):
+        parse_gpus("two")
+
+
+def test_device_requests_go_into_the_container_config(tiny_llama_dir):
+    """The container configuration of a CUDA job carries the device request (no GPU or daemon needed)."""
+    docker = pytest.importorskip("docker")
+
+    from llmcbench.driver.contract import Job, ModelRef
+    from llmcbench.driver.runners.docker import DockerRunner
+
+    class FakeImage:
+        id, tags = "sha256:" + "0" * 64, ["llmcbench/method-wanda:test"]
+
+    runner = DockerRunner.__new__(DockerRunner)
+    runner.gpus = ["1"]
+    job = Job(kind="compress", method="wanda", model=ModelRef(name="m", source="local", identity="sha256:x"), device="cuda")
+    cfg = runner.container_config(job, "f" * 64, tiny_llama_dir, tiny_llama_dir, tiny_llama_dir, FakeImage())
+    assert cfg["device_requests"][0]["DeviceIDs"] == ["1"]
+    assert cfg["network_mode"] == "none" and cfg["user"] != "0:0"
+    assert cfg["volumes"][str(tiny_llama_dir.resolve())]["mode"] in {"ro", "rw"}
+    host_config = docker.types.HostConfig(version="1.41", device_requests=cfg["device_requests"], network_mode="none")
+    assert host_config["DeviceRequests"][0]["DeviceIDs"] == ["1"]
+    cpu_job = job.model_copy(update={"device": "cpu"})
+    assert "device_requests" not in runner.container_config(cpu_job, "f" * 64, tiny_llama_dir, tiny_llama_dir, tiny_llama_dir, FakeImage())
+
+
+def test_daemon_down_is_one_line(tmp_path, tiny_llama_dir):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "docker").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "docker").chmod(0o755)
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--runner", "docker", "--runs-dir", str(runs),
+                   env={"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock", "PATH": str(fake_bin)})
+    _one_line_error(proc, "Docker daemon is not reachable", "--runner local")
+    assert not runs.exists()
+
+
+def test_docker_not_installed_is_one_line(tmp_path, tiny_llama_dir):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--runner", "docker", "--runs-dir", str(runs),
+                   env={"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock", "PATH": str(empty)})
+    _one_line_error(proc, "Docker is not installed", "--runner local")
+    assert not runs.exists()
+
+
+def test_image_table_is_validated(monkeypatch):
+    from llmcbench.driver.registry import get_method
+
+    spec = get_method("wanda")
+    assert images.image_config(spec) == {"python": images.python_version(), "requirements": []}
+    bad = spec.model_copy(update={"image": {"requirements": "torch"}})
+    with pytest.raises(UserError, match=r"\[image\].requirements must be a list"):
+        images.image_config(bad)
+    bad = spec.model_copy(update={"image": {"python": "2.7"}})
+    with pytest.raises(UserError, match="Python 2.7"):
+        images.image_config(bad)
+    bad = spec.model_copy(update={"image": {"pyhton": "3.11"}})
+    with pytest.raises(UserError, match="unknown key"):
+        images.image_config(bad)
+
+
+def test_a_method_pin_overrides_the_lock():
+    lock = "# lock\ntorch==2.13.0\nnumpy==2.4.6\n"
+    out = images._layer_constraints(lock, ["torch==2.1.2", "scipy"])
+    assert "torch==" not in out and "numpy==2.4.6" in out
+
+
+def test_eval_image_sources_do_not_depend_on_any_method():
+    names = {rel for rel, _ in images.project_files(None)}
+    assert not any(n.startswith("methods/wanda/") for n in names)
+    assert any(n.startswith("methods/_engine/") for n in names)
+    wanda = {rel for rel, _ in images.project_files("wanda")}
+    assert "methods/wanda/method.toml" in wanda and not any(n.startswith("methods/gptq/") for n in wanda)
