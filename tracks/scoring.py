@@ -216,6 +216,20 @@ def score(records: Iterable[MetricRecord]) -> list[OMRow]:
     return rows
 
 
+def drop_undefined_ratios(records: Iterable[MetricRecord]) -> tuple[list[MetricRecord], list[str]]:
+    """Leave out, explicitly, the cells whose ratio cannot exist: a higher-is-better metric on
+    which the dense model scores 0 (a 135M model answers no FreebaseQA question). `score`
+    refuses such a cell; callers that score whatever a run measured use this first and show
+    the returned notes, so the OM says which cells it averages."""
+    records = list(records)
+    zero = {(r.track, r.model, r.metric) for r in records
+            if r.is_dense and r.value == 0 and METRICS.get((r.track, r.metric)) and METRICS[r.track, r.metric].higher_is_better}
+    kept = [r for r in records if (r.track, r.model, r.metric) not in zero]
+    notes = [f"{metric} on {model} (track {track}) left out of the OM: the dense model scores 0, so no ratio exists"
+             for track, model, metric in sorted(zero)]
+    return kept, notes
+
+
 def _baselines(dense_records: Iterable[MetricRecord]) -> dict[Cell, float]:
     out: dict[Cell, float] = {}
     for r in dense_records:
