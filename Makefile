@@ -17,11 +17,12 @@ DATA    ?=
 SPARSITY ?=
 PYTEST_ARGS ?=
 IMAGE   ?= all
+MATRIX  ?= docs/matrix-embedded.yaml
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test report install clean-venv images
+.PHONY: bench test report install clean-venv images matrix
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -38,6 +39,10 @@ bench: $(STAMP)
 		--engine "$(ENGINE)" --runner "$(RUNNER)" --device "$(DEVICE)" --runs-dir "$(RUNS)" \
 		$(if $(PRESET),--preset "$(PRESET)") $(if $(MODEL),--model "$(MODEL)") \
 		$(if $(DATA),--data-dir "$(DATA)") $(if $(SPARSITY),--sparsity "$(SPARSITY)")
+
+# A whole comparison from a matrix file (methods x presets x models x tracks); resumable.
+matrix: $(STAMP)
+	$(BIN)/llmcbench matrix "$(MATRIX)" --runs-dir "$(RUNS)"
 
 report: $(STAMP)
 	$(BIN)/llmcbench report "$(RUNS)" -o "$(RUNS)/report"

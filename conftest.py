@@ -80,12 +80,12 @@ def tiny_llama_dir(tmp_path_factory, embedded_model_dir) -> Path:
     return out
 
 
-def _run_cli(*args, cwd=None, timeout=900):
+def _run_cli(*args, cwd=None, timeout=900, env=None):
     """Run the real `llmcbench` CLI in a child process, offline, as a user would."""
     import subprocess
     import sys
 
-    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "llmcbench.driver.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=env)
 
@@ -93,6 +93,22 @@ def _run_cli(*args, cwd=None, timeout=900):
 @pytest.fixture(scope="session")
 def run_cli():
     return _run_cli
+
+
+def _one_line_error(proc, *needles):
+    """Bad input's contract (SPEC 9): a non-zero exit and exactly one `error:` line naming the fix."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("error:"), err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    return _one_line_error
 
 
 @pytest.fixture(scope="session")

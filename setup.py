@@ -19,6 +19,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data={
+        "llmcbench.driver": ["*.toml", "reporting/*.toml"],
         "llmcbench.methods": ["*/method.toml"],
         "llmcbench.tracks": ["data/**/*", "paper/*", "*/*.yaml"],
     },

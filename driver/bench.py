@@ -9,6 +9,7 @@ cache hit ever after. Everything the user typed is validated before anything is 
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,20 @@ from .runners import get_runner
 from .store import Store, cell_name
 
 ALL_TRACKS = set(range(1, 8))
-EVAL_TRACKS = {1, 4}
+# The tracks measured by evaluation jobs, one job per group: a group is cached on its own,
+# so adding tracks 6 and 7 to a bench re-uses the tracks 1/2/4 evaluation already in the store.
+EVAL_GROUPS: tuple[tuple[int, ...], ...] = ((1, 2, 4), (6,), (7,))
+EVAL_TRACKS = {t for g in EVAL_GROUPS for t in g}
+
+
+def eval_groups(tracks: list[int]) -> list[tuple[str, list[int]]]:
+    """(job key suffix, tracks) per evaluation job a bench of `tracks` needs."""
+    out = []
+    for i, group in enumerate(EVAL_GROUPS):
+        chosen = [t for t in tracks if t in group]
+        if chosen:
+            out.append(("" if i == 0 else f" t{group[0]}", chosen))
+    return out
 
 
 @dataclass
@@ -57,8 +71,13 @@ class BenchPlan:
         return cell_name(self.method.name, self.preset, self.model.name)
 
 
+DEFAULT_TRACKS = [1, 3, 4]  # minutes on the embedded model; `all` adds 2, 6 and 7
+
+
 def parse_tracks(text: str | list[int] | None) -> list[int]:
     if text is None or text == "":
+        return list(DEFAULT_TRACKS)
+    if isinstance(text, str) and text.strip().lower() == "all":
         return sorted(KNOWN_TRACKS)
     items = text if isinstance(text, list) else [t for t in str(text).replace(" ", "").split(",") if t]
     tracks = []
@@ -109,7 +128,7 @@ def resolve_device(device: str) -> str:
 def plan_bench(method: str, preset: str | None = None, model: str | None = None, tracks=None, profile: str = "quick",
                engine: str = "reference", runner: str = "local", runs_dir: str | Path = "runs",
                data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None,
-               gpus: str | None = None) -> BenchPlan:
+               gpus: str | None = None, trust_remote_code: bool = False) -> BenchPlan:
     spec = get_method(method)
     preset_name, preset_params = spec.preset(preset)
     if engine not in spec.engines:
@@ -134,7 +153,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     get_runner(runner, gpus)
     source, ddir = resolve_data(data_dir)
     dev = resolve_device(device)
-    model_ref = resolve_model(model)
+    model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
                      Path(runs_dir), runner, gpus)
 
@@ -154,11 +173,12 @@ def compress_job(plan: BenchPlan) -> Job:
                limits=Limits(time_limit_s=p.time_limit_s))
 
 
-def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None) -> Job:
+def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, tracks: list[int] | None = None) -> Job:
     p = plan.profile
-    settings = EvalSettings(tracks=[t for t in plan.tracks if t in EVAL_TRACKS], tasks=list(TRACK1_TASKS), limit=p.task_limit,
+    tracks = tracks if tracks is not None else eval_groups(plan.tracks)[0][1]
+    settings = EvalSettings(tracks=tracks, tasks=list(TRACK1_TASKS) if 1 in tracks else [], limit=p.limit_for(tracks),
                             ppl_seqlen=p.ppl_seqlen, ppl_max_windows=p.ppl_max_windows, batch_size=p.batch_size,
-                            data_source=plan.data_source)
+                            data_source=plan.data_source, max_new_tokens=p.max_new_tokens if 7 in tracks else 32)
     return Job(kind="eval", method=method, preset=preset, engine=plan.engine if method != "dense" else "reference",
                model=model, evaluation=settings, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
                limits=Limits(time_limit_s=p.time_limit_s))
@@ -168,41 +188,81 @@ def _dtype(device: str) -> str:
     return "float16" if device.startswith("cuda") else "float32"
 
 
-def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None) -> BenchPlan:
-    """Run (or find cached) compress, dense eval and compressed eval; fills `plan.runs`."""
-    runner = get_runner(plan.runner_name, plan.gpus)
-    store = Store(plan.runs_dir)
-    need_eval = any(t in EVAL_TRACKS for t in plan.tracks)
-    # The environment (what enters a job's hash) may differ per job kind (the docker runner's
-    # method and eval images); asking for it first checks the runner can run every job.
-    runner.environment_id(compress_job(plan))
-    if need_eval:
-        runner.environment_id(eval_job(plan, plan.model, "dense", None))
+@dataclass
+class PlannedJob:
+    key: str
+    job: Job
+    cell: str
+    job_hash: str
+    run_dir: Path
+    model_path: Path
 
-    def execute(key: str, job: Job, cell: str, model_path: Path) -> JobRun:
+
+def planned_jobs(plan: BenchPlan, runner=None) -> list[PlannedJob]:
+    """Every job of the bench in run order, with its hash and run dir, before anything runs.
+
+    A compressed evaluation's input is the compress job's artifact, identified by the compress
+    job's hash, so the whole bench's hashes (and thus what is cached) are known up front.
+    """
+    runner = runner or get_runner(plan.runner_name, plan.gpus)
+    store = Store(plan.runs_dir)
+    out: list[PlannedJob] = []
+
+    def add(key: str, job: Job, cell: str, model_path: Path) -> PlannedJob:
         h = job.job_hash(runner.environment_id(job))
-        run_dir = store.run_dir(cell, h)
-        if force and run_dir.exists():
-            shutil.rmtree(run_dir)
-        cached = store.cached(run_dir)
-        if cached is not None:
-            run = JobRun(job, h, run_dir, cached, True)
-        else:
-            store.prepare(run_dir, job)
-            on_line = on_job(key, job, None) if on_job else None
-            result = runner.run(job, h, run_dir, model_path, plan.data_dir, on_line=on_line)
-            run = JobRun(job, h, run_dir, result, False)
+        out.append(PlannedJob(key, job, cell, h, store.run_dir(cell, h), model_path))
+        return out[-1]
+
+    comp = add("compress", compress_job(plan), plan.cell, Path(plan.model.path))
+    artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.job_hash}", path=str(comp.run_dir / "model"))
+    for suffix, tracks in eval_groups(plan.tracks):
+        add("dense eval" + suffix, eval_job(plan, plan.model, "dense", None, tracks),
+            cell_name("dense", None, plan.model.name), Path(plan.model.path))
+        add("compressed eval" + suffix, eval_job(plan, artifact, plan.method.name, plan.preset, tracks),
+            plan.cell, comp.run_dir / "model")
+    return out
+
+
+def cached_jobs(plan: BenchPlan) -> tuple[int, int]:
+    """(jobs already in the store, jobs planned): a bench with all its jobs cached runs nothing."""
+    jobs = planned_jobs(plan)
+    store = Store(plan.runs_dir)
+    return sum(store.cached(p.run_dir) is not None for p in jobs), len(jobs)
+
+
+_RUN_DIR_LOCKS: dict[Path, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _run_dir_lock(run_dir: Path) -> threading.Lock:
+    """Parallel benches of a matrix share the dense evaluations: one runs it, the others wait for the cache."""
+    with _LOCKS_GUARD:
+        return _RUN_DIR_LOCKS.setdefault(run_dir, threading.Lock())
+
+
+def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None, runner=None) -> BenchPlan:
+    """Run (or find cached) the compress job and the dense and compressed evaluations; fills `plan.runs`."""
+    runner = runner or get_runner(plan.runner_name, plan.gpus)
+    store = Store(plan.runs_dir)
+    # The environment (what enters a job's hash) may differ per job kind (the docker runner's
+    # method and eval images); planning asks for each, which checks the runner can run every job.
+    for p in planned_jobs(plan, runner):
+        with _run_dir_lock(p.run_dir):
+            if force and p.run_dir.exists():
+                shutil.rmtree(p.run_dir)
+            cached = store.cached(p.run_dir)
+            if cached is not None:
+                run = JobRun(p.job, p.job_hash, p.run_dir, cached, True)
+            else:
+                store.prepare(p.run_dir, p.job)
+                on_line = on_job(p.key, p.job, None) if on_job else None
+                result = runner.run(p.job, p.job_hash, p.run_dir, p.model_path, plan.data_dir, on_line=on_line)
+                run = JobRun(p.job, p.job_hash, p.run_dir, result, False)
         if on_job:
-            on_job(key, job, run)
+            on_job(p.key, p.job, run)
         if run.result.status != "ok":
             err = run.result.error
-            raise JobFailed(f"{key} job failed ({err.type}: {err.message}); log kept in {run_dir / 'log.txt'}", run_dir)
-        plan.runs[key] = run
-        return run
-
-    comp = execute("compress", compress_job(plan), plan.cell, Path(plan.model.path))
-    if need_eval:
-        execute("dense eval", eval_job(plan, plan.model, "dense", None), cell_name("dense", None, plan.model.name), Path(plan.model.path))
-        artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.job_hash}", path=str(comp.run_dir / "model"))
-        execute("compressed eval", eval_job(plan, artifact, plan.method.name, plan.preset), plan.cell, comp.run_dir / "model")
+            raise JobFailed(f"{p.key} job failed ({err.type}: {err.message}); log kept in {p.run_dir / 'log.txt'}",
+                            p.run_dir, err.type)
+        plan.runs[p.key] = run
     return plan

@@ -60,7 +60,7 @@ def bench(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `llmcbench methods list`)"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset (default: the paper's preset)"),
     model: Optional[str] = typer.Option(None, "--model", help="HF model dir or hub id (default: embedded SmolLM2-135M)"),
-    tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="comma-separated tracks, e.g. 1,3,4 (default: all available)"),
+    tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="comma-separated tracks, e.g. 1,3,4 (the default), or all (1,2,3,4,6,7)"),
     profile: str = typer.Option("quick", "--profile", help="quick (minutes on CPU) or paper (the paper's settings)"),
     engine: str = typer.Option("reference", "--engine", help="reference or upstream"),
     runner: str = typer.Option("local", "--runner", help="where jobs run: local or docker (a container per job)"),
@@ -116,6 +116,144 @@ def score(csv_file: Path = typer.Argument(..., help="long-format CSV: track,mode
         t.add_column(col, justify="right" if col in {"track", "value", "cells"} else "left")
     for r in rows:
         t.add_row(r.method, r.setting, str(r.track), r.om, f"{r.value:.2f}", str(r.n_cells))
+    console.print(t)
+
+
+@app.command()
+def matrix(
+    file: Optional[Path] = typer.Argument(None, help="matrix YAML (keys: methods, presets, models, tracks, profile, engine, runner, device, data_dir, trust_remote_code, jobs)"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods (overrides the file)"),
+    presets: Optional[str] = typer.Option(None, "--presets", help="paper, track2, all, or preset names (default paper)"),
+    models: Optional[str] = typer.Option(None, "--models", help="comma-separated registry names, hub ids or dirs (default: embedded)"),
+    tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="e.g. 1,3,4 (default) or all"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="quick or paper"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="reference or upstream"),
+    runner: Optional[str] = typer.Option(None, "--runner", help="local or docker"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: hub when online, else the shipped slices)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="cells in parallel (default: one per visible GPU, 1 on CPU)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow models that run their own code (ChatGLM)"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="plan and show what is cached, run nothing"),
+    force: bool = typer.Option(False, "--force", help="recompute every cell"),
+):
+    """Run methods x presets x models x tracks into one store, isolating failures; ends with the leaderboard."""
+    import signal
+
+    from rich.live import Live
+
+    from .matrix import load_matrix_file, parse_spec, plan_matrix, refresh_cached, run_matrix, write_summary
+
+    t0 = time.perf_counter()
+    flags = {"methods": methods, "presets": presets, "models": models, "tracks": tracks, "profile": profile, "engine": engine,
+             "runner": runner, "device": device, "data_dir": data_dir, "jobs": jobs}
+    try:
+        data = load_matrix_file(file) if file else {}
+        data.update({k: v for k, v in flags.items() if v is not None})
+        if trust_remote_code:
+            data["trust_remote_code"] = True
+        if "methods" not in data:
+            raise UserError("no methods: pass --methods wanda,sparsegpt or a matrix file with a methods list")
+        spec = parse_spec(data, str(file) if file else "matrix")
+        plan = plan_matrix(spec, runs_dir)
+        refresh_cached(plan)
+    except UserError as e:
+        _fail(e, e.exit_code)
+    n_cached = sum(c.status == "cached" for c in plan.cells)
+    console.print(f"[bold]llmcbench matrix[/bold]: {len(plan.cells)} cells ({n_cached} cached), "
+                  f"{plan.workers} in parallel, profile {spec.profile}, store {runs_dir}")
+    if dry_run:
+        console.print(_matrix_table(plan))
+        return
+    # SIGTERM (a scheduler, `kill`) ends the matrix like Ctrl-C: job processes are killed, results kept
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    from .matrix import leaderboard
+
+    try:
+        with Live(_matrix_table(plan), console=console, refresh_per_second=2, transient=False) as live:
+            run_matrix(plan, on_update=lambda cell: live.update(_matrix_table(plan)), force=force)
+            live.update(_matrix_table(plan))
+    except KeyboardInterrupt:
+        for c in plan.cells:
+            if c.status == "running":
+                c.status, c.error_type, c.message = "failed", "interrupted", "the matrix was interrupted"
+        write_summary(plan, [])
+        err_console.print("[red]interrupted[/red]: finished cells are kept in the store; run the same command to resume", soft_wrap=True)
+        raise typer.Exit(130)
+
+    rows, notes, problem = leaderboard(plan)
+    path = write_summary(plan, rows, notes)
+    _print_leaderboard(rows, problem)
+    for n in notes:
+        console.print(f"[dim]note: {n}[/dim]")
+    failed = [c for c in plan.cells if c.status in ("failed", "unsupported")]
+    console.print(f"matrix: {len(plan.cells) - len(failed)} ok, {len(failed)} failed or unsupported; summary {path} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _matrix_table(plan):
+    from rich.table import Table
+
+    style = {"done": "green", "cached": "green", "running": "yellow", "failed": "red", "unsupported": "red", "planned": "dim"}
+    t = Table(title="matrix cells")
+    for col in ("method", "preset", "model", "tracks", "status", "time", "error / log"):
+        t.add_column(col)
+    for c in plan.cells:
+        if c.error_type:
+            info = f"{c.error_type}: " + (f"log {c.log}" if c.log else (c.message or ""))
+        else:
+            info = f"{c.cached_jobs}/{c.n_jobs} jobs cached" if c.status == "planned" else ""
+        t.add_row(c.method, c.preset, c.model, ",".join(map(str, c.tracks)), f"[{style[c.status]}]{c.status}[/]",
+                  f"{c.wall_s:.0f} s" if c.wall_s is not None else "", info)
+    return t
+
+
+def _print_leaderboard(rows, problem) -> None:
+    from rich.table import Table
+
+    from ..tracks.scoring import OMS
+
+    if problem:
+        err_console.print(f"[red]leaderboard not scored:[/red] {problem}")
+        return
+    order = [o.name for o in OMS if any(r.om == o.name for r in rows)]
+    by = {}
+    for r in rows:
+        by.setdefault((r.method, r.setting), {})[r.om] = r.value
+    t = Table(title="Leaderboard (overall metrics, SPEC.md section 5)")
+    t.add_column("method")
+    t.add_column("setting")
+    for o in order:
+        t.add_column(o.replace("om_", "OM_"), justify="right")
+    for (m, s), v in by.items():
+        t.add_row(m, s, *[f"{v[o]:.2f}" if o in v else "-" for o in order])
+    console.print(t)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="The model registry (driver/model_registry.toml).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list():
+    """List the registry's models: hub id, pinned revision, family, size, gated, remote code, methods."""
+    from rich.table import Table
+
+    from .model_registry import load_registry
+
+    try:
+        reg = load_registry()
+    except UserError as e:
+        _fail(e, e.exit_code)
+    t = Table(title="Models")
+    for col in ("name", "hub id", "revision", "family", "params", "gated", "remote code", "tracks", "methods"):
+        t.add_column(col)
+    for m in reg.values():
+        t.add_row(m.name + (" (embedded)" if m.embedded else ""), m.hub_id, m.revision[:10] or "-", m.family, f"{m.params_b:g}B",
+                  "yes" if m.gated else "no", "yes (opt-in)" if m.trust_remote_code else "no", ",".join(map(str, m.tracks)),
+                  "all" if len(m.methods) == 7 else ", ".join(m.methods))
     console.print(t)
 
 

@@ -68,6 +68,7 @@ class EvalSettings(_Record):
     ppl_seqlen: int = 2048
     ppl_max_windows: int | None = None
     mmlu_shots: int = 0
+    max_new_tokens: int = Field(default=32, description="track 7: greedy generation budget per answer")
     batch_size: int = 16
     macs_seqlen: int = 128
     data_source: Literal["hub", "local"] = "local"

@@ -18,9 +18,10 @@ class JobFailed(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, run_dir=None):
+    def __init__(self, message: str, run_dir=None, error_type: str = "crash"):
         super().__init__(message)
         self.run_dir = run_dir
+        self.error_type = error_type
 
 
 def classify_exception(exc: BaseException) -> str:

@@ -168,15 +168,38 @@ def run_eval(job: Job, paths: Paths, result: dict) -> None:
             "macs_seqlen": settings.macs_seqlen,
         }
         _log(f"track 4: {metrics['track4']['model_size_bytes'] / 1e6:.1f} MB on disk, {macs['effective_macs'] / 1e9:.2f} GMACs effective")
+    data_dir = None if settings.data_source == "hub" else paths.data
+    ppl = None
+    if 1 in settings.tracks or 2 in settings.tracks:
+        # Track 2 is WikiText-2 ppl alone (GPTQ-style windows); track 1 reuses the same figure.
+        t0 = time.perf_counter()
+        ppl = wikitext2_ppl(model, tokenizer, data_dir=data_dir, seqlen=settings.ppl_seqlen,
+                            max_windows=settings.ppl_max_windows, device=device)
+        ppl_s = time.perf_counter() - t0
+        if 2 in settings.tracks:
+            metrics["track2"] = {"wikitext2": ppl, "eval_s": ppl_s}
+            _log(f"track 2: wikitext2 ppl {ppl['ppl']:.2f} in {ppl_s:.0f} s")
     if 1 in settings.tracks:
-        data_dir = None if settings.data_source == "hub" else paths.data
         t0 = time.perf_counter()
         tasks = evaluate_tasks(model, tokenizer, tasks=settings.tasks, data_dir=data_dir, limit=settings.limit,
                                batch_size=settings.batch_size, mmlu_shots=settings.mmlu_shots)
-        ppl = wikitext2_ppl(model, tokenizer, data_dir=data_dir, seqlen=settings.ppl_seqlen,
-                            max_windows=settings.ppl_max_windows, device=device)
-        metrics["track1"] = {"tasks": tasks, "wikitext2": ppl, "eval_s": time.perf_counter() - t0}
+        metrics["track1"] = {"tasks": tasks, "wikitext2": ppl, "eval_s": time.perf_counter() - t0 + ppl_s}
         _log(f"track 1: {len(tasks)} tasks, wikitext2 ppl {ppl['ppl']:.2f} in {metrics['track1']['eval_s']:.0f} s")
+    if 6 in settings.tracks:
+        from ..tracks.trust import evaluate_trust
+
+        t0 = time.perf_counter()
+        metrics["track6"] = evaluate_trust(model, tokenizer, data_dir=data_dir, limit=settings.limit, batch_size=settings.batch_size)
+        metrics["track6"]["eval_s"] = time.perf_counter() - t0
+        _log(f"track 6: AdvGLUE + TruthfulQA in {metrics['track6']['eval_s']:.0f} s")
+    if 7 in settings.tracks:
+        from ..tracks.kick import evaluate_kick
+
+        t0 = time.perf_counter()
+        metrics["track7"] = evaluate_kick(model, tokenizer, data_dir=data_dir, limit=settings.limit, batch_size=settings.batch_size,
+                                          device=device, max_new_tokens=settings.max_new_tokens)
+        metrics["track7"]["eval_s"] = time.perf_counter() - t0
+        _log(f"track 7: LLM-KICK in {metrics['track7']['eval_s']:.0f} s")
     bad = [k for k, v in _flatten(metrics) if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"non-finite metrics: {', '.join(bad)}")

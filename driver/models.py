@@ -20,26 +20,40 @@ EMBEDDED_ALIASES = {"", "embedded", "default", EMBEDDED_NAME}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model(spec: str | None, revision: str | None = None) -> ModelRef:
+def resolve_model(spec: str | None, revision: str | None = None, trust_remote_code: bool = False) -> ModelRef:
+    """A registry name, a local HF dir, a hub id, or nothing (the embedded default)."""
+    from .model_registry import check_access, lookup
+
     spec = (spec or "").strip()
+    entry = lookup(spec) if spec not in EMBEDDED_ALIASES else None
+    if entry is not None and entry.embedded:
+        spec = ""
     if spec in EMBEDDED_ALIASES:
         try:
             path = embedded_model_dir()
         except EmbeddedModelError as e:
             raise UserError(str(e)) from None
         return ModelRef(name=EMBEDDED_NAME, source="embedded", identity=f"sha256:{local_dir_digest(path)}", path=str(path))
+    if entry is not None:
+        check_access(entry, trust_remote_code)
+        ref = _resolve_hub(entry.hub_id, revision or entry.revision or None)
+        return ref.model_copy(update={"name": entry.name, "trust_remote_code": entry.trust_remote_code})
     path = Path(spec).expanduser()
     looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or not _HUB_ID.match(spec)
     if looks_like_path:
         if not path.exists():
+            if not spec.startswith((".", "/", "~")) and "/" not in spec:
+                raise UserError(f"unknown model '{spec}': not in the registry (`llmcbench models list`), "
+                                "not a local HF dir, not a hub id (org/name)")
             raise UserError(f"model path {spec} does not exist: pass an HF model dir, a hub id, or nothing for the embedded default")
         if not path.is_dir():
             raise UserError(f"model path {spec} is not a directory: pass an HF model dir (with config.json)")
         if not (path / "config.json").is_file():
             raise UserError(f"model dir {spec} has no config.json: it is not a Hugging Face model dir")
         path = path.resolve()
-        return ModelRef(name=_safe_name(path.name), source="local", identity=f"sha256:{local_dir_digest(path)}", path=str(path))
-    return _resolve_hub(spec, revision)
+        return ModelRef(name=_safe_name(path.name), source="local", identity=f"sha256:{local_dir_digest(path)}", path=str(path),
+                        trust_remote_code=trust_remote_code)
+    return _resolve_hub(spec, revision).model_copy(update={"trust_remote_code": trust_remote_code})
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:

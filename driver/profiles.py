@@ -3,7 +3,7 @@ into a few minutes on two CPU cores. Every report states the profile that produc
 
 `quick` figures were chosen by measurement on the embedded model (2 cores): calibration
 16 x 128 tokens of C4, 20 examples per track-1 task, WikiText-2 ppl over the first 8
-windows of 512 tokens. They are smoke-test settings: the numbers are noisy and are not
+windows of 512 tokens; track 6 10 examples per task, track 7 5 per task with 16-token answers. They are smoke-test settings: the numbers are noisy and are not
 comparable with the paper's, only with other quick runs.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TRACK1_TASKS = ["mmlu", "arc_c", "arc_e", "hellaswag", "piqa", "winogrande", "qnli", "mnli"]
-KNOWN_TRACKS = {1, 3, 4}  # tracks this version can run; 2, 5, 6, 7 arrive with their issues
+KNOWN_TRACKS = {1, 2, 3, 4, 6, 7}  # tracks this version can run; 5 (deploy backends) arrives with its issue
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,21 @@ class Profile:
     ppl_max_windows: int | None
     batch_size: int
     time_limit_s: int
+    trust_limit: int | None = None  # track 6: examples per AdvGLUE task / TruthfulQA (None: full)
+    kick_limit: int | None = None  # track 7: examples per LLM-KICK task (MMLU: per subject)
+    max_new_tokens: int = 32  # track 7: greedy answer budget
+
+    def limit_for(self, tracks: list[int]) -> int | None:
+        """Examples per task of one evaluation job (its tracks are one group of bench.EVAL_GROUPS)."""
+        if 6 in tracks:
+            return self.trust_limit
+        if 7 in tracks:
+            return self.kick_limit
+        return self.task_limit
 
 
 PROFILES = {
-    "quick": Profile("quick", calib_nsamples=16, calib_seqlen=128, task_limit=20, ppl_seqlen=512, ppl_max_windows=8, batch_size=16, time_limit_s=1800),
+    "quick": Profile("quick", calib_nsamples=16, calib_seqlen=128, task_limit=20, ppl_seqlen=512, ppl_max_windows=8, batch_size=16,
+                     time_limit_s=1800, trust_limit=10, kick_limit=5, max_new_tokens=16),
     "paper": Profile("paper", calib_nsamples=None, calib_seqlen=None, task_limit=None, ppl_seqlen=2048, ppl_max_windows=None, batch_size=16, time_limit_s=48 * 3600),
 }

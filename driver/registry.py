@@ -7,6 +7,7 @@ finds it here, validates its declaration, and imports its engine module by name.
 from __future__ import annotations
 
 import importlib
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ class MethodSpec(BaseModel):
     kind: str
     title: str | None = None
     paper_preset: str | None = None
+    # the preset of the paper's track 2 (Table 2) when it differs from the paper preset
+    # (GPTQ/AWQ W4A16 g128, SmoothQuant/OmniQuant W4A4); the paper preset otherwise
+    track2_preset: str | None = None
     upstream: Upstream
     calibration: CalibrationDefaults | None = None
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -54,6 +58,16 @@ class MethodSpec(BaseModel):
             raise UserError(f"unknown preset '{name}' for {self.name}: choose one of {', '.join(self.presets)}")
         return name, dict(self.presets[name])
 
+    def presets_for(self, selector: str) -> list[str]:
+        """Presets named by a matrix selector: `paper`, `track2`, `all`, or a preset name."""
+        if selector == "paper":
+            return [self.preset(None)[0]]
+        if selector == "track2":
+            return [self.preset(self.track2_preset)[0]]
+        if selector == "all":
+            return list(self.presets)
+        return [self.preset(selector)[0]]
+
     def profile_params(self, profile: str) -> dict[str, Any]:
         return dict(self.profiles.get(profile, {}))
 
@@ -61,12 +75,39 @@ class MethodSpec(BaseModel):
         if engine not in self.engines:
             raise UserError(f"{self.name} has no '{engine}' engine here: available {', '.join(self.engines) or 'none'}")
         module = self.engines[engine].get("module", engine)
+        if self.folder is not None and self.folder.parent != METHODS_DIR:
+            return _import_file(f"llmcbench_extra_methods.{self.name}.{module}", self.folder / f"{module}.py")
         return importlib.import_module(f"llmcbench.methods.{self.name}.{module}")
 
 
-def discover(methods_dir: Path = METHODS_DIR) -> dict[str, MethodSpec]:
+def _import_file(name: str, path: Path):
+    """An engine of a method folder outside the package (LLMCBENCH_METHODS_PATH)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not path.is_file():
+        raise UserError(f"engine module {path} does not exist")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def method_dirs() -> list[Path]:
+    """The package's methods/ plus any folders in LLMCBENCH_METHODS_PATH (os.pathsep-separated):
+    a method developed outside this repository, or a test's deliberately failing method."""
+    extra = [Path(p) for p in os.environ.get("LLMCBENCH_METHODS_PATH", "").split(os.pathsep) if p]
+    return [METHODS_DIR, *extra]
+
+
+def discover(methods_dir: Path | None = None) -> dict[str, MethodSpec]:
     specs = {}
-    for toml_path in sorted(methods_dir.glob("*/method.toml")):
+    tomls = sorted(methods_dir.glob("*/method.toml")) if methods_dir else [
+        t for d in method_dirs() for t in sorted(d.glob("*/method.toml"))]
+    for toml_path in tomls:
         if toml_path.parent.name.startswith("_"):
             continue
         try:
@@ -76,6 +117,8 @@ def discover(methods_dir: Path = METHODS_DIR) -> dict[str, MethodSpec]:
             raise UserError(f"{toml_path}: invalid method declaration ({str(e).splitlines()[0]})") from None
         if spec.name != toml_path.parent.name:
             raise UserError(f"{toml_path}: name '{spec.name}' must equal its folder name '{toml_path.parent.name}'")
+        if spec.name in specs:
+            raise UserError(f"{toml_path}: method '{spec.name}' is already defined by {specs[spec.name].folder}")
         specs[spec.name] = spec
     return specs
 

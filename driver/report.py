@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from ..tracks.records import compress_records, eval_records
-from ..tracks.scoring import MetricRecord, OMRow, score
+from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
 from .bench import BenchPlan
 from .contract import SCHEMA_VERSION
 from .fsio import write_atomic
@@ -24,6 +24,13 @@ TRACK1_LABELS = {
     "winogrande": "WinoGrande", "qnli": "QNLI", "mnli": "MNLI-mm", "wikitext2_ppl": "WikiText-2 ppl",
 }
 TRACK4_LABELS = {"gpu_memory_gb": "inference memory (GB)", "model_size_gb": "size on disk (GB)", "tmacs": "effective TMACs (1x128)"}
+TRACK6_LABELS = {"advglue_sst2": "AdvGLUE SST-2", "advglue_qqp": "AdvGLUE QQP", "advglue_mnli": "AdvGLUE MNLI",
+                 "advglue_mnli_mm": "AdvGLUE MNLI-mm", "advglue_qnli": "AdvGLUE QNLI", "advglue_rte": "AdvGLUE RTE",
+                 "truthfulqa_mc1": "TruthfulQA MC1", "truthfulqa_mc2": "TruthfulQA MC2"}
+TRACK7_LABELS = {"kick_factoid_em": "factoid QA EM (FreebaseQA)", "kick_mcqa_acc": "MCQA acc (MMLU 5-shot)",
+                 "kick_icr_em": "retrieval EM (TriviaQA)", "kick_icr_f1": "retrieval F1 (TriviaQA)",
+                 "kick_summarization": "summarization (judge)", "kick_instruction": "instruction following (judge)"}
+LABELS = {**TRACK1_LABELS, **TRACK4_LABELS, **TRACK6_LABELS, **TRACK7_LABELS}
 
 
 class Row(BaseModel):
@@ -51,6 +58,7 @@ class BenchReport(BaseModel):
     track3: dict[str, float | str | None]
     track3_compared: list[dict]
     oms: list[OMRow]
+    notes: list[str] = Field(default_factory=list, description="cells left out of an OM, and why")
 
 
 def build_report(plan: BenchPlan) -> BenchReport:
@@ -58,14 +66,17 @@ def build_report(plan: BenchPlan) -> BenchReport:
     model, method, setting = plan.model.name, plan.method.name, plan.preset
     records: list[MetricRecord] = []
     rows: list[Row] = []
-    if "compressed eval" in runs:
-        dense = {(r.track, r.metric): r.value for r in eval_records(runs["dense eval"].result.metrics, model, "dense", "dense")}
-        comp_records = eval_records(runs["compressed eval"].result.metrics, model, method, setting)
+    comp_keys = [k for k in runs if k.startswith("compressed eval")]
+    if comp_keys:
+        # one evaluation job per track group (bench.EVAL_GROUPS); each has its own dense twin
+        dense = {(r.track, r.metric): r.value for k in comp_keys
+                 for r in eval_records(runs[k.replace("compressed", "dense", 1)].result.metrics, model, "dense", "dense")}
+        comp_records = [r for k in comp_keys for r in eval_records(runs[k].result.metrics, model, method, setting)]
         records += [MetricRecord(track=t, model=model, method="dense", setting="dense", metric=m, value=v) for (t, m), v in dense.items()]
         records += comp_records
         for r in comp_records:
             d = dense.get((r.track, r.metric))
-            label = {**TRACK1_LABELS, **TRACK4_LABELS}.get(r.metric, r.metric)
+            label = LABELS.get(r.metric, r.metric)
             ratio = None
             if d:
                 ratio = r.value / d if r.info.higher_is_better else (d / r.value if r.value else math.inf)
@@ -76,7 +87,11 @@ def build_report(plan: BenchPlan) -> BenchReport:
     compared = _track3_peers(plan)
     if 3 in plan.tracks:
         records += [r for peer in compared for r in peer["records"]]
-    oms = score(records)
+    records, notes = drop_undefined_ratios(records)
+    try:
+        oms = score(records)
+    except ScoringError as e:
+        oms, notes = [], notes + [f"not scored: {e}"]
     cal = comp.job.calibration
     return BenchReport(
         method=method, preset=setting, engine=plan.engine, model=model, model_identity=plan.model.identity,
@@ -88,6 +103,7 @@ def build_report(plan: BenchPlan) -> BenchReport:
                 "peak_gpu_gb": (t3.get("compress_peak_gpu_bytes") or 0) / 1e9 or None, "device": t3["device"]},
         track3_compared=[{k: v for k, v in p.items() if k != "records"} for p in compared],
         oms=[o for o in oms if o.method == method and o.setting == setting],
+        notes=notes,
     )
 
 
@@ -130,8 +146,11 @@ def render_markdown(rep: BenchReport) -> str:
         "|---|---|---|---|",
         *[f"| {o.track} | {o.om} | {_fmt(o.value)} | {o.n_cells} |" for o in rep.oms],
         "",
+        *[f"- {n}" for n in rep.notes],
+        *([""] if rep.notes else []),
     ]
-    for track, title in ((1, "Track 1: compression performance"), (4, "Track 4: inference consumption")):
+    for track, title in ((1, "Track 1: compression performance"), (2, "Track 2: generalization (WikiText-2 ppl)"),
+                         (4, "Track 4: inference consumption"), (6, "Track 6: trustworthiness"), (7, "Track 7: LLM-KICK")):
         rows = [r for r in rep.rows if r.track == track]
         if rows:
             lines += [f"## {title}", "", "| metric | dense | compressed | ratio |", "|---|---|---|---|"]
@@ -170,6 +189,8 @@ def render_rich(rep: BenchReport, console) -> None:
     for o in rep.oms:
         om.add_row(str(o.track), o.om, f"[bold]{_fmt(o.value)}[/bold]", str(o.n_cells))
     console.print(om)
+    for n in rep.notes:
+        console.print(f"[dim]note: {n}[/dim]")
 
 
 def write_report(rep: BenchReport, run_dir: Path) -> Path:

@@ -12,16 +12,6 @@ from pathlib import Path
 import pytest
 
 
-def _one_line_error(proc, *needles):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert err.startswith("error:"), err
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
 @pytest.mark.parametrize("args, needles", [
     (["--method", "nosuchmethod"], ["unknown method 'nosuchmethod'", "wanda"]),
     (["--method", "wanda", "--preset", "3:7"], ["unknown preset '3:7'", "unstructured-50"]),
@@ -32,27 +22,27 @@ def _one_line_error(proc, *needles):
     (["--method", "wanda", "--sparsity", "150%"], ["out of range"]),
     (["--method", "wanda", "--profile", "fast"], ["unknown profile 'fast'"]),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_cli):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_cli, one_line_error):
     runs = tmp_path / "runs"
     proc = run_cli("bench", *args, "--runs-dir", str(runs))
-    _one_line_error(proc, *needles)
+    one_line_error(proc, *needles)
     assert proc.returncode == 2
     assert not runs.exists()
 
 
-def test_model_dir_without_config(tmp_path, run_cli):
+def test_model_dir_without_config(tmp_path, run_cli, one_line_error):
     model = tmp_path / "not_a_model"
     model.mkdir()
     (model / "weights.bin").write_bytes(b"0")
     proc = run_cli("bench", "--method", "wanda", "--model", str(model), "--runs-dir", str(tmp_path / "runs"))
-    _one_line_error(proc, "no config.json")
+    one_line_error(proc, "no config.json")
     assert not (tmp_path / "runs").exists()
 
 
-def test_score_rejects_unknown_metric(tmp_path, run_cli):
+def test_score_rejects_unknown_metric(tmp_path, run_cli, one_line_error):
     csv = tmp_path / "x.csv"
     csv.write_text("track,model,method,setting,metric,value\n1,m,dense,0,mmlu,40\n1,m,wanda,50%,nosuch,30\n")
-    _one_line_error(run_cli("score", str(csv)), "nosuch", ":3")
+    one_line_error(run_cli("score", str(csv)), "nosuch", ":3")
 
 
 def test_score_paper_table(tmp_path, shared_dir, run_cli):
@@ -73,7 +63,7 @@ def test_help_and_methods_list(run_cli):
     assert "wanda" in proc.stdout and "2:4" in proc.stdout and "8e8fc87b4a" in proc.stdout
 
 
-def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir, run_cli):
+def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir, run_cli, one_line_error):
     """A compress-only bench (track 3) on the tiny model, then three kinds of corruption."""
     runs = tmp_path / "runs"
     args = ["bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "3", "--runs-dir", str(runs)]
@@ -88,17 +78,17 @@ def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir, run_
     assert "cached" in run_cli(*args).stdout  # untouched store: a cache hit
 
     result_path.write_text(good[: len(good) // 2])  # truncated
-    _one_line_error(run_cli(*args), "corrupted result", "--force")
+    one_line_error(run_cli(*args), "corrupted result", "--force")
 
     data = json.loads(good)
     data["compress_s"] = 0.001  # edited figure
     result_path.write_text(json.dumps(data))
-    _one_line_error(run_cli(*args), "corrupted result", "checksum")
+    one_line_error(run_cli(*args), "corrupted result", "checksum")
 
     result_path.write_text(good)
     weights = next((run_dir / "model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # swapped artifact bytes
-    _one_line_error(run_cli(*args), "corrupted artifact", weights.name)
+    one_line_error(run_cli(*args), "corrupted artifact", weights.name)
 
     healed = run_cli(*args, "--force")
     assert healed.returncode == 0, healed.stderr

@@ -49,16 +49,6 @@ def run_cli(*args, env=None, timeout=1800):
     return subprocess.run([*LLMCBENCH, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def _one_line_error(proc, *needles):
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    err = proc.stderr.strip()
-    assert err.startswith("error:"), err
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
 # ---------------------------------------------------------------- fixtures (daemon)
 
 @pytest.fixture(scope="module")
@@ -358,17 +348,17 @@ def test_docker_kill_mid_run_leaves_a_failed_result_and_the_log(client, built_im
 
 @needs_docker
 @pytest.mark.docker
-def test_missing_image_names_the_build_command(model_dir, tmp_path):
+def test_missing_image_names_the_build_command(model_dir, tmp_path, one_line_error):
     runs = tmp_path / "runs"
     proc = run_cli("bench", "--method", "wanda", "--model", str(model_dir), "--tracks", "3", "--runner", "docker",
                    "--runs-dir", str(runs), env={"LLMCBENCH_IMAGE_REPO": "llmcbench-test-never-built"})
-    _one_line_error(proc, "is not built", "llmcbench images build wanda")
+    one_line_error(proc, "is not built", "llmcbench images build wanda")
     assert not runs.exists()
 
 
 @needs_docker
 @pytest.mark.docker
-def test_gpus_without_nvidia_runtime_is_one_line(client, model_dir, tmp_path):
+def test_gpus_without_nvidia_runtime_is_one_line(client, model_dir, tmp_path, one_line_error):
     from llmcbench.driver.dockerhost import nvidia_runtime
 
     if nvidia_runtime(client.info()):
@@ -376,7 +366,7 @@ def test_gpus_without_nvidia_runtime_is_one_line(client, model_dir, tmp_path):
     runs = tmp_path / "runs"
     proc = run_cli("bench", "--method", "wanda", "--model", str(model_dir), "--runner", "docker", "--gpus", "all",
                    "--runs-dir", str(runs))
-    _one_line_error(proc, "NVIDIA runtime")
+    one_line_error(proc, "NVIDIA runtime")
     assert not runs.exists()
 
 
@@ -420,7 +410,7 @@ def test_device_requests_go_into_the_container_config(tiny_llama_dir):
     assert "device_requests" not in runner.container_config(cpu_job, "f" * 64, tiny_llama_dir, tiny_llama_dir, tiny_llama_dir, FakeImage())
 
 
-def test_daemon_down_is_one_line(tmp_path, tiny_llama_dir):
+def test_daemon_down_is_one_line(tmp_path, tiny_llama_dir, one_line_error):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "docker").write_text("#!/bin/sh\nexit 1\n")
@@ -428,17 +418,17 @@ def test_daemon_down_is_one_line(tmp_path, tiny_llama_dir):
     runs = tmp_path / "runs"
     proc = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--runner", "docker", "--runs-dir", str(runs),
                    env={"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock", "PATH": str(fake_bin)})
-    _one_line_error(proc, "Docker daemon is not reachable", "--runner local")
+    one_line_error(proc, "Docker daemon is not reachable", "--runner local")
     assert not runs.exists()
 
 
-def test_docker_not_installed_is_one_line(tmp_path, tiny_llama_dir):
+def test_docker_not_installed_is_one_line(tmp_path, tiny_llama_dir, one_line_error):
     empty = tmp_path / "bin"
     empty.mkdir()
     runs = tmp_path / "runs"
     proc = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--runner", "docker", "--runs-dir", str(runs),
                    env={"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock", "PATH": str(empty)})
-    _one_line_error(proc, "Docker is not installed", "--runner local")
+    one_line_error(proc, "Docker is not installed", "--runner local")
     assert not runs.exists()
 
 

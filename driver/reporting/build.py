@@ -8,8 +8,8 @@ Rules (all from the store's own records, so a bundle re-derives the same report)
   scored. Failed jobs are listed with their error.
 - A cell is one (model identity, profile, method, preset, engine, params); when the store
   holds several compress runs of a cell (code changed between runs), the latest counts.
-- Its compressed evaluation is the latest eval of the artifact (`artifact:<compress hash>`);
-  its dense baseline is the latest dense eval of the same model with the same evaluation
+- Its compressed evaluations are the latest evals of the artifact (`artifact:<compress hash>`),
+  one per track group (tracks 1/2/4, 6, 7: `bench.EVAL_GROUPS`); each one's dense baseline is the latest dense eval of the same model with the same evaluation
   settings, device and dtype that finished before the compressed one started (what `bench`
   used), else the latest such.
 - A group (one model identity under one profile) is what gets compared: track 3's baseline
@@ -25,17 +25,16 @@ from importlib import metadata
 from pathlib import Path
 
 from ...tracks.records import compress_records, eval_records
-from ...tracks.scoring import MetricRecord, ScoringError, score
+from ...tracks.scoring import MetricRecord, ScoringError, drop_undefined_ratios, score
 from ..contract import ContractError, Job, Result, canonical_json, read_record
 from ..fsio import sha256_file
-from ..report import TRACK1_LABELS, TRACK4_LABELS
+from ..report import LABELS
 from .paper import compare_group, load_matching
 from .schema import (
     FAIRNESS_FIELDS, CellReport, Fairness, GroupReport, MetricCell, OMCell, RunProblem, RunRef, StoreReport, Track3Cell,
 )
 
 GB = 1e9
-LABELS = {**TRACK1_LABELS, **TRACK4_LABELS}
 
 
 @dataclass
@@ -160,9 +159,13 @@ def _group(model: str, identity: str, profile: str, members: list[StoredRun], ev
     track3_sources = [r.source for r in members]
     cells = []
     for comp, setting in zip(members, settings):
-        comp_eval = _latest([e for e in evals if e.job.model.identity == f"artifact:{comp.result.job_hash}"])
-        dense = _dense_for(comp_eval, comp, evals) if comp_eval else None
-        cells.append(_cell(model, comp, setting, comp_eval, dense, track3_records, track3_sources))
+        # one evaluation per track group (bench.EVAL_GROUPS): the latest of each, each with its dense twin
+        by_tracks: dict[tuple[int, ...], list[StoredRun]] = {}
+        for e in evals:
+            if e.job.model.identity == f"artifact:{comp.result.job_hash}":
+                by_tracks.setdefault(tuple(e.job.evaluation.tracks), []).append(e)
+        pairs = [(ce, _dense_for(ce, comp, evals)) for ce in (_latest(v) for _, v in sorted(by_tracks.items()))]
+        cells.append(_cell(model, comp, setting, pairs, track3_records, track3_sources))
     flags = [name for name in FAIRNESS_FIELDS
              if len({getattr(c.fairness, name) for c in cells}) > 1]
     return GroupReport(model=model, model_identity=identity, profile=profile, paper_model=paper_model, cells=cells,
@@ -186,27 +189,25 @@ def _dense_for(comp_eval: StoredRun, comp: StoredRun, evals: list[StoredRun]) ->
     return _latest(before) or _latest(candidates)
 
 
-def _cell(model: str, comp: StoredRun, setting: str, comp_eval: StoredRun | None, dense: StoredRun | None,
+def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun, StoredRun | None]],
           track3_records: list[MetricRecord], track3_sources: list[str]) -> CellReport:
     method = comp.job.method
     metrics: list[MetricCell] = []
     records: list[MetricRecord] = list(track3_records)
-    if comp_eval is not None:
-        comp_recs = eval_records(comp_eval.result.metrics, model, method, setting)
-        dense_recs = eval_records(dense.result.metrics, model, "dense", "dense") if dense else []
-        dense_values = {(r.track, r.metric): r.value for r in dense_recs}
-        records += comp_recs + dense_recs
-        for r in comp_recs:
-            d = dense_values.get((r.track, r.metric))
-            metrics.append(MetricCell(
-                track=r.track, metric=r.metric, label=LABELS.get(r.metric, r.metric), unit=r.info.unit, dense=d,
-                compressed=r.value, ratio=_ratio(r, d), dense_source=dense.source if d is not None else None,
-                compressed_source=comp_eval.source))
+    comp_eval, dense = pairs[0] if pairs else (None, None)
+    om_sources: dict[int, list[str]] = {}
+    for comp_eval_i, dense_i in pairs:
+        comp_recs = eval_records(comp_eval_i.result.metrics, model, method, setting)
+        for t in comp_eval_i.job.evaluation.tracks:
+            om_sources[t] = [comp_eval_i.source] + ([dense_i.source] if dense_i else [])
+        _metric_cells(comp_recs, comp_eval_i, dense_i, model, metrics, records)
     oms, notes = [], []
     if comp_eval is None:
         notes.append("no evaluation of this artifact in the store: tracks 1 and 4 not scored")
-    elif dense is None:
-        notes.append("no dense evaluation with the same settings in the store: ratios and OMs of tracks 1 and 4 not scored")
+    elif any(d is None for _, d in pairs):
+        notes.append("no dense evaluation with the same settings in the store: ratios and OMs of its tracks not scored")
+    records, left_out = drop_undefined_ratios(records)
+    notes += left_out
     try:
         scored = score(records)
     except ScoringError as e:
@@ -218,7 +219,7 @@ def _cell(model: str, comp: StoredRun, setting: str, comp_eval: StoredRun | None
         if row.track == 3:
             sources = [comp.source] + [s for s in track3_sources if s != comp.source]
         else:
-            sources = [comp_eval.source] + ([dense.source] if dense else [])
+            sources = om_sources[row.track]
         oms.append(OMCell(track=row.track, om=row.om, value=row.value, n_cells=row.n_cells, sources=sources))
     t3 = comp.result.metrics["track3"]
     gpu = t3.get("compress_peak_gpu_bytes")
@@ -228,6 +229,20 @@ def _cell(model: str, comp: StoredRun, setting: str, comp_eval: StoredRun | None
                       params=comp.job.params, compress=comp.ref, compressed_eval=comp_eval.ref if comp_eval else None,
                       dense_eval=dense.ref if dense else None, metrics=metrics, track3=track3, oms=oms,
                       fairness=_fairness(comp, comp_eval, dense), notes=notes)
+
+
+def _metric_cells(comp_recs: list[MetricRecord], comp_eval: StoredRun, dense: StoredRun | None, model: str,
+                  metrics: list[MetricCell], records: list[MetricRecord]) -> None:
+    """Adds one evaluation's metric cells (with their dense twins) and scoring records."""
+    dense_recs = eval_records(dense.result.metrics, model, "dense", "dense") if dense else []
+    dense_values = {(r.track, r.metric): r.value for r in dense_recs}
+    records += comp_recs + dense_recs
+    for r in comp_recs:
+        d = dense_values.get((r.track, r.metric))
+        metrics.append(MetricCell(
+            track=r.track, metric=r.metric, label=LABELS.get(r.metric, r.metric), unit=r.info.unit, dense=d,
+            compressed=r.value, ratio=_ratio(r, d), dense_source=dense.source if d is not None else None,
+            compressed_source=comp_eval.source))
 
 
 def _ratio(r: MetricRecord, dense: float | None) -> float | None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from . import plots
 from .schema import StoreReport
 from .tables import (
-    Table, fairness_table, om_table, paper_table, problems_table, runs_table, track1_table, track3_table, track4_table,
-    track5_table,
+    Table, fairness_table, om_table, paper_table, problems_table, runs_table, track1_table, track2_table, track3_table,
+    track4_table, track5_table, track6_table, track7_table,
 )
 
 PROFILE_NOTES = {
@@ -59,7 +59,7 @@ def sections(report: StoreReport, with_figures: bool = True) -> list[Section]:
         blocks: list = [Paragraph(f"model identity {g.model_identity}", muted=True), om_table(g)]
         if with_figures and (radar := plots.fig_radar(g)):
             blocks.append(Figure(radar, f"radar of the OMs per method, {g.model}"))
-        blocks += [t for t in (track1_table(g),) if t]
+        blocks += [t for t in (track1_table(g), track2_table(g)) if t]
         blocks.append(track3_table(g))
         if with_figures:
             blocks.append(Figure(plots.fig_train(g), f"compression time vs peak memory per method, {g.model} (paper Fig. 2)"))
@@ -72,6 +72,7 @@ def sections(report: StoreReport, with_figures: bool = True) -> list[Section]:
             blocks.append(Figure(f4, f"trustworthiness per method, {g.model} (paper Fig. 4)"))
         elif not any(m.track == 6 for c in g.cells for m in c.metrics):
             blocks.append(Paragraph("Track 6 (trustworthiness, Fig. 4): no results in this store.", muted=True))
+        blocks += [t for t in (track6_table(g), track7_table(g)) if t]
         out.append(Section(f"group-{i + 1}", head, blocks))
 
     paper_blocks: list = [Paragraph(n) for n in report.paper_notes]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..report import TRACK1_LABELS
+from ..report import TRACK1_LABELS, TRACK6_LABELS, TRACK7_LABELS
 from .schema import FAIRNESS_FIELDS, CellReport, GroupReport, MetricCell, StoreReport
 
 TRACK1_ORDER = ["mmlu", "arc_c", "arc_e", "hellaswag", "piqa", "winogrande", "qnli", "mnli", "wikitext2_ppl"]
@@ -66,16 +66,17 @@ def _dense_evals(group: GroupReport) -> list[CellReport]:
     return out
 
 
-def _metric(cell: CellReport, name: str) -> MetricCell | None:
-    return next((m for m in cell.metrics if m.metric == name), None)
+def _metric(cell: CellReport, name: str, track: int | None = None) -> MetricCell | None:
+    return next((m for m in cell.metrics if m.metric == name and track in (None, m.track)), None)
 
 
 def _om(cell: CellReport, name: str):
     return next((o for o in cell.oms if o.om == name), None)
 
 
-def _metrics_table(group: GroupReport, title: str, order: list[str], labels: dict[str, str], oms: list[str], note: str | None) -> Table | None:
-    present = [m for m in order if any(_metric(c, m) for c in group.cells)]
+def _metrics_table(group: GroupReport, title: str, order: list[str], labels: dict[str, str], oms: list[str], note: str | None,
+                   track: int | None = None) -> Table | None:
+    present = [m for m in order if any(_metric(c, m, track) for c in group.cells)]
     if not present:
         return None
     columns = ["method", "setting"] + [labels[m] for m in present] + [OM_LABEL[o] for o in oms]
@@ -85,7 +86,7 @@ def _metrics_table(group: GroupReport, title: str, order: list[str], labels: dic
         label = "dense" if len(denses) == 1 else f"dense ({d.dense_eval.job_hash[:8]})"
         row = [Cell(label), Cell("-")]
         for m in present:
-            mc = _metric(d, m)
+            mc = _metric(d, m, track)
             row.append(num(mc.dense if mc else None, mc.unit if mc else "", mc.dense_source if mc else None))
         # the dense model is its own baseline: 100 by definition (track 3 has no dense baseline)
         row += [Cell("100.00", source=d.dense_eval.result, number=True, title="the baseline: 100 by definition")
@@ -94,7 +95,7 @@ def _metrics_table(group: GroupReport, title: str, order: list[str], labels: dic
     for c in group.cells:
         row = [Cell(c.method), Cell(c.setting)]
         for m in present:
-            mc = _metric(c, m)
+            mc = _metric(c, m, track)
             row.append(num(mc.compressed if mc else None, mc.unit if mc else "", mc.compressed_source if mc else None))
         for o in oms:
             om = _om(c, o)
@@ -105,7 +106,23 @@ def _metrics_table(group: GroupReport, title: str, order: list[str], labels: dic
 
 def track1_table(group: GroupReport) -> Table | None:
     return _metrics_table(group, "Track 1: compression performance (Table 1 layout)", TRACK1_ORDER, TRACK1_LABELS,
-                          ["om_ka", "om_ia", "om_perf"], "accuracy in %, WikiText-2 perplexity (lower is better)")
+                          ["om_ka", "om_ia", "om_perf"], "accuracy in %, WikiText-2 perplexity (lower is better)", track=1)
+
+
+def track2_table(group: GroupReport) -> Table | None:
+    return _metrics_table(group, "Track 2: generalization (Table 2 layout, this model's row)", ["wikitext2_ppl"],
+                          {"wikitext2_ppl": "WikiText-2 ppl"}, ["om_gen"],
+                          "OM_gen over several models needs one store with each model: `llmcbench matrix --models ...`", track=2)
+
+
+def track6_table(group: GroupReport) -> Table | None:
+    return _metrics_table(group, "Track 6: trustworthiness (AdvGLUE robustness, TruthfulQA)", list(TRACK6_LABELS), TRACK6_LABELS,
+                          ["om_trust"], "accuracy in %, 0-shot; AdvGLUE label maps follow the GLUE label definitions", track=6)
+
+
+def track7_table(group: GroupReport) -> Table | None:
+    return _metrics_table(group, "Track 7: knowledge-intensive tasks (LLM-KICK)", list(TRACK7_LABELS), TRACK7_LABELS,
+                          ["om_kick"], "exact match / F1 / accuracy in %; judge scores only where a judge was configured", track=7)
 
 
 def track4_table(group: GroupReport) -> Table | None:

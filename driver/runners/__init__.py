@@ -20,14 +20,15 @@ PACKED_SUFFIX = ".packed"
 RUNNERS = ("local", "docker")
 
 
-def get_runner(name: str, gpus: str | None = None):
+def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = None):
+    """`cuda_visible`: the local runner's jobs see only these GPUs (a matrix's worker per GPU)."""
     if gpus is not None and name != "docker":
         raise UserError(f"--gpus applies to the docker runner (got --runner {name}): the local runner uses the host's "
                         "GPUs as they are (set CUDA_VISIBLE_DEVICES to choose)")
     if name == "local":
         from .local import LocalRunner
 
-        return LocalRunner()
+        return LocalRunner(cuda_visible=cuda_visible)
     if name == "docker":
         from .docker import DockerRunner
 

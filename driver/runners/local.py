@@ -23,8 +23,23 @@ from ..environment import local_environment_id
 from . import collect_result, model_inputs
 
 
+_CHILDREN: set[int] = set()  # process groups of the running job processes (all runners of this driver)
+
+
+def terminate_children() -> None:
+    """Kill every job process group still running: an interrupted matrix leaves no orphans."""
+    for pgid in list(_CHILDREN):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class LocalRunner:
     name = "local"
+
+    def __init__(self, cuda_visible: str | None = None):
+        self.cuda_visible = cuda_visible
 
     def environment_id(self, job: Job | None = None) -> str:
         """The same for every job: the host's library versions and the project's source digest."""
@@ -48,9 +63,12 @@ class LocalRunner:
                    "--models", str(stage / "models"), "--data", str(stage / "data"), "--out", str(stage / "out")]
             env = {**os.environ, "LLMCBENCH_JOB_HASH": job_hash, "LLMCBENCH_RUNNER": self.name,
                    "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+            if self.cuda_visible is not None:
+                env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible
             timed_out = False
             with open(run_dir / "log.txt", "ab") as log:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                _CHILDREN.add(proc.pid)
                 deadline = time.monotonic() + job.limits.time_limit_s
                 try:
                     for line in _lines(proc, deadline):
@@ -65,6 +83,8 @@ class LocalRunner:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                     raise
+                finally:
+                    _CHILDREN.discard(proc.pid)
                 rc = proc.wait()
         return self._collect(job_hash, run_dir, rc, timed_out, started, time.perf_counter() - t0, job)
 

@@ -1,0 +1,278 @@
+"""`llmcbench matrix`: methods x presets x models x tracks, one bench per cell, into one store.
+
+Everything the user asked for is planned (and validated) before anything runs: unknown
+methods, presets, models or matrix keys are one-line errors with nothing written. Each cell
+is a `bench` (compress + dense and compressed evaluations per track group), so the caching,
+the result store and the scoring are the bench's own. The matrix adds:
+
+- cells the store already holds are reported as cached and cost nothing;
+- failure isolation: a cell whose job fails is recorded with the failed job's error class
+  (oom, unsupported, timeout, crash, ...) and its log, and the matrix goes on;
+  a method the registry says cannot compress a model is recorded `unsupported` unrun;
+- resume: an interrupted matrix (Ctrl-C, kill) is finished by running the same command,
+  which re-runs only what has no ok result;
+- one cell per GPU in parallel when several are visible (`--jobs`), one at a time on CPU;
+- `matrix.json` in the store (atomic) and the leaderboard: every OM of every method/setting,
+  scored over all the matrix's models (OM_gen is the mean over models, SPEC 5).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..tracks.records import compress_records, eval_records
+from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
+from .bench import BenchPlan, cached_jobs, parse_tracks, plan_bench, run_bench
+from .errors import JobFailed, UserError
+from .fsio import write_atomic
+
+CellStatus = Literal["planned", "cached", "running", "done", "failed", "unsupported"]
+
+
+class MatrixSpec(BaseModel):
+    """A matrix file (YAML) or the equivalent flags. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] = Field(min_length=1)
+    presets: list[str] = Field(default_factory=lambda: ["paper"],
+                               description="per method: paper, track2, all, or preset names (unknown names are an error)")
+    models: list[str] = Field(default_factory=lambda: ["embedded"])
+    tracks: list[int] | str = Field(default_factory=lambda: [1, 3, 4])
+    profile: Literal["quick", "paper"] = "quick"
+    engine: Literal["reference", "upstream"] = "reference"
+    runner: str = "local"
+    device: str = "auto"
+    data_dir: str | None = None
+    trust_remote_code: bool = False
+    jobs: int | None = Field(default=None, ge=1, description="cells in parallel; default one per visible GPU, 1 on CPU")
+
+    @field_validator("methods", "presets", "models", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+def load_matrix_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"matrix file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"matrix file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"matrix file {path} must be a mapping of keys (methods, presets, models, tracks, ...)")
+    return data
+
+
+def parse_spec(data: dict[str, Any], where: str = "matrix") -> MatrixSpec:
+    try:
+        return MatrixSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(MatrixSpec.model_fields)
+            raise UserError(f"{where}: unknown key '{key}' (known keys: {known})") from None
+        raise UserError(f"{where}: {key}: {err['msg']}") from None
+
+
+@dataclass
+class MatrixCell:
+    method: str
+    preset: str
+    model: str
+    tracks: list[int]
+    plan: BenchPlan | None = None  # None: not runnable (unsupported)
+    status: CellStatus = "planned"
+    error_type: str | None = None
+    message: str | None = None
+    log: str | None = None
+    wall_s: float | None = None
+    cached_jobs: int = 0
+    n_jobs: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.preset} / {self.model}"
+
+
+@dataclass
+class Matrix:
+    spec: MatrixSpec
+    runs_dir: Path
+    cells: list[MatrixCell] = field(default_factory=list)
+    workers: int = 1
+
+
+def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
+    """Every cell's bench plan. Bad input anywhere fails here, before any job runs."""
+    from .model_registry import check_access, lookup
+    from .registry import get_method
+
+    tracks = parse_tracks(spec.tracks if isinstance(spec.tracks, str) else list(spec.tracks))
+    matrix = Matrix(spec, Path(runs_dir))
+    for model in spec.models:
+        entry = lookup(model)
+        if entry is not None:  # gated / remote code: refused up front, even where no cell could run
+            check_access(entry, spec.trust_remote_code)
+        for name in spec.methods:
+            method = get_method(name)
+            seen: dict[str, list[int]] = {}
+            for selector in spec.presets:
+                for preset in method.presets_for(selector):
+                    # a `track2` preset that differs from the paper's runs track 2 only (Table 2)
+                    only2 = selector == "track2" and preset != method.presets_for("paper")[0]
+                    want = [2] if only2 and 2 in tracks else ([] if only2 else tracks)
+                    seen[preset] = sorted(set(seen.get(preset, [])) | set(want))
+            for preset, cell_tracks in seen.items():
+                if not cell_tracks:
+                    continue
+                cell = MatrixCell(method.name, preset, model, cell_tracks)
+                reason = entry.supports(method.name, spec.engine) if entry is not None else None
+                if reason:
+                    cell.status, cell.error_type, cell.message = "unsupported", "unsupported", reason
+                else:
+                    cell.plan = plan_bench(method.name, preset, model, cell_tracks, spec.profile, spec.engine, spec.runner,
+                                           runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code)
+                    model_name = cell.plan.model.name
+                    cell.model = model_name
+                matrix.cells.append(cell)
+    matrix.workers = spec.jobs or _gpu_count(matrix)
+    return matrix
+
+
+def _gpu_count(matrix: Matrix) -> int:
+    plans = [c.plan for c in matrix.cells if c.plan]
+    if not plans or not plans[0].device.startswith("cuda"):
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def refresh_cached(matrix: Matrix) -> None:
+    for c in matrix.cells:
+        if c.plan is not None and c.status == "planned":
+            c.cached_jobs, c.n_jobs = cached_jobs(c.plan)
+            if c.cached_jobs == c.n_jobs:
+                c.status = "cached"
+
+
+def run_matrix(matrix: Matrix, on_update: Callable[[MatrixCell], None] | None = None, force: bool = False) -> Matrix:
+    """Run every runnable cell; a failed cell is recorded and the others go on."""
+    todo = [c for c in matrix.cells if c.plan is not None]
+    notify = on_update or (lambda cell: None)
+    if matrix.workers <= 1:
+        for c in todo:
+            _run_cell(c, None, force, notify)
+        return matrix
+    # one cell per GPU: worker i owns GPU i (CUDA_VISIBLE_DEVICES for local jobs, --gpus for docker)
+    free = list(range(matrix.workers))
+    with ThreadPoolExecutor(max_workers=matrix.workers, thread_name_prefix="cell") as pool:
+        pending: dict = {}
+        queue = list(todo)
+        try:
+            while queue or pending:
+                while queue and free:
+                    gpu = free.pop(0)
+                    pending[pool.submit(_run_cell, queue.pop(0), gpu, force, notify)] = gpu
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    free.append(pending.pop(f))
+                    f.result()
+        except BaseException:
+            from .runners.local import terminate_children
+
+            terminate_children()
+            raise
+    return matrix
+
+
+def _run_cell(cell: MatrixCell, gpu: int | None, force: bool, notify: Callable[[MatrixCell], None]) -> None:
+    from .runners import get_runner
+
+    plan = cell.plan
+    runner = None
+    if gpu is not None:
+        if plan.runner_name == "docker":
+            plan.gpus = str(gpu)
+        runner = get_runner(plan.runner_name, plan.gpus, cuda_visible=str(gpu) if plan.runner_name == "local" else None)
+    cell.status = "running"
+    notify(cell)
+    t0 = time.perf_counter()
+    try:
+        run_bench(plan, force=force, runner=runner)
+        ran = [r for r in plan.runs.values() if not r.cached]
+        cell.status = "done" if ran else "cached"
+    except JobFailed as e:
+        cell.status, cell.error_type, cell.message = "failed", e.error_type, str(e)
+        cell.log = str(Path(e.run_dir) / "log.txt") if e.run_dir else None
+    except UserError as e:  # e.g. a corrupted result in the store: this cell only
+        cell.status, cell.error_type, cell.message = "failed", "bad_input", str(e)
+    cell.wall_s = time.perf_counter() - t0
+    notify(cell)
+
+
+# ---------------------------------------------------------------- leaderboard
+
+
+def matrix_records(matrix: Matrix) -> list[MetricRecord]:
+    """Scoring records of every ok cell: compressed and dense evaluations, and track 3."""
+    records: list[MetricRecord] = []
+    seen_dense: set[tuple] = set()
+    for c in matrix.cells:
+        plan = c.plan
+        if plan is None or c.status not in ("done", "cached") or "compress" not in plan.runs:
+            continue
+        model = plan.model.name
+        if 3 in plan.tracks:
+            records += compress_records(plan.runs["compress"].result.metrics, model, c.method, c.preset)
+        for key, run in plan.runs.items():
+            if key.startswith("compressed eval"):
+                records += eval_records(run.result.metrics, model, c.method, c.preset)
+            elif key.startswith("dense eval"):
+                # one baseline per (track, model, metric): a track-2-only cell's dense evaluation
+                # measures the same ppl as the tracks 1/2/4 one (same windows, same settings)
+                for r in eval_records(run.result.metrics, model, "dense", "dense"):
+                    if (r.track, r.model, r.metric) not in seen_dense:
+                        seen_dense.add((r.track, r.model, r.metric))
+                        records.append(r)
+    return records
+
+
+def leaderboard(matrix: Matrix) -> tuple[list[OMRow], list[str], str | None]:
+    """(OM rows, cells left out with why, the scoring error if none could be scored)."""
+    records, notes = drop_undefined_ratios(matrix_records(matrix))
+    try:
+        return score(records), notes, None
+    except ScoringError as e:
+        return [], notes, str(e)
+
+
+def write_summary(matrix: Matrix, rows: list[OMRow], notes: list[str] | None = None, path: Path | None = None) -> Path:
+    path = path or matrix.runs_dir / "matrix.json"
+    body = {
+        "spec": matrix.spec.model_dump(mode="json"),
+        "cells": [{"method": c.method, "preset": c.preset, "model": c.model, "tracks": c.tracks, "status": c.status,
+                   "error_type": c.error_type, "message": c.message, "log": c.log, "wall_s": c.wall_s,
+                   "jobs": {k: {"hash": r.job_hash, "run_dir": str(r.run_dir), "cached": r.cached}
+                            for k, r in (c.plan.runs.items() if c.plan else [])}}
+                  for c in matrix.cells],
+        "leaderboard": [r.model_dump() for r in rows],
+        "leaderboard_notes": notes or [],
+    }
+    import json
+
+    write_atomic(path, json.dumps(body, indent=2) + "\n")
+    return path

@@ -1,0 +1,257 @@
+"""`llmcbench matrix` and the model registry: planning, bad input, failure isolation, resume.
+
+The matrix runs through the real CLI in a child process (local runner, real jobs) on the tiny
+random LLaMA; a deliberately failing method (tests/fixtures/methods/oom_inject, found through
+LLMCBENCH_METHODS_PATH) runs out of memory inside its job. The embedded model's matrix reads
+the session's embedded store (Wanda and SparseGPT benches) and must find every cell cached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmcbench.driver.matrix import parse_spec, plan_matrix
+from llmcbench.driver.model_registry import load_registry
+from llmcbench.driver.registry import discover
+from llmcbench.tracks.scoring import MetricRecord, score
+
+FAILING_METHODS = Path(__file__).parent / "fixtures" / "methods"
+PAPER_TRACK2_MODELS = {"llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b",
+                       "llama-3-8b", "llama-3-70b", "vicuna-7b", "vicuna-13b", "opt-1.3b", "opt-2.7b", "opt-6.7b",
+                       "opt-13b", "opt-30b", "chatglm2-6b", "chatglm3-6b"}
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_holds_the_papers_models_with_access_rules():
+    reg = load_registry()
+    paper = {n for n, m in reg.items() if 2 in m.tracks and not m.embedded}
+    assert paper == PAPER_TRACK2_MODELS
+    assert {n for n, m in reg.items() if m.embedded} == {"smollm2-135m-instruct"}
+    assert {n for n, m in reg.items() if m.gated} == {n for n, m in reg.items() if m.hub_id.startswith("meta-llama/")}
+    assert len([m for m in reg.values() if m.gated]) == 5  # LLaMA-2 7/13/70B, LLaMA-3 8/70B
+    assert {n for n, m in reg.items() if m.trust_remote_code} == {"chatglm2-6b", "chatglm3-6b"}
+    assert {n for n, m in reg.items() if 1 in m.tracks} == {"smollm2-135m-instruct", "llama-2-7b", "llama-3-8b", "vicuna-7b"}
+    methods = set(discover())
+    for m in reg.values():
+        assert set(m.methods) <= methods, m.name
+        assert m.revision == "" or (len(m.revision) == 40 and int(m.revision, 16) >= 0), m.name
+    # LLM-Pruner has no OPT support upstream; the reference engines run LLaMA-architecture models only
+    assert "llm_pruner" not in reg["opt-1.3b"].methods
+    assert reg["opt-1.3b"].supports("wanda", "reference") and reg["opt-1.3b"].supports("wanda", "upstream") is None
+    assert reg["llama-2-7b"].supports("omniquant", "reference") is None
+
+
+def test_models_list_cli(run_cli):
+    proc = run_cli("models", "list")
+    assert proc.returncode == 0, proc.stderr
+    for name in PAPER_TRACK2_MODELS | {"meta-llama/Llama-2-7b-hf", "THUDM/chatglm3-6b"}:
+        assert name in proc.stdout, name
+
+
+# ---------------------------------------------------------------- planning
+
+
+def test_track2_presets_follow_the_paper():
+    specs = discover()
+    assert specs["gptq"].presets_for("track2") == ["w4a16-g128"] == specs["awq"].presets_for("track2")
+    assert specs["smoothquant"].presets_for("track2") == ["w4a4"] == specs["omniquant"].presets_for("track2")
+    for m in ("wanda", "sparsegpt", "llm_pruner"):
+        assert specs[m].presets_for("track2") == specs[m].presets_for("paper")
+
+
+def test_plan_matrix_cells(tmp_path, tiny_llama_dir):
+    spec = parse_spec({"methods": ["gptq", "wanda"], "presets": ["paper", "track2"], "models": [str(tiny_llama_dir)],
+                       "tracks": "2,3,4", "device": "cpu"})
+    m = plan_matrix(spec, tmp_path / "runs")
+    cells = {(c.method, c.preset): c.tracks for c in m.cells}
+    # the paper's W8 preset gets every track; the track-2 preset (W4A16 g128) only track 2
+    assert cells == {("gptq", "w8a16"): [2, 3, 4], ("gptq", "w4a16-g128"): [2], ("wanda", "unstructured-50"): [2, 3, 4]}
+    assert m.workers == 1
+    assert not (tmp_path / "runs").exists()  # planning writes nothing
+
+
+def test_unsupported_architecture_is_recorded_not_run(tmp_path):
+    spec = parse_spec({"methods": ["llm_pruner", "wanda"], "models": ["opt-1.3b"], "tracks": "2"})
+    m = plan_matrix(spec, tmp_path / "runs")  # no hub access needed: neither cell can run here
+    assert [(c.method, c.status, c.error_type) for c in m.cells] == [("llm_pruner", "unsupported", "unsupported"),
+                                                                     ("wanda", "unsupported", "unsupported")]
+    assert "OPT" in m.cells[0].message and "LLaMA-architecture" in m.cells[1].message
+
+
+def test_om_gen_is_the_rms_over_models():
+    ppl = {"a": (10.0, 12.0), "b": (20.0, 25.0), "c": (5.0, 5.5)}
+    records = [MetricRecord(track=2, model=k, method="dense", setting="dense", metric="wikitext2_ppl", value=d) for k, (d, _) in ppl.items()]
+    records += [MetricRecord(track=2, model=k, method="wanda", setting="50%", metric="wikitext2_ppl", value=c) for k, (_, c) in ppl.items()]
+    records += [MetricRecord(track=2, model="a", method="gptq", setting="w4", metric="wikitext2_ppl", value=11.0)]
+    rows = {(r.method, r.om): r for r in score(records)}
+    expected = 100 * math.sqrt(sum((d / c) ** 2 for d, c in ppl.values()) / 3)
+    assert rows["wanda", "om_gen"].value == pytest.approx(expected, rel=1e-12)
+    assert rows["wanda", "om_gen"].n_cells == 3
+    assert ("gptq", "om_gen") not in rows  # a method missing models is not ranked on fewer cells
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _gated_env(tmp_path):
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    return {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", "HF_HOME": str(home), "HF_TOKEN_PATH": str(home / "token")}
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("unknown_key", ["unknown key 'modles'", "known keys"]),
+    ("unknown_model", ["unknown model 'no-such-model'", "models list"]),
+    ("gated", ["llama-2-7b", "is gated", "HF_TOKEN"]),
+    ("remote_code", ["chatglm2-6b", "--trust-remote-code"]),
+    ("unknown_preset", ["unknown preset 'w2a2'", "gptq"]),
+    ("no_methods", ["no methods"]),
+    ("bad_yaml", ["not valid YAML"]),
+])
+def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line_error):
+    runs = tmp_path / "runs"
+    f = tmp_path / "m.yaml"
+    args, env = ["matrix", "--runs-dir", str(runs)], None
+    if case == "unknown_key":
+        f.write_text("methods: [wanda]\nmodles: [embedded]\n")
+        args.insert(1, str(f))
+    elif case == "unknown_model":
+        args += ["--methods", "wanda", "--models", "no-such-model"]
+    elif case == "gated":
+        args += ["--methods", "wanda", "--models", "embedded,llama-2-7b"]
+        env = _gated_env(tmp_path)
+    elif case == "remote_code":
+        args += ["--methods", "llm_pruner", "--models", "chatglm2-6b"]
+    elif case == "unknown_preset":
+        args += ["--methods", "gptq", "--presets", "w2a2"]
+    elif case == "bad_yaml":
+        f.write_text("methods: [wanda\n")
+        args.insert(1, str(f))
+    proc = run_cli(*args, env=env)
+    one_line_error(proc, *needles)
+    assert proc.returncode == 2
+    assert not runs.exists()
+
+
+# ---------------------------------------------------------------- running
+
+
+def _matrix_env():
+    return {"LLMCBENCH_METHODS_PATH": str(FAILING_METHODS)}
+
+
+def _summary(runs: Path) -> dict:
+    return json.loads((runs / "matrix.json").read_text())
+
+
+def test_failed_cell_is_isolated_recorded_and_rerun_alone(tmp_path, tiny_llama_dir, run_cli):
+    runs = tmp_path / "runs"
+    args = ["matrix", "--methods", "wanda,oom_inject,sparsegpt", "--models", str(tiny_llama_dir), "--tracks", "2,3,4",
+            "--device", "cpu", "--runs-dir", str(runs)]
+    proc = run_cli(*args, env=_matrix_env())
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cells = {c["method"]: c for c in _summary(runs)["cells"]}
+    assert cells["wanda"]["status"] == cells["sparsegpt"]["status"] == "done"
+    failed = cells["oom_inject"]
+    assert failed["status"] == "failed" and failed["error_type"] == "oom"
+    assert "OutOfMemoryError" in Path(failed["log"]).read_text()  # the failed job keeps its log
+    board = {(r["method"], r["om"]): r["value"] for r in _summary(runs)["leaderboard"]}
+    for method in ("wanda", "sparsegpt"):
+        for om in ("om_gen", "om_train", "om_inf"):
+            assert math.isfinite(board[method, om]), (method, om)
+    assert not any(m == "oom_inject" for m, _ in board)
+    assert "oom_inject" in proc.stdout and "1 failed" in proc.stdout
+
+    # the report lists the failed cell with its error class
+    rep = run_cli("report", str(runs), "-o", str(tmp_path / "report"))
+    assert rep.returncode == 0, rep.stderr
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "failed" in md and "oom: OutOfMemoryError" in md
+
+    ok_results = {m: {k: Path(j["run_dir"], "result.json").stat().st_mtime_ns for k, j in cells[m]["jobs"].items()}
+                  for m in ("wanda", "sparsegpt")}
+    again = run_cli(*args, env=_matrix_env())
+    assert again.returncode == 1
+    cells2 = {c["method"]: c for c in _summary(runs)["cells"]}
+    assert cells2["wanda"]["status"] == cells2["sparsegpt"]["status"] == "cached"
+    assert cells2["oom_inject"]["status"] == "failed"  # only the failed cell ran again
+    for m, stamps in ok_results.items():
+        for k, j in cells2[m]["jobs"].items():
+            assert j["cached"] and Path(j["run_dir"], "result.json").stat().st_mtime_ns == stamps[k], (m, k)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_matrix_resumes_with_the_missing_cells_only(sig, tmp_path, tiny_llama_dir):
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "llmcbench.driver.cli", "matrix", "--methods", "wanda,sparsegpt", "--models",
+           str(tiny_llama_dir), "--tracks", "2,3", "--device", "cpu", "--runs-dir", str(runs)]
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # wait until the second cell's compress job is running (its run dir has a job.json, no result)
+    deadline = time.monotonic() + 600
+    started = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        started = [p for p in runs.glob("sparsegpt-*/*/job.json") if not (p.parent / "result.json").exists()]
+        if started:
+            break
+        time.sleep(0.2)
+    assert started, "the matrix never reached its second cell"
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "interrupted" in err
+    run_dir = started[0].parent
+    assert not (run_dir / "result.json").exists() or json.loads((run_dir / "result.json").read_text())["status"] == "failed"
+    # no job process survived the driver (the local runner kills its process groups)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run_dir.name) not in ps
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    cells = {c["method"]: c for c in _summary(runs)["cells"]}
+    assert cells["wanda"]["status"] == "cached"  # finished before the interrupt: not run again
+    assert cells["sparsegpt"]["status"] == "done"
+
+
+def test_embedded_matrix_reuses_the_bench_store(embedded_store, run_cli):
+    """The matrix over the embedded model's Wanda and SparseGPT finds every job in the store the
+    benches filled, and ranks them with the same OMs the bench reports printed."""
+    runs, _, _ = embedded_store
+    proc = run_cli("matrix", "--methods", "wanda,sparsegpt", "--tracks", "1,3,4", "--runs-dir", "runs", cwd=runs.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = _summary(runs)
+    assert [c["status"] for c in summary["cells"]] == ["cached", "cached"]
+    board = {(r["method"], r["om"]): r["value"] for r in summary["leaderboard"]}
+    for cell in summary["cells"]:
+        bench = json.loads(Path(cell["jobs"]["compress"]["run_dir"], "bench.json").read_text())
+        for om in bench["oms"]:
+            if om["track"] != 3:  # track 3's baseline is the largest among the compared methods: the matrix compares both
+                assert board[cell["method"], om["om"]] == pytest.approx(om["value"], rel=1e-9), (cell["method"], om["om"])
+    assert board["wanda", "om_perf"] < 100 and board["sparsegpt", "om_perf"] < 100
+
+
+def test_parallel_cells_share_one_dense_evaluation(tmp_path, tiny_llama_dir, run_cli):
+    """`--jobs 2` (one worker per GPU on a multi-GPU machine): both cells run at once, and the
+    dense evaluation they share runs once, the other worker waiting for its cached result."""
+    runs = tmp_path / "runs"
+    proc = run_cli("matrix", "--methods", "wanda,sparsegpt", "--models", str(tiny_llama_dir), "--tracks", "2",
+                   "--device", "cpu", "--jobs", "2", "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 in parallel" in proc.stdout
+    cells = _summary(runs)["cells"]
+    assert [c["status"] for c in cells] == ["done", "done"]
+    dense = {c["jobs"]["dense eval"]["run_dir"] for c in cells}
+    assert len(dense) == 1 and len(list(runs.glob("dense-*/*/result.json"))) == 1
+    assert sum(not c["jobs"]["dense eval"]["cached"] for c in cells) == 1
