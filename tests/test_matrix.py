@@ -239,7 +239,9 @@ def test_embedded_matrix_reuses_the_bench_store(embedded_store, run_cli):
         for om in bench["oms"]:
             if om["track"] != 3:  # track 3's baseline is the largest among the compared methods: the matrix compares both
                 assert board[cell["method"], om["om"]] == pytest.approx(om["value"], rel=1e-9), (cell["method"], om["om"])
-    assert board["wanda", "om_perf"] < 100 and board["sparsegpt", "om_perf"] < 100
+    # 50% of the block linears pruned: effective MACs fall, size and memory do not grow
+    assert board["wanda", "om_inf"] > 100 and board["sparsegpt", "om_inf"] > 100
+    assert all(math.isfinite(board[m, "om_perf"]) for m in ("wanda", "sparsegpt"))
 
 
 def test_parallel_cells_share_one_dense_evaluation(tmp_path, tiny_llama_dir, run_cli):
