@@ -176,9 +176,10 @@ def compress_job(plan: BenchPlan) -> Job:
 def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, tracks: list[int] | None = None) -> Job:
     p = plan.profile
     tracks = tracks if tracks is not None else eval_groups(plan.tracks)[0][1]
+    generation = {"max_new_tokens": p.max_new_tokens} if 7 in tracks else {}  # only track 7 generates
     settings = EvalSettings(tracks=tracks, tasks=list(TRACK1_TASKS) if 1 in tracks else [], limit=p.limit_for(tracks),
                             ppl_seqlen=p.ppl_seqlen, ppl_max_windows=p.ppl_max_windows, batch_size=p.batch_size,
-                            data_source=plan.data_source, max_new_tokens=p.max_new_tokens if 7 in tracks else 32)
+                            data_source=plan.data_source, **generation)
     return Job(kind="eval", method=method, preset=preset, engine=plan.engine if method != "dense" else "reference",
                model=model, evaluation=settings, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
                limits=Limits(time_limit_s=p.time_limit_s))

@@ -142,7 +142,7 @@ def matrix(
 
     from rich.live import Live
 
-    from .matrix import load_matrix_file, parse_spec, plan_matrix, refresh_cached, run_matrix, write_summary
+    from .matrix import leaderboard, load_matrix_file, parse_spec, plan_matrix, refresh_cached, run_matrix, write_summary
 
     t0 = time.perf_counter()
     flags = {"methods": methods, "presets": presets, "models": models, "tracks": tracks, "profile": profile, "engine": engine,
@@ -166,9 +166,7 @@ def matrix(
         console.print(_matrix_table(plan))
         return
     # SIGTERM (a scheduler, `kill`) ends the matrix like Ctrl-C: job processes are killed, results kept
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    from .matrix import leaderboard
-
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with Live(_matrix_table(plan), console=console, refresh_per_second=2, transient=False) as live:
             run_matrix(plan, on_update=lambda cell: live.update(_matrix_table(plan)), force=force)
@@ -242,9 +240,10 @@ def models_list():
     from rich.table import Table
 
     from .model_registry import load_registry
+    from .registry import discover
 
     try:
-        reg = load_registry()
+        reg, methods = load_registry(), set(discover())
     except UserError as e:
         _fail(e, e.exit_code)
     t = Table(title="Models")
@@ -253,7 +252,7 @@ def models_list():
     for m in reg.values():
         t.add_row(m.name + (" (embedded)" if m.embedded else ""), m.hub_id, m.revision[:10] or "-", m.family, f"{m.params_b:g}B",
                   "yes" if m.gated else "no", "yes (opt-in)" if m.trust_remote_code else "no", ",".join(map(str, m.tracks)),
-                  "all" if len(m.methods) == 7 else ", ".join(m.methods))
+                  "all" if set(m.methods) == methods else ", ".join(m.methods))
     console.print(t)
 
 

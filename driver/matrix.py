@@ -27,11 +27,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..tracks.records import compress_records, eval_records
+from ..tracks.records import compress_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
 from .bench import BenchPlan, cached_jobs, parse_tracks, plan_bench, run_bench
 from .errors import JobFailed, UserError
 from .fsio import write_atomic
+from .report import plan_eval_records
 
 CellStatus = Literal["planned", "cached", "running", "done", "failed", "unsupported"]
 
@@ -102,10 +103,6 @@ class MatrixCell:
     cached_jobs: int = 0
     n_jobs: int = 0
 
-    @property
-    def label(self) -> str:
-        return f"{self.method} {self.preset} / {self.model}"
-
 
 @dataclass
 class Matrix:
@@ -145,8 +142,7 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
                 else:
                     cell.plan = plan_bench(method.name, preset, model, cell_tracks, spec.profile, spec.engine, spec.runner,
                                            runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code)
-                    model_name = cell.plan.model.name
-                    cell.model = model_name
+                    cell.model = cell.plan.model.name
                 matrix.cells.append(cell)
     matrix.workers = spec.jobs or _gpu_count(matrix)
     return matrix
@@ -235,19 +231,16 @@ def matrix_records(matrix: Matrix) -> list[MetricRecord]:
         plan = c.plan
         if plan is None or c.status not in ("done", "cached") or "compress" not in plan.runs:
             continue
-        model = plan.model.name
         if 3 in plan.tracks:
-            records += compress_records(plan.runs["compress"].result.metrics, model, c.method, c.preset)
-        for key, run in plan.runs.items():
-            if key.startswith("compressed eval"):
-                records += eval_records(run.result.metrics, model, c.method, c.preset)
-            elif key.startswith("dense eval"):
-                # one baseline per (track, model, metric): a track-2-only cell's dense evaluation
-                # measures the same ppl as the tracks 1/2/4 one (same windows, same settings)
-                for r in eval_records(run.result.metrics, model, "dense", "dense"):
-                    if (r.track, r.model, r.metric) not in seen_dense:
-                        seen_dense.add((r.track, r.model, r.metric))
-                        records.append(r)
+            records += compress_records(plan.runs["compress"].result.metrics, plan.model.name, c.method, c.preset)
+        dense, compressed = plan_eval_records(plan)
+        records += compressed
+        # one baseline per (track, model, metric): a track-2-only cell's dense evaluation
+        # measures the same ppl as the tracks 1/2/4 one (same windows, same settings)
+        for r in dense:
+            if (r.track, r.model, r.metric) not in seen_dense:
+                seen_dense.add((r.track, r.model, r.metric))
+                records.append(r)
     return records
 
 

@@ -61,19 +61,28 @@ class BenchReport(BaseModel):
     notes: list[str] = Field(default_factory=list, description="cells left out of an OM, and why")
 
 
+def plan_eval_records(plan: BenchPlan) -> tuple[list[MetricRecord], list[MetricRecord]]:
+    """(dense, compressed) scoring records of a bench's evaluation jobs, one pair per track
+    group (bench.EVAL_GROUPS)."""
+    dense: list[MetricRecord] = []
+    compressed: list[MetricRecord] = []
+    for key, run in plan.runs.items():
+        if key.startswith("dense eval"):
+            dense += eval_records(run.result.metrics, plan.model.name, "dense", "dense")
+        elif key.startswith("compressed eval"):
+            compressed += eval_records(run.result.metrics, plan.model.name, plan.method.name, plan.preset)
+    return dense, compressed
+
+
 def build_report(plan: BenchPlan) -> BenchReport:
     runs = plan.runs
     model, method, setting = plan.model.name, plan.method.name, plan.preset
     records: list[MetricRecord] = []
     rows: list[Row] = []
-    comp_keys = [k for k in runs if k.startswith("compressed eval")]
-    if comp_keys:
-        # one evaluation job per track group (bench.EVAL_GROUPS); each has its own dense twin
-        dense = {(r.track, r.metric): r.value for k in comp_keys
-                 for r in eval_records(runs[k.replace("compressed", "dense", 1)].result.metrics, model, "dense", "dense")}
-        comp_records = [r for k in comp_keys for r in eval_records(runs[k].result.metrics, model, method, setting)]
-        records += [MetricRecord(track=t, model=model, method="dense", setting="dense", metric=m, value=v) for (t, m), v in dense.items()]
-        records += comp_records
+    dense_records, comp_records = plan_eval_records(plan)
+    if comp_records:
+        dense = {(r.track, r.metric): r.value for r in dense_records}
+        records += dense_records + comp_records
         for r in comp_records:
             d = dense.get((r.track, r.metric))
             label = LABELS.get(r.metric, r.metric)
