@@ -3,7 +3,10 @@ and the data slices the project ships."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "docker: needs a running Docker daemon")
     config.addinivalue_line("markers", "slow: end-to-end runs on the embedded model")
+    config.addinivalue_line("markers", "slurm: needs a single-node Slurm cluster (tests/slurm_cluster.py starts one)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -132,3 +136,62 @@ def embedded_store(tmp_path_factory):
         assert proc.returncode == 0, f"{key}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
         stdout[key] = proc.stdout
     return cwd / "runs", stdout, seconds
+
+
+# ---------------------------------------------------------------- a stub LLM judge
+
+
+class StubJudge:
+    """An OpenAI-compatible chat-completions stub: replies with reply_fn(user prompt), records requests."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.reply_fn = lambda prompt: "7 7\nequal"
+        self.status = 200
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
+                if stub.status != 200:
+                    payload = b'{"error": {"message": "overloaded\\nretry later"}}'
+                else:
+                    reply = stub.reply_fn(body["messages"][-1]["content"])
+                    payload = json.dumps({
+                        "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    }).encode()
+                self.send_response(stub.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def config(self, **kw):
+        from llmcbench.tracks.kick.judge import JudgeConfig
+
+        return JudgeConfig(**{"base_url": self.base_url, "model": "stub-judge", "timeout_s": 10, **kw})
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def stub_judge(request):
+    """A local OpenAI-compatible judge on 127.0.0.1 (track 7's pairwise judge, without a network)."""
+    stub = StubJudge()
+    request.addfinalizer(stub.close)
+    return stub

@@ -64,6 +64,7 @@ class BenchPlan:
     runs_dir: Path
     runner_name: str
     gpus: str | None = None
+    slurm: object | None = None  # the slurm runner's SlurmConfig
     runs: dict[str, JobRun] = field(default_factory=dict)
 
     @property
@@ -128,7 +129,7 @@ def resolve_device(device: str) -> str:
 def plan_bench(method: str, preset: str | None = None, model: str | None = None, tracks=None, profile: str = "quick",
                engine: str = "reference", runner: str = "local", runs_dir: str | Path = "runs",
                data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None,
-               gpus: str | None = None, trust_remote_code: bool = False) -> BenchPlan:
+               gpus: str | None = None, trust_remote_code: bool = False, slurm=None) -> BenchPlan:
     spec = get_method(method)
     preset_name, preset_params = spec.preset(preset)
     if engine not in spec.engines:
@@ -150,12 +151,16 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         except ValueError as e:
             raise UserError(f"{spec.name} {preset_name}: {e}") from None
     track_list = parse_tracks(tracks)
-    get_runner(runner, gpus)
+    if runner == "slurm":  # the jobs run on the cluster's nodes: their GPUs count, not this host's
+        dev = get_runner(runner, gpus, slurm=slurm).resolve_device(device)
+        get_runner(runner, gpus, slurm=slurm, device=dev)  # a CUDA job needs a partition with GPUs
+    else:
+        get_runner(runner, gpus)
+        dev = resolve_device(device)
     source, ddir = resolve_data(data_dir)
-    dev = resolve_device(device)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner, gpus)
+                     Path(runs_dir), runner, gpus, slurm)
 
 
 def compress_job(plan: BenchPlan) -> Job:
@@ -205,7 +210,7 @@ def planned_jobs(plan: BenchPlan, runner=None) -> list[PlannedJob]:
     A compressed evaluation's input is the compress job's artifact, identified by the compress
     job's hash, so the whole bench's hashes (and thus what is cached) are known up front.
     """
-    runner = runner or get_runner(plan.runner_name, plan.gpus)
+    runner = runner or get_runner(plan.runner_name, plan.gpus, slurm=plan.slurm, device=plan.device)
     store = Store(plan.runs_dir)
     out: list[PlannedJob] = []
 
@@ -243,7 +248,7 @@ def _run_dir_lock(run_dir: Path) -> threading.Lock:
 
 def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None, runner=None) -> BenchPlan:
     """Run (or find cached) the compress job and the dense and compressed evaluations; fills `plan.runs`."""
-    runner = runner or get_runner(plan.runner_name, plan.gpus)
+    runner = runner or get_runner(plan.runner_name, plan.gpus, slurm=plan.slurm, device=plan.device)
     store = Store(plan.runs_dir)
     # The environment (what enters a job's hash) may differ per job kind (the docker runner's
     # method and eval images); planning asks for each, which checks the runner can run every job.

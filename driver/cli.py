@@ -55,6 +55,14 @@ def _progress_callback(progress):
     return on_job
 
 
+def _slurm_flags(runner: str | None, base: dict | None, **flags) -> dict | None:
+    """The `slurm:` settings with the --partition/--account/--qos flags over them (slurm runner only)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given and runner != "slurm":
+        raise UserError(f"--{next(iter(given))} applies to the slurm runner (got --runner {runner or 'local'})")
+    return {**(base or {}), **given} if (given or base) else None
+
+
 @app.command()
 def bench(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `llmcbench methods list`)"),
@@ -65,6 +73,9 @@ def bench(
     engine: str = typer.Option("reference", "--engine", help="reference or upstream"),
     runner: str = typer.Option("local", "--runner", help="where jobs run: local or docker (a container per job)"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="docker runner: GPUs for CUDA jobs, all or ids like 0,1 (default all)"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm runner: the partition (default: the cluster's default)"),
+    account: Optional[str] = typer.Option(None, "--account", help="slurm runner: the account to charge"),
+    qos: Optional[str] = typer.Option(None, "--qos", help="slurm runner: the quality of service"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (hf/<id>/<config>/<split>.jsonl); default: hub when online, else the shipped slices"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
@@ -79,7 +90,12 @@ def bench(
 
     t0 = time.perf_counter()
     try:
-        plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity, gpus=gpus)
+        from .runners.slurm_script import SlurmConfig
+
+        slurm = _slurm_flags(runner, None, partition=partition, account=account, qos=qos)
+        slurm = SlurmConfig(**slurm) if slurm else None
+        plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity,
+                          gpus=gpus, slurm=slurm)
         console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.preset} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -93,6 +109,18 @@ def bench(
     render_rich(rep, console)
     path = write_report(rep, plan.runs["compress"].run_dir)
     console.print(f"report: {path}  ({time.perf_counter() - t0:.1f} s)")
+
+
+@app.command()
+def cancel(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store whose Slurm jobs to cancel")):
+    """Cancel every Slurm job still queued or running for this store (a driver that was killed leaves them)."""
+    from .runners.slurm import cancel_store
+
+    try:
+        ids = cancel_store(runs_dir)
+    except UserError as e:
+        _fail(e, e.exit_code)
+    console.print(f"cancelled {len(ids)} Slurm job(s) of {runs_dir}" + (f": {', '.join(ids)}" if ids else ""))
 
 
 @app.command()
@@ -121,14 +149,17 @@ def score(csv_file: Path = typer.Argument(..., help="long-format CSV: track,mode
 
 @app.command()
 def matrix(
-    file: Optional[Path] = typer.Argument(None, help="matrix YAML (keys: methods, presets, models, tracks, profile, engine, runner, device, data_dir, trust_remote_code, jobs)"),
+    file: Optional[Path] = typer.Argument(None, help="matrix YAML (keys: methods, presets, models, tracks, profile, engine, runner, device, data_dir, trust_remote_code, jobs, slurm)"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods (overrides the file)"),
     presets: Optional[str] = typer.Option(None, "--presets", help="paper, track2, all, or preset names (default paper)"),
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated registry names, hub ids or dirs (default: embedded)"),
     tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="e.g. 1,3,4 (default) or all"),
     profile: Optional[str] = typer.Option(None, "--profile", help="quick or paper"),
     engine: Optional[str] = typer.Option(None, "--engine", help="reference or upstream"),
-    runner: Optional[str] = typer.Option(None, "--runner", help="local or docker"),
+    runner: Optional[str] = typer.Option(None, "--runner", help="local, docker or slurm"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm runner: the partition (overrides the file's slurm.partition)"),
+    account: Optional[str] = typer.Option(None, "--account", help="slurm runner: the account to charge"),
+    qos: Optional[str] = typer.Option(None, "--qos", help="slurm runner: the quality of service"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: hub when online, else the shipped slices)"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="cells in parallel (default: one per visible GPU, 1 on CPU)"),
@@ -154,6 +185,9 @@ def matrix(
             data["trust_remote_code"] = True
         if "methods" not in data:
             raise UserError("no methods: pass --methods wanda,sparsegpt or a matrix file with a methods list")
+        slurm = data.get("slurm") if isinstance(data.get("slurm"), dict) else None
+        if _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos) is not None:
+            data["slurm"] = _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos)
         spec = parse_spec(data, str(file) if file else "matrix")
         plan = plan_matrix(spec, runs_dir)
         refresh_cached(plan)
@@ -165,7 +199,8 @@ def matrix(
     if dry_run:
         console.print(_matrix_table(plan))
         return
-    # SIGTERM (a scheduler, `kill`) ends the matrix like Ctrl-C: job processes are killed, results kept
+    # SIGTERM (a scheduler, `kill`) ends the matrix like Ctrl-C: job processes are killed (Slurm
+    # jobs cancelled), results kept
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with Live(_matrix_table(plan), console=console, refresh_per_second=2, transient=False) as live:

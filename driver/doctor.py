@@ -116,6 +116,9 @@ def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
         except UserError as e:
             add(Check("images", False, str(e)))
 
+    # Slurm: the client commands and whether the controller answers
+    slurm_ok, slurm_why = _slurm(add)
+
     # Verdicts
     v = d.verdicts.append
     v(Verdict("runner local", True, "jobs run as child processes of the driver on this host"))
@@ -129,6 +132,7 @@ def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
                   + f"images to build first: {', '.join(names)} (`llmcbench images build {'all' if len(names) > 1 else names[0]}`)"))
     else:
         v(Verdict("runner docker", True, "daemon up and every image built for the current sources"))
+    v(Verdict("runner slurm", slurm_ok, slurm_why))
     v(Verdict("engine reference (cpu)", True, "pure PyTorch: runs on any CPU (slowly on big models)"))
     v(Verdict("engine reference (cuda)", cuda, f"{n} CUDA GPU(s) visible to torch" if cuda else "no CUDA GPU visible to torch"))
     if client:
@@ -142,3 +146,25 @@ def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
     else:
         v(Verdict("engine upstream", cuda, f"{', '.join(upstream_methods)}: " + ("CUDA GPU present" if cuda else "needs a CUDA GPU, none is visible")))
     return d
+
+
+def _slurm(add) -> tuple[bool, str]:
+    """Check `sbatch` and the controller (`sinfo`); (usable, why) for the slurm runner's verdict."""
+    import subprocess
+
+    sbatch = shutil.which("sbatch")
+    add(Check("sbatch", bool(sbatch) or None, sbatch or "not on the PATH (no Slurm client here)"))
+    if not sbatch:
+        return False, "no sbatch on the PATH: run the driver on a login node of a Slurm cluster"
+    try:
+        p = subprocess.run(["sinfo", "-h", "-o", "%P %a %D %G"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        p = subprocess.CompletedProcess([], 1, "", f"sinfo did not answer ({type(e).__name__})")
+    if p.returncode != 0:
+        why = (p.stderr.strip().splitlines() or ["sinfo failed"])[-1]
+        add(Check("slurm cluster", False, why))
+        return False, f"sbatch present but the cluster does not answer: {why}"
+    parts = [" ".join(line.split()[:1] + [f"({line.split()[2]} node(s), GRES {line.split()[3]})"])
+             for line in p.stdout.splitlines() if len(line.split()) >= 4]
+    add(Check("slurm cluster", True, "partitions: " + "; ".join(parts)))
+    return True, "the cluster answers: `--runner slurm` submits one Slurm job per contract job"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..tracks.records import compress_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
@@ -33,6 +33,7 @@ from .bench import BenchPlan, cached_jobs, parse_tracks, plan_bench, run_bench
 from .errors import JobFailed, UserError
 from .fsio import write_atomic
 from .report import plan_eval_records
+from .runners.slurm_script import SlurmConfig
 
 CellStatus = Literal["planned", "cached", "running", "done", "failed", "unsupported"]
 
@@ -53,7 +54,15 @@ class MatrixSpec(BaseModel):
     device: str = "auto"
     data_dir: str | None = None
     trust_remote_code: bool = False
-    jobs: int | None = Field(default=None, ge=1, description="cells in parallel; default one per visible GPU, 1 on CPU")
+    jobs: int | None = Field(default=None, ge=1, description="cells in parallel; default one per visible GPU, 1 on CPU, "
+                                                              "every cell with the slurm runner (Slurm queues them)")
+    slurm: SlurmConfig | None = Field(default=None, description="the slurm runner's partition, account, runtime, ...")
+
+    @model_validator(mode="after")
+    def _slurm_needs_runner(self) -> "MatrixSpec":
+        if self.slurm is not None and self.runner != "slurm":
+            raise ValueError(f"slurm settings apply to the slurm runner, not runner {self.runner}")
+        return self
 
     @field_validator("methods", "presets", "models", mode="before")
     @classmethod
@@ -83,9 +92,10 @@ def parse_spec(data: dict[str, Any], where: str = "matrix") -> MatrixSpec:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
-            known = ", ".join(MatrixSpec.model_fields)
+            known = ", ".join(SlurmConfig.model_fields if err["loc"][0] == "slurm" else MatrixSpec.model_fields)
             raise UserError(f"{where}: unknown key '{key}' (known keys: {known})") from None
-        raise UserError(f"{where}: {key}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"{where}: {key}: {msg}" if key else f"{where}: {msg}") from None
 
 
 @dataclass
@@ -141,10 +151,14 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
                     cell.status, cell.error_type, cell.message = "unsupported", "unsupported", reason
                 else:
                     cell.plan = plan_bench(method.name, preset, model, cell_tracks, spec.profile, spec.engine, spec.runner,
-                                           runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code)
+                                           runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code,
+                                           slurm=spec.slurm)
                     cell.model = cell.plan.model.name
                 matrix.cells.append(cell)
-    matrix.workers = spec.jobs or _gpu_count(matrix)
+    if spec.runner == "slurm":  # every cell waits in Slurm's queue at once; Slurm decides what runs
+        matrix.workers = spec.jobs or max(1, sum(c.plan is not None for c in matrix.cells))
+    else:
+        matrix.workers = spec.jobs or _gpu_count(matrix)
     return matrix
 
 
@@ -173,8 +187,10 @@ def run_matrix(matrix: Matrix, on_update: Callable[[MatrixCell], None] | None = 
         for c in todo:
             _run_cell(c, None, force, notify)
         return matrix
-    # one cell per GPU: worker i owns GPU i (CUDA_VISIBLE_DEVICES for local jobs, --gpus for docker)
+    # one cell per GPU: worker i owns GPU i (CUDA_VISIBLE_DEVICES for local jobs, --gpus for docker);
+    # with slurm a worker only waits for its cell's Slurm jobs, and Slurm allocates the GPUs
     free = list(range(matrix.workers))
+    slurm = matrix.spec.runner == "slurm"
     with ThreadPoolExecutor(max_workers=matrix.workers, thread_name_prefix="cell") as pool:
         pending: dict = {}
         queue = list(todo)
@@ -182,15 +198,15 @@ def run_matrix(matrix: Matrix, on_update: Callable[[MatrixCell], None] | None = 
             while queue or pending:
                 while queue and free:
                     gpu = free.pop(0)
-                    pending[pool.submit(_run_cell, queue.pop(0), gpu, force, notify)] = gpu
+                    pending[pool.submit(_run_cell, queue.pop(0), None if slurm else gpu, force, notify)] = gpu
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
                     free.append(pending.pop(f))
                     f.result()
         except BaseException:
-            from .runners.local import terminate_children
+            from .runners import terminate_all
 
-            terminate_children()
+            terminate_all()
             raise
     return matrix
 

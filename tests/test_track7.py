@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import http.server
-import json
 import math
 import socket
-import threading
 import time
 
 import pytest
@@ -175,59 +172,6 @@ def test_evaluate_kick_on_embedded_model(embedded_model_dir, data_dir):
 
 
 # ---------------------------------------------------------------- judge client
-
-
-class _StubJudge:
-    """An OpenAI-compatible chat-completions stub: replies with reply_fn(user prompt), records requests."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.reply_fn = lambda prompt: "7 7\nequal"
-        self.status = 200
-        stub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append({"path": self.path, "body": body, "headers": dict(self.headers)})
-                if stub.status != 200:
-                    payload = b'{"error": {"message": "overloaded\\nretry later"}}'
-                else:
-                    reply = stub.reply_fn(body["messages"][-1]["content"])
-                    payload = json.dumps({
-                        "id": "chatcmpl-stub", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                     "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                    }).encode()
-                self.send_response(stub.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def config(self, **kw) -> JudgeConfig:
-        return JudgeConfig(**{"base_url": self.base_url, "model": "stub-judge", "timeout_s": 10, **kw})
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
-@pytest.fixture
-def stub_judge(request):
-    stub = _StubJudge()
-    request.addfinalizer(stub.close)
-    return stub
 
 
 def _a_is_first(prompt: str) -> bool:

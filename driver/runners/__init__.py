@@ -1,5 +1,5 @@
-"""Runners execute one job under the volume contract: `local` (a child process) and `docker`
-(a container per job); `slurm` plugs in beside them.
+"""Runners execute one job under the volume contract: `local` (a child process), `docker`
+(a container per job) and `slurm` (a Slurm job per job, on a cluster).
 
 Every runner has `environment_id(job)` (what enters the job's hash: the package versions and
 source digest for local, the image digest for docker) and
@@ -17,11 +17,13 @@ from ..fsio import write_record
 
 PACKED_SUFFIX = ".packed"
 
-RUNNERS = ("local", "docker")
+RUNNERS = ("local", "docker", "slurm")
 
 
-def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = None):
-    """`cuda_visible`: the local runner's jobs see only these GPUs (a matrix's worker per GPU)."""
+def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = None, slurm=None, device: str | None = None):
+    """`cuda_visible`: the local runner's jobs see only these GPUs (a matrix's worker per GPU).
+    `slurm`: the slurm runner's SlurmConfig; `device`: the jobs' device, which its preflight checks
+    against the partition."""
     if gpus is not None and name != "docker":
         raise UserError(f"--gpus applies to the docker runner (got --runner {name}): the local runner uses the host's "
                         "GPUs as they are (set CUDA_VISIBLE_DEVICES to choose)")
@@ -33,7 +35,24 @@ def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = No
         from .docker import DockerRunner
 
         return DockerRunner(gpus=gpus)
-    raise UserError(f"unknown runner '{name}': choose one of {', '.join(RUNNERS)} (slurm is planned)")
+    if name == "slurm":
+        from .slurm import SlurmRunner
+
+        return SlurmRunner(slurm, device)
+    raise UserError(f"unknown runner '{name}': choose one of {', '.join(RUNNERS)}")
+
+
+def terminate_all() -> None:
+    """An interrupted driver leaves nothing running: local job processes killed, Slurm jobs cancelled."""
+    import sys
+
+    from .local import terminate_children
+
+    terminate_children()
+    if "llmcbench.driver.runners.slurm" in sys.modules or __name__ + ".slurm" in sys.modules:
+        from .slurm import cancel_submitted
+
+        cancel_submitted()
 
 
 def model_inputs(model_name: str, model_path: Path) -> list[tuple[Path, str]]:

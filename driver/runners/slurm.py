@@ -1,0 +1,300 @@
+"""The slurm runner: each contract job is one Slurm job; Slurm does the scheduling.
+
+Why sbatch by hand and not submitit: submitit's unit is a pickled Python callable run by the
+same interpreter (with submitit importable) inside the job; ours is a command under the
+volume contract that must also run inside Apptainer or enroot images that carry only this
+project. What is left to do by hand is small: render a batch script
+(runners/slurm_script.py), `sbatch --parsable`, poll the job, map its end state, `scancel`.
+
+- Before anything is submitted (`preflight`): `sbatch` on the PATH, the partition exists, a
+  CUDA job's partition has GPUs, and `sbatch --test-only` accepts the resource request;
+  each problem is one line.
+- A job's stdout and stderr go to the run dir's `log.txt` on the shared filesystem; the
+  driver tails it while it polls `scontrol show job` (`sacct` once the controller has
+  forgotten the job), so progress shows as with the other runners.
+- End states map to the contract's error classes (`SLURM_ERRORS`); PREEMPTED is resubmitted
+  up to `max_resubmits` times. A failed job's own result.json (e.g. an `oom` its engine
+  caught) wins over the state, as with the other runners.
+- Every job carries the store in its `--comment`, so `llmcbench cancel` (and Ctrl-C, through
+  `cancel_submitted`) cancels exactly what this store submitted.
+- The job hash's environment identity: the local environment for the `local` runtime (the
+  same job as the local runner's, so the two share the cache), the image file's sha256 for
+  apptainer/enroot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from ..contract import ErrorInfo, Job, Provenance, Result
+from ..errors import UserError
+from ..fsio import sha256_file, write_atomic
+from . import collect_result, model_inputs
+from .slurm_script import SlurmConfig, batch_script, image_path, resource_args, time_minutes
+
+# Slurm end state -> the contract's error class (COMPLETED and FAILED read the job's own result)
+SLURM_ERRORS = {
+    "OUT_OF_MEMORY": "oom",
+    "TIMEOUT": "timeout",
+    "DEADLINE": "timeout",
+    "CANCELLED": "cancelled",
+    "NODE_FAIL": "node_fail",
+    "BOOT_FAIL": "node_fail",
+    "PREEMPTED": "preempted",
+    "REVOKED": "cancelled",
+}
+FINISHED = {"COMPLETED", "FAILED", *SLURM_ERRORS}
+COMMENT_PREFIX = "llmcbench:"
+SUBMISSIONS_FILE = "slurm.json"
+
+_SUBMITTED: dict[str, str] = {}  # Slurm job id -> run dir, of jobs this driver is waiting for
+_SUBMITTED_LOCK = threading.Lock()
+
+
+def _run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise UserError(f"'{cmd[0]}' is not on the PATH: the slurm runner needs Slurm's client commands "
+                        "(run on a login node of the cluster, or install slurm-client)") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"'{' '.join(cmd[:2])}' did not answer in {timeout:.0f} s: is the Slurm controller up "
+                        "(scontrol ping)?") from None
+
+
+def _first_error(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return re.sub(r"^s\w+: error: ", "", (errors or lines or [f"exit code {proc.returncode}"])[0])
+
+
+def store_comment(runs_dir: Path) -> str:
+    return COMMENT_PREFIX + str(Path(runs_dir).resolve())
+
+
+def cancel_submitted() -> list[str]:
+    """scancel every job this driver is still waiting for (Ctrl-C, SIGTERM of a matrix)."""
+    with _SUBMITTED_LOCK:
+        ids = list(_SUBMITTED)
+    if ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+    return ids
+
+
+def cancel_store(runs_dir: Path) -> list[str]:
+    """scancel every queued or running job whose comment names this store (`llmcbench cancel`)."""
+    if not shutil.which("squeue"):
+        raise UserError("'squeue' is not on the PATH: there is no Slurm here to cancel jobs in")
+    proc = _run(["squeue", "-h", "--me", "-o", "%i|%k"])
+    if proc.returncode != 0:
+        raise UserError(f"squeue failed: {_first_error(proc)}")
+    want = store_comment(runs_dir)
+    ids = [i for i, _, c in (ln.partition("|") for ln in proc.stdout.splitlines()) if c.strip() == want]
+    if ids:
+        _run(["scancel", *ids])
+    return ids
+
+
+def job_state(job_id: str) -> tuple[str, str]:
+    """(state, exit code) of a job: `scontrol` while the controller knows it, then `sacct`."""
+    proc = _run(["scontrol", "show", "job", "-o", job_id])
+    if proc.returncode == 0 and "JobState=" in proc.stdout:
+        fields = dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
+        return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "")
+    proc = _run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"])
+    line = proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
+    if line:
+        state, _, code = line.partition("|")
+        return state.split()[0], code  # "CANCELLED by 0" -> CANCELLED
+    return "UNKNOWN", ""
+
+
+@lru_cache(maxsize=None)
+def _partitions() -> tuple[dict[str, str], str | None]:
+    """{partition: its nodes' GRES} and the default partition, from sinfo."""
+    proc = _run(["sinfo", "-h", "-o", "%P|%G"])
+    if proc.returncode != 0:
+        raise UserError(f"the Slurm cluster does not answer (sinfo: {_first_error(proc)})")
+    parts: dict[str, str] = {}
+    default = None
+    for line in proc.stdout.splitlines():
+        name, _, gres = line.strip().partition("|")
+        if name.endswith("*"):
+            name = name[:-1]
+            default = name
+        parts[name] = (parts.get(name, "") + "," + gres).strip(",")
+    return parts, default
+
+
+def preflight(cfg: SlurmConfig, device: str | None = None) -> None:
+    """Refuse, before anything is submitted, what Slurm would refuse or could never run."""
+    if shutil.which("sbatch") is None:
+        raise UserError("no 'sbatch' on the PATH: the slurm runner submits through Slurm (run on a login node of the "
+                        "cluster, or use --runner local)")
+    parts, default = _partitions()
+    partition = cfg.partition or default
+    if partition is None:
+        raise UserError("the Slurm cluster has no default partition: set slurm.partition (sinfo lists them)")
+    if partition not in parts:
+        raise UserError(f"Slurm partition '{partition}' does not exist (partitions: {', '.join(sorted(parts)) or 'none'})")
+    if device and device.startswith("cuda") and "gpu" not in parts[partition]:
+        raise UserError(f"the jobs ask for GPUs (device {device}) but Slurm partition '{partition}' has none "
+                        f"(its nodes' GRES: {parts[partition] or '(null)'}): choose a GPU partition or --device cpu")
+    if cfg.runtime != "local" and not cfg.image_dir:
+        raise UserError(f"slurm runtime {cfg.runtime} needs slurm.image_dir, the folder of converted images "
+                        "(docs/slurm.md)")
+    _test_only(cfg.model_dump_json(), device or "cpu")
+
+
+@lru_cache(maxsize=None)
+def _test_only(cfg_json: str, device: str) -> None:
+    """`sbatch --test-only` with a job's full resource request: Slurm's own validation, nothing queued."""
+    cfg = SlurmConfig.model_validate_json(cfg_json)
+    probe = Job.model_validate({"kind": "eval", "method": "dense", "model": {"name": "m", "source": "local", "identity": "x"},
+                                "device": device})
+    proc = _run(["sbatch", "--test-only", *resource_args(cfg, probe), "--wrap", "true"])
+    if proc.returncode != 0:
+        raise UserError(f"Slurm refuses the jobs' resource request ({' '.join(resource_args(cfg, probe))}): "
+                        f"{_first_error(proc)}")
+
+
+class SlurmRunner:
+    name = "slurm"
+
+    def __init__(self, config: SlurmConfig | None = None, device: str | None = None):
+        self.config = config or SlurmConfig()
+        preflight(self.config, device)
+
+    def resolve_device(self, device: str) -> str:
+        """`auto` on a cluster: CUDA when the partition has GPUs (the login node's own GPUs do not count)."""
+        if device != "auto":
+            if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+                raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
+            return device
+        parts, default = _partitions()
+        return "cuda" if "gpu" in parts.get(self.config.partition or default or "", "") else "cpu"
+
+    def environment_id(self, job: Job | None = None) -> str:
+        if self.config.runtime == "local":
+            from ..environment import local_environment_id
+
+            return local_environment_id()
+        path = image_path(self.config, job)
+        if not path.is_file():
+            raise UserError(f"image {path} does not exist: convert the {path.stem} image for {self.config.runtime} "
+                            "(docs/slurm.md)")
+        return f"{self.config.runtime}:{_file_digest(str(path), path.stat().st_size, path.stat().st_mtime_ns)}"
+
+    # ------------------------------------------------------------------ one job
+
+    def run(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
+            on_line: Callable[[str], None] | None = None) -> Result:
+        run_dir = Path(run_dir).resolve()
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        script = batch_script(self.config, job, job_hash, run_dir, model_inputs(job.model.name, model_path),
+                              Path(data_dir).resolve(), f"llmcb-{job.kind}-{job.method}-{job_hash[:10]}",
+                              store_comment(run_dir.parent.parent))
+        write_atomic(run_dir / "slurm.sh", script)
+        attempts: list[dict] = []
+        failure: ErrorInfo | None = None
+        tail = _LogTail(run_dir / "log.txt", on_line)
+        while True:
+            job_id = self._submit(run_dir)
+            attempts.append({"job_id": job_id, "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            self._record(run_dir, attempts)
+            try:
+                state, exit_code = self._wait(job_id, tail)
+            except BaseException:  # Ctrl-C, SIGTERM: what this driver submitted does not outlive it
+                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+                attempts[-1]["state"] = "CANCELLED (driver interrupted)"
+                self._record(run_dir, attempts)
+                raise
+            finally:
+                with _SUBMITTED_LOCK:
+                    _SUBMITTED.pop(job_id, None)
+            attempts[-1].update(state=state, exit_code=exit_code)
+            self._record(run_dir, attempts)
+            tail.poll()
+            if state == "PREEMPTED" and len(attempts) <= self.config.max_resubmits:
+                tail.emit(f"[llmcbench] slurm job {job_id} was preempted: resubmitting "
+                          f"({len(attempts)}/{self.config.max_resubmits})")
+                continue
+            failure = self._failure(job_id, state, exit_code, run_dir, attempts, job)
+            break
+        return collect_result(run_dir, job_hash, started, time.perf_counter() - t0,
+                              Provenance(runner=self.name, image=str(image_path(self.config, job))
+                                         if self.config.runtime != "local" else None), failure)
+
+    def _submit(self, run_dir: Path) -> str:
+        proc = _run(["sbatch", "--parsable", f"--chdir={os.getcwd()}", str(run_dir / "slurm.sh")])
+        if proc.returncode != 0:
+            raise UserError(f"sbatch refused the job in {run_dir}: {_first_error(proc)}")
+        job_id = proc.stdout.strip().split(";")[0]
+        with _SUBMITTED_LOCK:
+            _SUBMITTED[job_id] = str(run_dir)
+        return job_id
+
+    def _wait(self, job_id: str, tail: "_LogTail") -> tuple[str, str]:
+        while True:
+            state, exit_code = job_state(job_id)
+            tail.poll()
+            if state in FINISHED:
+                return state, exit_code
+            time.sleep(self.config.poll_s)
+
+    def _failure(self, job_id, state, exit_code, run_dir: Path, attempts, job: Job) -> ErrorInfo | None:
+        """None when the job's own result.json decides (COMPLETED, or FAILED after the job wrote it)."""
+        if state in ("COMPLETED", "FAILED") and (run_dir / "result.json").exists():
+            return None
+        if state in SLURM_ERRORS:
+            what = {"TIMEOUT": f"exceeded its Slurm time limit of {time_minutes(self.config, job)} min",
+                    "PREEMPTED": f"was preempted {len(attempts)} times (max_resubmits {self.config.max_resubmits})"}
+            return ErrorInfo(type=SLURM_ERRORS[state],
+                             message=f"slurm job {job_id} {what.get(state, 'ended ' + state)} (exit code {exit_code})")
+        return ErrorInfo(type="crash", message=f"slurm job {job_id} ended {state} (exit code {exit_code}) without a result")
+
+    @staticmethod
+    def _record(run_dir: Path, attempts: list[dict]) -> None:
+        """`slurm.json` in the run dir: every submission of this job, with its Slurm id and end state."""
+        write_atomic(run_dir / SUBMISSIONS_FILE, json.dumps({"attempts": attempts}, indent=2) + "\n")
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))[:16]
+
+
+class _LogTail:
+    """New lines of a log file that another machine appends to, handed to `on_line`."""
+
+    def __init__(self, path: Path, on_line: Callable[[str], None] | None):
+        self.path, self.on_line = path, on_line
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.buf = b""
+
+    def poll(self) -> None:
+        if self.on_line is None or not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        *lines, self.buf = (self.buf + chunk).replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.on_line(line.decode(errors="replace"))
+
+    def emit(self, line: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
