@@ -65,6 +65,7 @@ class BenchPlan:
     runner_name: str
     gpus: str | None = None
     slurm: object | None = None  # the slurm runner's SlurmConfig
+    judge: object | None = None  # track 7's JudgeConfig: instruction answers are judged against dense's
     runs: dict[str, JobRun] = field(default_factory=dict)
 
     @property
@@ -129,7 +130,7 @@ def resolve_device(device: str) -> str:
 def plan_bench(method: str, preset: str | None = None, model: str | None = None, tracks=None, profile: str = "quick",
                engine: str = "reference", runner: str = "local", runs_dir: str | Path = "runs",
                data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None,
-               gpus: str | None = None, trust_remote_code: bool = False, slurm=None) -> BenchPlan:
+               gpus: str | None = None, trust_remote_code: bool = False, slurm=None, judge=None) -> BenchPlan:
     spec = get_method(method)
     preset_name, preset_params = spec.preset(preset)
     if engine not in spec.engines:
@@ -160,7 +161,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner, gpus, slurm)
+                     Path(runs_dir), runner, gpus, slurm, judge)
 
 
 def compress_job(plan: BenchPlan) -> Job:
@@ -182,6 +183,8 @@ def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, 
     p = plan.profile
     tracks = tracks if tracks is not None else eval_groups(plan.tracks)[0][1]
     generation = {"max_new_tokens": p.max_new_tokens} if 7 in tracks else {}  # only track 7 generates
+    if 7 in tracks and plan.judge is not None:
+        generation["kick_instruction"] = True
     settings = EvalSettings(tracks=tracks, tasks=list(TRACK1_TASKS) if 1 in tracks else [], limit=p.limit_for(tracks),
                             ppl_seqlen=p.ppl_seqlen, ppl_max_windows=p.ppl_max_windows, batch_size=p.batch_size,
                             data_source=plan.data_source, **generation)
@@ -271,4 +274,8 @@ def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = No
             raise JobFailed(f"{p.key} job failed ({err.type}: {err.message}); log kept in {p.run_dir / 'log.txt'}",
                             p.run_dir, err.type)
         plan.runs[p.key] = run
+    if plan.judge is not None and "compressed eval t7" in plan.runs:
+        from .judging import judge_bench
+
+        judge_bench(plan)
     return plan

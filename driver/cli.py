@@ -76,6 +76,9 @@ def bench(
     partition: Optional[str] = typer.Option(None, "--partition", help="slurm runner: the partition (default: the cluster's default)"),
     account: Optional[str] = typer.Option(None, "--account", help="slurm runner: the account to charge"),
     qos: Optional[str] = typer.Option(None, "--qos", help="slurm runner: the quality of service"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="track 7: OpenAI-compatible API root of an LLM judge, e.g. http://127.0.0.1:8000/v1"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="track 7: the judge's model name"),
+    judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="track 7: environment variable holding the judge's API key"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (hf/<id>/<config>/<split>.jsonl); default: hub when online, else the shipped slices"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
@@ -94,8 +97,10 @@ def bench(
 
         slurm = _slurm_flags(runner, None, partition=partition, account=account, qos=qos)
         slurm = SlurmConfig(**slurm) if slurm else None
+        from .judging import judge_config
+
         plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity,
-                          gpus=gpus, slurm=slurm)
+                          gpus=gpus, slurm=slurm, judge=judge_config(judge_url, judge_model, judge_key_env))
         console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.preset} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -149,7 +154,7 @@ def score(csv_file: Path = typer.Argument(..., help="long-format CSV: track,mode
 
 @app.command()
 def matrix(
-    file: Optional[Path] = typer.Argument(None, help="matrix YAML (keys: methods, presets, models, tracks, profile, engine, runner, device, data_dir, trust_remote_code, jobs, slurm)"),
+    file: Optional[Path] = typer.Argument(None, help="matrix YAML (keys: methods, presets, models, tracks, profile, engine, runner, device, data_dir, trust_remote_code, jobs, slurm, judge)"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods (overrides the file)"),
     presets: Optional[str] = typer.Option(None, "--presets", help="paper, track2, all, or preset names (default paper)"),
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated registry names, hub ids or dirs (default: embedded)"),
@@ -160,6 +165,9 @@ def matrix(
     partition: Optional[str] = typer.Option(None, "--partition", help="slurm runner: the partition (overrides the file's slurm.partition)"),
     account: Optional[str] = typer.Option(None, "--account", help="slurm runner: the account to charge"),
     qos: Optional[str] = typer.Option(None, "--qos", help="slurm runner: the quality of service"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="track 7: OpenAI-compatible API root of an LLM judge (overrides the file's judge.base_url)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="track 7: the judge's model name"),
+    judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="track 7: environment variable holding the judge's API key"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: hub when online, else the shipped slices)"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="cells in parallel (default: one per visible GPU, 1 on CPU)"),
@@ -188,6 +196,11 @@ def matrix(
         slurm = data.get("slurm") if isinstance(data.get("slurm"), dict) else None
         if _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos) is not None:
             data["slurm"] = _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos)
+        if judge_url or judge_model or judge_key_env:
+            from .judging import judge_config
+
+            base = data.get("judge") if isinstance(data.get("judge"), dict) else None
+            data["judge"] = judge_config(judge_url, judge_model, judge_key_env, base).model_dump()
         spec = parse_spec(data, str(file) if file else "matrix")
         plan = plan_matrix(spec, runs_dir)
         refresh_cached(plan)

@@ -69,6 +69,8 @@ class EvalSettings(_Record):
     ppl_max_windows: int | None = None
     mmlu_shots: int = 0
     max_new_tokens: int = Field(default=32, description="track 7: greedy generation budget per answer")
+    kick_instruction: bool = Field(default=False, description="track 7: also answer the instruction-following "
+                                                              "questions (for a judge, which the driver asks afterwards)")
     batch_size: int = 16
     macs_seqlen: int = 128
     data_source: Literal["hub", "local"] = "local"

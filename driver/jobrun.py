@@ -197,7 +197,8 @@ def run_eval(job: Job, paths: Paths, result: dict) -> None:
 
         t0 = time.perf_counter()
         metrics["track7"] = evaluate_kick(model, tokenizer, data_dir=data_dir, limit=settings.limit, batch_size=settings.batch_size,
-                                          device=device, max_new_tokens=settings.max_new_tokens)
+                                          device=device, max_new_tokens=settings.max_new_tokens,
+                                          instruction=settings.kick_instruction)
         metrics["track7"]["eval_s"] = time.perf_counter() - t0
         _log(f"track 7: LLM-KICK in {metrics['track7']['eval_s']:.0f} s")
     bad = [k for k, v in _flatten(metrics) if isinstance(v, float) and not math.isfinite(v)]

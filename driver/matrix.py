@@ -34,6 +34,7 @@ from .errors import JobFailed, UserError
 from .fsio import write_atomic
 from .report import plan_eval_records
 from .runners.slurm_script import SlurmConfig
+from ..tracks.kick.judge import JudgeConfig
 
 CellStatus = Literal["planned", "cached", "running", "done", "failed", "unsupported"]
 
@@ -57,6 +58,7 @@ class MatrixSpec(BaseModel):
     jobs: int | None = Field(default=None, ge=1, description="cells in parallel; default one per visible GPU, 1 on CPU, "
                                                               "every cell with the slurm runner (Slurm queues them)")
     slurm: SlurmConfig | None = Field(default=None, description="the slurm runner's partition, account, runtime, ...")
+    judge: JudgeConfig | None = Field(default=None, description="track 7's LLM judge: base_url, model, api_key_env, ...")
 
     @model_validator(mode="after")
     def _slurm_needs_runner(self) -> "MatrixSpec":
@@ -89,10 +91,12 @@ def parse_spec(data: dict[str, Any], where: str = "matrix") -> MatrixSpec:
     try:
         return MatrixSpec.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()  # a misspelt key first: it explains the "field required" that comes with it
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         key = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
-            known = ", ".join(SlurmConfig.model_fields if err["loc"][0] == "slurm" else MatrixSpec.model_fields)
+            nested = {"slurm": SlurmConfig, "judge": JudgeConfig}.get(err["loc"][0], MatrixSpec)
+            known = ", ".join(nested.model_fields)
             raise UserError(f"{where}: unknown key '{key}' (known keys: {known})") from None
         msg = err["msg"].removeprefix("Value error, ")
         raise UserError(f"{where}: {key}: {msg}" if key else f"{where}: {msg}") from None
@@ -152,7 +156,7 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
                 else:
                     cell.plan = plan_bench(method.name, preset, model, cell_tracks, spec.profile, spec.engine, spec.runner,
                                            runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code,
-                                           slurm=spec.slurm)
+                                           slurm=spec.slurm, judge=spec.judge)
                     cell.model = cell.plan.model.name
                 matrix.cells.append(cell)
     if spec.runner == "slurm":  # every cell waits in Slurm's queue at once; Slurm decides what runs

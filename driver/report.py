@@ -12,11 +12,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from ..tracks.records import compress_records, eval_records
+from ..tracks.records import compress_records, eval_records, judge_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
 from .bench import BenchPlan
 from .contract import SCHEMA_VERSION
 from .fsio import write_atomic
+from .judging import NO_JUDGE_NOTE, load_judged
 from .store import Store
 
 TRACK1_LABELS = {
@@ -71,6 +72,9 @@ def plan_eval_records(plan: BenchPlan) -> tuple[list[MetricRecord], list[MetricR
             dense += eval_records(run.result.metrics, plan.model.name, "dense", "dense")
         elif key.startswith("compressed eval"):
             compressed += eval_records(run.result.metrics, plan.model.name, plan.method.name, plan.preset)
+            if key == "compressed eval t7":  # the judged task, when a judge was configured
+                d, c = judge_records(load_judged(run.run_dir), plan.model.name, plan.method.name, plan.preset)
+                dense, compressed = dense + d, compressed + c
     return dense, compressed
 
 
@@ -97,6 +101,8 @@ def build_report(plan: BenchPlan) -> BenchReport:
     if 3 in plan.tracks:
         records += [r for peer in compared for r in peer["records"]]
     records, notes = drop_undefined_ratios(records)
+    if 7 in plan.tracks and not any(r.metric == "kick_instruction" for r in comp_records):
+        notes.append(NO_JUDGE_NOTE)
     try:
         oms = score(records)
     except ScoringError as e:

@@ -1,17 +1,33 @@
 """Tracks 2, 6 and 7 through the real job path: `llmcbench bench --tracks 2,6,7` on the tiny
 LLaMA runs one evaluation job per track group (tracks 2, 6, 7 each their own, dense and
-compressed), and the bench report scores OM_gen, OM_trust and OM_kick from them."""
+compressed), and the bench report scores OM_gen, OM_trust and OM_kick from them. Without a
+judge, instruction following is not scored and the report says so; with the stub judge on
+127.0.0.1 it is judged pairwise against the dense answers and enters OM_kick."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import pytest
 
 from llmcbench.driver.profiles import PROFILES
 from llmcbench.tracks.scoring import METRICS
 
 
-def test_bench_tracks_2_6_7_end_to_end(tmp_path, tiny_llama_dir, run_cli):
+def _length_score(answer: str) -> int:
+    """The stub judge's rule: a longer answer scores higher (1..10), whatever its position."""
+    return 1 + min(9, len(answer.split()) // 4)
+
+
+def _length_judge(prompt: str) -> str:
+    answers = [re.search(rf"\[Answer of Assistant {i}\]\n(.*?)\n\[End of the answer of Assistant {i}\]", prompt, re.S)
+               .group(1) for i in (1, 2)]
+    return f"{_length_score(answers[0])} {_length_score(answers[1])}\nlength rule"
+
+
+def test_bench_tracks_2_6_7_end_to_end(tmp_path, tiny_llama_dir, run_cli, stub_judge):
     runs = tmp_path / "runs"
     proc = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "2,6,7", "--device", "cpu",
                    "--runs-dir", str(runs))
@@ -33,6 +49,7 @@ def test_bench_tracks_2_6_7_end_to_end(tmp_path, tiny_llama_dir, run_cli):
     zero = [m for (t, m), r in rows.items() if t == 7 and r["dense"] == 0]
     assert oms["om_kick"]["n_cells"] == 4 - len(zero)
     assert all(any(m in n for n in bench["notes"]) for m in zero)
+    assert any("instruction following is not scored: no judge configured" in n for n in bench["notes"])
 
     quick = PROFILES["quick"]
     for key, limit in (("compressed eval t6", quick.trust_limit), ("compressed eval t7", quick.kick_limit)):
@@ -45,3 +62,39 @@ def test_bench_tracks_2_6_7_end_to_end(tmp_path, tiny_llama_dir, run_cli):
     t7 = json.loads((Path(bench["jobs"]["compressed eval t7"]["run_dir"]) / "result.json").read_text())["metrics"]["track7"]
     factoid = t7["generations"]["factoid"]
     assert len(factoid) == quick.kick_limit and all(g["references"] for g in factoid)  # references stored with the answers
+
+    # with a judge: the track-7 evaluations also answer the instruction questions (new jobs),
+    # the driver judges them pairwise, and kick_instruction enters OM_kick in % of dense
+    stub_judge.reply_fn = _length_judge
+    judged = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "2,6,7", "--device", "cpu",
+                     "--runs-dir", str(runs), "--judge-url", stub_judge.base_url, "--judge-model", "stub-judge")
+    assert judged.returncode == 0, judged.stdout[-3000:] + judged.stderr[-3000:]
+    bench2 = json.loads(next(runs.glob("wanda-*/*/bench.json")).read_text())
+    assert bench2["jobs"]["dense eval t6"]["cached"] and not bench2["jobs"]["dense eval t7"]["cached"]
+    t7_dir = Path(bench2["jobs"]["compressed eval t7"]["run_dir"])
+    answers = {k: json.loads((Path(bench2["jobs"][k]["run_dir"]) / "result.json").read_text())["metrics"]["track7"]
+               ["generations"]["instruction"] for k in ("compressed eval t7", "dense eval t7")}
+    n = len(answers["compressed eval t7"])
+    assert n == quick.kick_limit and len(stub_judge.requests) == 2 * n  # both orders, nothing more
+    assert all(r["body"]["temperature"] == 0 and r["body"]["model"] == "stub-judge" for r in stub_judge.requests)
+    judge = json.loads((t7_dir / "judge.json").read_text())
+    assert judge["n_scored"] == n and len(judge["raw"]) == 2 * n
+    mean = {k: sum(_length_score(g["answer"]) for g in v) / n for k, v in answers.items()}
+    rows2 = {(r["track"], r["metric"]): r for r in bench2["rows"]}
+    expected = 100 * mean["compressed eval t7"] / mean["dense eval t7"]
+    assert rows2[7, "kick_instruction"]["compressed"] == pytest.approx(expected)
+    assert rows2[7, "kick_instruction"]["dense"] == 100
+    assert {o["om"]: o for o in bench2["oms"]}["om_kick"]["n_cells"] == 5 - len(zero)
+    assert not any("no judge configured" in n for n in bench2["notes"])
+    rep = run_cli("report", str(runs), "-o", str(tmp_path / "report"))  # the store report reads judge.json too
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if "instruction following (judge)" in ln)
+    column = [c.strip() for c in lines[at].split("|")].index("instruction following (judge)")
+    row = next(ln for ln in lines[at + 1:] if ln.startswith("| wanda"))
+    assert row.split("|")[column].strip() == f"{expected:.2f}", (lines[at], row)
+
+    # cached: the same command asks the judge nothing more
+    again = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "2,6,7", "--device", "cpu",
+                    "--runs-dir", str(runs), "--judge-url", stub_judge.base_url, "--judge-model", "stub-judge")
+    assert again.returncode == 0 and len(stub_judge.requests) == 2 * n, again.stderr[-2000:]

@@ -118,6 +118,8 @@ def _gated_env(tmp_path):
     ("unknown_preset", ["unknown preset 'w2a2'", "gptq"]),
     ("no_methods", ["no methods"]),
     ("bad_yaml", ["not valid YAML"]),
+    ("judge_key", ["unknown key 'judge.modle'", "base_url"]),
+    ("judge_url", ["--judge-url", "http://"]),
 ])
 def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line_error):
     runs = tmp_path / "runs"
@@ -138,6 +140,11 @@ def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line
     elif case == "bad_yaml":
         f.write_text("methods: [wanda\n")
         args.insert(1, str(f))
+    elif case == "judge_key":
+        f.write_text("methods: [wanda]\njudge:\n  base_url: http://127.0.0.1:9/v1\n  modle: gpt-4\n")
+        args.insert(1, str(f))
+    elif case == "judge_url":
+        args += ["--methods", "wanda", "--judge-url", "127.0.0.1:8000/v1", "--judge-model", "gpt-4"]
     proc = run_cli(*args, env=env)
     one_line_error(proc, *needles)
     assert proc.returncode == 2

@@ -39,6 +39,18 @@ def eval_records(metrics: dict[str, Any], model: str, method: str, setting: str)
     return out
 
 
+def judge_records(judged: dict | None, model: str, method: str, setting: str) -> tuple[list[MetricRecord], list[MetricRecord]]:
+    """(dense, compressed) records of a pairwise judgement (`judge.json` beside the compressed
+    track-7 result): each answer pair is scored together, so the compressed model's mean score
+    is recorded in % of the dense model's in the same judgement, and dense is 100."""
+    if not judged or not judged.get("mean_a") or not judged.get("mean_b"):
+        return [], []
+    metric = judged.get("metric", "kick_instruction")
+    return ([MetricRecord(track=7, model=model, method="dense", setting="dense", metric=metric, value=100.0)],
+            [MetricRecord(track=7, model=model, method=method, setting=setting, metric=metric,
+                          value=100.0 * judged["mean_a"] / judged["mean_b"])])
+
+
 def compress_records(metrics: dict[str, Any], model: str, method: str, setting: str) -> list[MetricRecord]:
     """Track 3: time of the compression step alone and its peak memory (GPU when it ran on
     one, else host RSS; the device is in the result so the two are never mixed silently)."""

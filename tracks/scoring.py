@@ -84,7 +84,8 @@ METRICS: dict[tuple[int, str], MetricInfo] = {
         *_metrics(6, "robustness", "%", True, "advglue_sst2", "advglue_qqp", "advglue_mnli", "advglue_mnli_mm", "advglue_qnli", "advglue_rte"),
         *_metrics(6, "truthfulness", "%", True, "truthfulqa_mc1", "truthfulqa_mc2"),
         *_metrics(7, "kick", "%", True, "kick_factoid_em", "kick_mcqa_acc", "kick_icr_em", "kick_icr_f1"),
-        *_metrics(7, "kick", "judge score", True, "kick_summarization", "kick_instruction"),
+        # judged pairwise against the dense model's answers: the compressed score in % of dense's (dense = 100)
+        *_metrics(7, "kick", "judge score, % of dense", True, "kick_summarization", "kick_instruction"),
     ]
 }
 

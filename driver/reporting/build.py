@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ...tracks.records import compress_records, eval_records
+from ...tracks.records import compress_records, eval_records, judge_records
+from ..judging import load_judged
 from ...tracks.scoring import MetricRecord, ScoringError, drop_undefined_ratios, score
 from ..contract import ContractError, Job, Result, canonical_json, read_record
 from ..fsio import sha256_file
@@ -42,6 +43,7 @@ class StoredRun:
     job: Job
     result: Result
     path: str  # run dir relative to the store root
+    judged: dict | None = None  # track 7's judge.json beside the result, when a judge was configured
 
     @property
     def ref(self) -> RunRef:
@@ -87,7 +89,7 @@ def scan_store(root: Path) -> tuple[list[StoredRun], list[RunProblem]]:
             problems.append(RunProblem(path=f"{rel}/result.json", status="failed",
                                        message=f"{err.type}: {err.message}" if err else "failed"))
         else:
-            runs.append(StoredRun(job, result, rel))
+            runs.append(StoredRun(job, result, rel, load_judged(d)))
     return runs, problems
 
 
@@ -198,9 +200,15 @@ def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun
     om_sources: dict[int, list[str]] = {}
     for comp_eval_i, dense_i in pairs:
         comp_recs = eval_records(comp_eval_i.result.metrics, model, method, setting)
+        judged_dense: list[MetricRecord] = []
+        if 7 in comp_eval_i.job.evaluation.tracks and dense_i is not None:
+            judged = comp_eval_i.judged
+            if judged and judged.get("identity", {}).get("dense_job") == dense_i.result.job_hash:
+                judged_dense, judged_comp = judge_records(judged, model, method, setting)
+                comp_recs += judged_comp
         for t in comp_eval_i.job.evaluation.tracks:
             om_sources[t] = [comp_eval_i.source] + ([dense_i.source] if dense_i else [])
-        _metric_cells(comp_recs, comp_eval_i, dense_i, model, metrics, records)
+        _metric_cells(comp_recs, comp_eval_i, dense_i, model, metrics, records, judged_dense)
     oms, notes = [], []
     if comp_eval is None:
         notes.append("no evaluation of this artifact in the store: tracks 1 and 4 not scored")
@@ -232,9 +240,9 @@ def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun
 
 
 def _metric_cells(comp_recs: list[MetricRecord], comp_eval: StoredRun, dense: StoredRun | None, model: str,
-                  metrics: list[MetricCell], records: list[MetricRecord]) -> None:
+                  metrics: list[MetricCell], records: list[MetricRecord], extra_dense: list[MetricRecord] = ()) -> None:
     """Adds one evaluation's metric cells (with their dense twins) and scoring records."""
-    dense_recs = eval_records(dense.result.metrics, model, "dense", "dense") if dense else []
+    dense_recs = (eval_records(dense.result.metrics, model, "dense", "dense") if dense else []) + list(extra_dense)
     dense_values = {(r.track, r.metric): r.value for r in dense_recs}
     records += comp_recs + dense_recs
     for r in comp_recs:

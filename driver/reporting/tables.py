@@ -43,7 +43,7 @@ class Table:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    if unit in ("%", "ppl", "OM", "tokens/s"):
+    if unit in ("%", "ppl", "OM", "tokens/s") or unit.endswith("% of dense"):
         return f"{value:.2f}"
     if unit == "s":
         return f"{value:.1f}"
