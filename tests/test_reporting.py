@@ -38,7 +38,9 @@ PAPER_WANDA_24 = {"mmlu": 23.63, "arc_c": 32.25, "arc_e": 58.46, "hellaswag": 55
 WANDA_OFFSET = {"mmlu": +0.5, "arc_c": -3.0, "wikitext2_ppl": +0.05, "tmacs": +0.05}
 
 
-def eval_metrics(values: dict[str, float]) -> dict:
+def eval_metrics(values: dict[str, float], tracks: tuple = (1, 4)) -> dict:
+    if tuple(tracks) == (2,):
+        return {"track2": {"wikitext2": {"ppl": values["wikitext2_ppl"]}}}
     tasks = {k: {"accuracy_pct": v} for k, v in values.items() if k not in ("wikitext2_ppl", "gpu_memory_gb", "model_size_gb", "tmacs")}
     return {
         "track1": {"tasks": tasks, "wikitext2": {"ppl": values["wikitext2_ppl"]}, "eval_s": 1.0},
@@ -79,13 +81,13 @@ class SyntheticStore:
         write_record(d / "result.json", result)
         return d
 
-    def dense(self, model: ModelRef, values: dict, profile: str = "paper") -> Path:
-        job = Job(kind="eval", method="dense", model=model, evaluation=EvalSettings(tracks=[1, 4]), profile=profile, device="cuda")
-        return self._write(cell_name("dense", None, model.name), job, eval_metrics(values))
+    def dense(self, model: ModelRef, values: dict, profile: str = "paper", tracks: tuple = (1, 4)) -> Path:
+        job = Job(kind="eval", method="dense", model=model, evaluation=EvalSettings(tracks=list(tracks)), profile=profile, device="cuda")
+        return self._write(cell_name("dense", None, model.name), job, eval_metrics(values, tracks))
 
     def method(self, model: ModelRef, method: str, preset: str, params: dict, values: dict, compress_s: float,
                memory_gb: float, profile: str = "paper", calib_sha: str = CALIB_SHA, nsamples: int = 128,
-               image_digest: str | None = None) -> tuple[Path, Path]:
+               image_digest: str | None = None, tracks: tuple = (1, 4)) -> tuple[Path, Path]:
         cell = cell_name(method, preset, model.name)
         comp_job = Job(kind="compress", method=method, preset=preset, params=params, model=model, profile=profile, device="cuda",
                        calibration=Calibration(nsamples=nsamples, seqlen=2048, seed=0))
@@ -98,9 +100,9 @@ class SyntheticStore:
                            provenance=Provenance(runner="docker" if image_digest else "local",
                                                  image=f"llmcbench/{method}" if image_digest else None, image_digest=image_digest))
         artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.name}", path=str(comp / "model"))
-        ev_job = Job(kind="eval", method=method, preset=preset, model=artifact, evaluation=EvalSettings(tracks=[1, 4]),
+        ev_job = Job(kind="eval", method=method, preset=preset, model=artifact, evaluation=EvalSettings(tracks=list(tracks)),
                      profile=profile, device="cuda")
-        ev = self._write(cell, ev_job, eval_metrics(values))
+        ev = self._write(cell, ev_job, eval_metrics(values, tracks))
         return comp, ev
 
 
@@ -204,6 +206,29 @@ def test_cells_are_scored_against_their_dense_baseline(llama_store):
     assert (mmlu.dense, mmlu.compressed) == (pytest.approx(40.52), pytest.approx(23.63))
     assert mmlu.dense_source.startswith("dense-llama-2-7b-hf/") and mmlu.compressed_source.startswith("wanda-2-4-llama-2-7b-hf/")
     assert group.fairness_flags == []
+
+
+def test_track2_across_models_is_table_2_with_om_gen(tmp_path):
+    """Track 2 on three models: one table with a column per model and OM_gen as the RMS over
+    the models of ppl_dense/ppl_c; a method measured on two of the three gets none."""
+    other = ModelRef(name="opt-1.3b", source="hub", identity="hub:facebook/opt-1.3b@" + "0" * 40, path="/hf/opt")
+    ppl = [(LLAMA2, 5.12, {"wanda": 6.46, "gptq": 5.60}), (EMBEDDED, 20.0, {"wanda": 25.0}),
+           (other, 14.62, {"wanda": 18.41, "gptq": 15.0})]
+    s = SyntheticStore(tmp_path / "runs")
+    for model, dense_ppl, methods in ppl:
+        s.dense(model, {"wikitext2_ppl": dense_ppl}, tracks=(2,))
+        for method, value in methods.items():
+            s.method(model, method, "p", {}, {"wikitext2_ppl": value}, 1.0, 1.0, tracks=(2,))
+    write_store_report(tmp_path / "runs", tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text().splitlines()
+    at = next(i for i, ln in enumerate(md) if ln.startswith("| method") and "OM_gen" in ln and "opt-1.3b" in ln)
+    columns = [c.strip() for c in md[at].split("|")][1:-1]
+    assert columns == ["method", "setting", "llama-2-7b-hf", "opt-1.3b", "smollm2-135m-instruct", "OM_gen"]
+    rows = {r[0]: r for r in ([c.strip() for c in ln.split("|")][1:-1] for ln in md[at + 2:at + 5])}
+    assert rows["dense"][2:5] == ["5.12", "14.62", "20.00"]
+    expected = 100 * math.sqrt(sum((d / m["wanda"]) ** 2 for _, d, m in ppl) / 3)
+    assert rows["wanda"][5] == f"{expected:.2f}" and rows["wanda"][2:5] == ["6.46", "18.41", "25.00"]
+    assert rows["gptq"][4] == "-" and rows["gptq"][5] == "-"  # not on every model: no OM_gen over fewer
 
 
 def _two_methods(tmp_path, **sparsegpt_kw) -> Path:

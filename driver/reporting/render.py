@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from . import plots
 from .schema import StoreReport
 from .tables import (
-    Table, fairness_table, om_table, paper_table, problems_table, runs_table, track1_table, track2_table, track3_table,
-    track4_table, track5_table, track6_table, track7_table,
+    Table, fairness_table, om_table, paper_table, problems_table, runs_table, track1_table, track2_models_table, track2_table,
+    track3_table, track4_table, track5_table, track6_table, track7_table,
 )
 
 PROFILE_NOTES = {
@@ -74,6 +74,10 @@ def sections(report: StoreReport, with_figures: bool = True) -> list[Section]:
             blocks.append(Paragraph("Track 6 (trustworthiness, Fig. 4): no results in this store.", muted=True))
         blocks += [t for t in (track6_table(g), track7_table(g)) if t]
         out.append(Section(f"group-{i + 1}", head, blocks))
+
+    across = [t for p in report.profiles if (t := track2_models_table(report, p))]
+    if across:
+        out.append(Section("track2-models", "Track 2 across models", across))
 
     paper_blocks: list = [Paragraph(n) for n in report.paper_notes]
     table = paper_table(report)
