@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .contract import Calibration, EvalSettings, Job, Limits, ModelRef, Result
+from .contract import Calibration, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result
 from .data import resolve_data
 from .errors import JobFailed, UserError
 from .models import resolve_model
@@ -66,6 +66,7 @@ class BenchPlan:
     gpus: str | None = None
     slurm: object | None = None  # the slurm runner's SlurmConfig
     judge: object | None = None  # track 7's JudgeConfig: instruction answers are judged against dense's
+    backends: list[str] = field(default_factory=lambda: ["torch_native"])  # track 5's deploy backends
     runs: dict[str, JobRun] = field(default_factory=dict)
 
     @property
@@ -130,7 +131,8 @@ def resolve_device(device: str) -> str:
 def plan_bench(method: str, preset: str | None = None, model: str | None = None, tracks=None, profile: str = "quick",
                engine: str = "reference", runner: str = "local", runs_dir: str | Path = "runs",
                data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None,
-               gpus: str | None = None, trust_remote_code: bool = False, slurm=None, judge=None) -> BenchPlan:
+               gpus: str | None = None, trust_remote_code: bool = False, slurm=None, judge=None,
+               backends: list[str] | None = None) -> BenchPlan:
     spec = get_method(method)
     preset_name, preset_params = spec.preset(preset)
     if engine not in spec.engines:
@@ -158,10 +160,19 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     else:
         get_runner(runner, gpus)
         dev = resolve_device(device)
+    backends = list(backends or ["torch_native"])
+    if 5 in track_list:
+        from ..tracks.acceleration import check_backend
+
+        for b in backends:
+            try:
+                check_backend(b, dev)
+            except ValueError as e:
+                raise UserError(str(e)) from None
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner, gpus, slurm, judge)
+                     Path(runs_dir), runner, gpus, slurm, judge, backends)
 
 
 def compress_job(plan: BenchPlan) -> Job:
@@ -190,6 +201,15 @@ def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, 
                             data_source=plan.data_source, **generation)
     return Job(kind="eval", method=method, preset=preset, engine=plan.engine if method != "dense" else "reference",
                model=model, evaluation=settings, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
+               limits=Limits(time_limit_s=p.time_limit_s))
+
+
+def deploy_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, backend: str) -> Job:
+    p = plan.profile
+    settings = DeploySettings(backend=backend, new_tokens=p.deploy_new_tokens, repeats=p.deploy_repeats,
+                              batch_sizes=list(p.deploy_batch_sizes))
+    return Job(kind="deploy", method=method, preset=preset, engine=plan.engine if method != "dense" else "reference",
+               model=model, deploy=settings, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
                limits=Limits(time_limit_s=p.time_limit_s))
 
 
@@ -229,6 +249,12 @@ def planned_jobs(plan: BenchPlan, runner=None) -> list[PlannedJob]:
             cell_name("dense", None, plan.model.name), Path(plan.model.path))
         add("compressed eval" + suffix, eval_job(plan, artifact, plan.method.name, plan.preset, tracks),
             plan.cell, comp.run_dir / "model")
+    if 5 in plan.tracks:
+        for backend in plan.backends:
+            add(f"dense deploy {backend}", deploy_job(plan, plan.model, "dense", None, backend),
+                cell_name("dense", None, plan.model.name), Path(plan.model.path))
+            add(f"compressed deploy {backend}", deploy_job(plan, artifact, plan.method.name, plan.preset, backend),
+                plan.cell, comp.run_dir / "model")
     return out
 
 

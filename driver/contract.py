@@ -76,6 +76,17 @@ class EvalSettings(_Record):
     data_source: Literal["hub", "local"] = "local"
 
 
+class DeploySettings(_Record):
+    """Track 5: which backend runs the artifact and the measurement protocol (tracks/acceleration)."""
+
+    backend: str = "torch_native"
+    prompt_tokens: int = Field(default=128, gt=0)
+    new_tokens: int = Field(default=256, gt=0, description="decoded per run, EOS ignored")
+    warmup: int = Field(default=1, ge=0)
+    repeats: int = Field(default=5, ge=1, description="timed runs; the median is the figure")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="1: the figure; others: throughput")
+
+
 class Limits(_Record):
     time_limit_s: int = Field(default=3600, gt=0)
     memory_bytes: int | None = None
@@ -91,6 +102,7 @@ class Job(_Record):
     model: ModelRef
     calibration: Calibration | None = None
     evaluation: EvalSettings | None = None
+    deploy: DeploySettings | None = None
     profile: Profile = "quick"
     device: str = "cpu"
     dtype: str = "float32"

@@ -136,6 +136,23 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     }
 
 
+def run_deploy(job: Job, paths: Paths, result: dict) -> None:
+    """Track 5: decode tokens/s of the model on the job's backend (tracks/acceleration)."""
+    from ..tracks.acceleration import evaluate_deploy
+
+    device = _device(job)
+    model_dir = paths.models / job.model.name
+    declaration = read_record(model_dir / COMPRESSION_FILE, Compression) if (model_dir / COMPRESSION_FILE).is_file() else None
+    t0 = time.perf_counter()
+    model, _ = load_model(model_dir, job)
+    model.to(device)
+    result["load_s"] = time.perf_counter() - t0
+    t5 = evaluate_deploy(model, declaration, job.deploy, device)
+    result["metrics"] = {"track5": t5}
+    _log(f"track 5: {t5['backend']} {t5['category']}: {t5['tokens_per_s']:.1f} tokens/s at batch 1 ({t5['kernel']}), "
+         f"peak memory {t5['peak_memory_bytes'] / 1e9:.2f} GB" + "".join(f"; {n}" for n in t5["notes"]))
+
+
 def run_eval(job: Job, paths: Paths, result: dict) -> None:
     from ..tracks.inference.measure import count_macs, inference_memory_bytes, size_on_disk_bytes
     from ..tracks.fakequant import apply_declared_activation_quant
@@ -245,6 +262,8 @@ def execute(paths: Paths) -> int:
             run_compress(job, paths, result)
         elif job.kind == "eval":
             run_eval(job, paths, result)
+        elif job.kind == "deploy":
+            run_deploy(job, paths, result)
         else:
             raise NotImplementedError(f"job kind {job.kind} is not implemented by this image")
     except BaseException as e:  # noqa: BLE001 - every failure becomes a failed result

@@ -58,6 +58,7 @@ class MatrixSpec(BaseModel):
     jobs: int | None = Field(default=None, ge=1, description="cells in parallel; default one per visible GPU, 1 on CPU, "
                                                               "every cell with the slurm runner (Slurm queues them)")
     slurm: SlurmConfig | None = Field(default=None, description="the slurm runner's partition, account, runtime, ...")
+    backends: list[str] = Field(default_factory=lambda: ["torch_native"], description="track 5's deploy backends")
     judge: JudgeConfig | None = Field(default=None, description="track 7's LLM judge: base_url, model, api_key_env, ...")
 
     @model_validator(mode="after")
@@ -66,7 +67,7 @@ class MatrixSpec(BaseModel):
             raise ValueError(f"slurm settings apply to the slurm runner, not runner {self.runner}")
         return self
 
-    @field_validator("methods", "presets", "models", mode="before")
+    @field_validator("methods", "presets", "models", "backends", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
@@ -156,7 +157,7 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
                 else:
                     cell.plan = plan_bench(method.name, preset, model, cell_tracks, spec.profile, spec.engine, spec.runner,
                                            runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code,
-                                           slurm=spec.slurm, judge=spec.judge)
+                                           slurm=spec.slurm, judge=spec.judge, backends=spec.backends)
                     cell.model = cell.plan.model.name
                 matrix.cells.append(cell)
     if spec.runner == "slurm":  # every cell waits in Slurm's queue at once; Slurm decides what runs

@@ -68,9 +68,9 @@ def plan_eval_records(plan: BenchPlan) -> tuple[list[MetricRecord], list[MetricR
     dense: list[MetricRecord] = []
     compressed: list[MetricRecord] = []
     for key, run in plan.runs.items():
-        if key.startswith("dense eval"):
+        if key.startswith(("dense eval", "dense deploy")):
             dense += eval_records(run.result.metrics, plan.model.name, "dense", "dense")
-        elif key.startswith("compressed eval"):
+        elif key.startswith(("compressed eval", "compressed deploy")):
             compressed += eval_records(run.result.metrics, plan.model.name, plan.method.name, plan.preset)
             if key == "compressed eval t7":  # the judged task, when a judge was configured
                 d, c = judge_records(load_judged(run.run_dir), plan.model.name, plan.method.name, plan.preset)

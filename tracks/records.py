@@ -30,6 +30,9 @@ def eval_records(metrics: dict[str, Any], model: str, method: str, setting: str)
         add(4, "gpu_memory_gb", t4["inference_memory_bytes"] / GB)
         add(4, "model_size_gb", t4["model_size_bytes"] / GB)
         add(4, "tmacs", t4["macs"]["effective_macs"] / 1e12)
+    t5 = metrics.get("track5")
+    if t5:  # decode tokens/s at batch 1, under the backend's own name
+        add(5, t5["backend"], t5["tokens_per_s"])
     # Tracks 6 and 7 record their metrics under the catalogue's names (in %, or judge scores);
     # a metric the evaluation could not score (e.g. no judge configured) is absent, not 0.
     for track in (6, 7):

@@ -114,7 +114,7 @@ def build_store_report(root: Path) -> StoreReport:
     runs, problems = scan_store(root)
     matching = load_matching()
     compress = [r for r in runs if r.job.kind == "compress"]
-    evals = [r for r in runs if r.job.kind == "eval"]
+    evals = [r for r in runs if r.job.kind in ("eval", "deploy")]  # deploy jobs measure track 5
 
     latest: dict[tuple, StoredRun] = {}
     for r in compress:
@@ -165,7 +165,8 @@ def _group(model: str, identity: str, profile: str, members: list[StoredRun], ev
         by_tracks: dict[tuple[int, ...], list[StoredRun]] = {}
         for e in evals:
             if e.job.model.identity == f"artifact:{comp.result.job_hash}":
-                by_tracks.setdefault(tuple(e.job.evaluation.tracks), []).append(e)
+                key = tuple(e.job.evaluation.tracks) if e.job.evaluation else (5, e.job.deploy.backend)
+                by_tracks.setdefault(key, []).append(e)
         pairs = [(ce, _dense_for(ce, comp, evals)) for ce in (_latest(v) for _, v in sorted(by_tracks.items()))]
         cells.append(_cell(model, comp, setting, pairs, track3_records, track3_sources))
     flags = [name for name in FAIRNESS_FIELDS
@@ -185,7 +186,7 @@ def _latest(runs: list[StoredRun]) -> StoredRun | None:
 def _dense_for(comp_eval: StoredRun, comp: StoredRun, evals: list[StoredRun]) -> StoredRun | None:
     j = comp_eval.job
     candidates = [e for e in evals if e.job.method == "dense" and e.job.model.identity == comp.job.model.identity
-                  and e.job.evaluation == j.evaluation and e.job.profile == j.profile and e.job.device == j.device
+                  and e.job.kind == j.kind and e.job.evaluation == j.evaluation and e.job.deploy == j.deploy and e.job.profile == j.profile and e.job.device == j.device
                   and e.job.dtype == j.dtype]
     before = [e for e in candidates if e.result.finished_at <= comp_eval.result.started_at]
     return _latest(before) or _latest(candidates)
@@ -201,12 +202,13 @@ def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun
     for comp_eval_i, dense_i in pairs:
         comp_recs = eval_records(comp_eval_i.result.metrics, model, method, setting)
         judged_dense: list[MetricRecord] = []
-        if 7 in comp_eval_i.job.evaluation.tracks and dense_i is not None:
+        tracks = comp_eval_i.job.evaluation.tracks if comp_eval_i.job.evaluation else [5]
+        if 7 in tracks and dense_i is not None:
             judged = comp_eval_i.judged
             if judged and judged.get("identity", {}).get("dense_job") == dense_i.result.job_hash:
                 judged_dense, judged_comp = judge_records(judged, model, method, setting)
                 comp_recs += judged_comp
-        for t in comp_eval_i.job.evaluation.tracks:
+        for t in tracks:
             om_sources[t] = [comp_eval_i.source] + ([dense_i.source] if dense_i else [])
         _metric_cells(comp_recs, comp_eval_i, dense_i, model, metrics, records, judged_dense)
     oms, notes = [], []

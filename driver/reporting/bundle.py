@@ -156,11 +156,11 @@ def reproduce_script(runs: list[StoredRun]) -> str:
     ]
     seen: set[str] = set()
     compress = [r for r in runs if r.job.kind == "compress"]
-    evals = [r for r in runs if r.job.kind == "eval"]
+    evals = [r for r in runs if r.job.kind in ("eval", "deploy")]
     for r in compress:
         job = r.job
         ev = [e for e in evals if e.job.model.identity == f"artifact:{r.result.job_hash}"]
-        tracks = sorted({3} | {t for e in ev for t in (e.job.evaluation.tracks if e.job.evaluation else [])})
+        tracks = sorted({3} | {t for e in ev for t in (e.job.evaluation.tracks if e.job.evaluation else [5])})
         args = ["llmcbench", "bench", "--method", job.method]
         if job.preset:
             args += ["--preset", job.preset]

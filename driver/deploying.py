@@ -1,0 +1,78 @@
+"""`llmcbench deploy`: track 5 for a few artifacts, with the dense model measured in the same run.
+
+Each `method[:preset]` is a bench of track 5 only: its compress job comes from the store when
+it is there; its deploy jobs (dense and compressed, on the chosen backend) are measured again
+in this run, because a speedup compares timings taken under the same conditions. The table
+shows batch-1 decode tokens/s, batched throughput, peak memory and the speedup over dense.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bench import plan_bench, planned_jobs, run_bench
+from .errors import UserError
+
+
+@dataclass
+class DeployRow:
+    label: str
+    category: str
+    kernel: str
+    tokens_per_s: float
+    throughput: dict
+    peak_memory_gb: float
+    memory_kind: str
+    speedup: float | None
+    notes: list[str]
+    source: str
+
+
+def run_deploy(cells: list[str], backend: str, model: str | None, profile: str, runner: str, device: str, runs_dir: Path,
+               data_dir: str | None, on_start: Callable[[str], None] | None = None) -> list[DeployRow]:
+    if not cells:
+        raise UserError("no cells: pass --cells wanda,gptq:w4a16-g128")
+    plans = []
+    for cell in cells:
+        method, _, preset = cell.partition(":")
+        plans.append(plan_bench(method, preset or None, model, [5], profile, "reference", runner, runs_dir, data_dir, device,
+                                backends=[backend]))
+    remeasured: set[Path] = set()
+    for plan in plans:  # timings of this run only: the deploy jobs run again
+        for p in planned_jobs(plan):
+            if p.job.kind == "deploy" and p.run_dir not in remeasured:
+                remeasured.add(p.run_dir)
+                shutil.rmtree(p.run_dir, ignore_errors=True)
+    rows: list[DeployRow] = []
+    for plan in plans:
+        if on_start:
+            on_start(f"{plan.method.name} {plan.preset} on {plan.model.name}: compress (or cached), deploy on {backend}")
+        run_bench(plan)
+        if not rows:
+            rows.append(_row("dense", plan.runs[f"dense deploy {backend}"], None))
+        rows.append(_row(f"{plan.method.name} {plan.preset}", plan.runs[f"compressed deploy {backend}"], rows[0].tokens_per_s))
+    return rows
+
+
+def _row(label: str, run, dense_tokens_per_s: float | None) -> DeployRow:
+    t5 = run.result.metrics["track5"]
+    return DeployRow(label, t5["category"], t5["kernel"], t5["tokens_per_s"], t5["throughput"], t5["peak_memory_bytes"] / 1e9,
+                     t5["memory_kind"], t5["tokens_per_s"] / dense_tokens_per_s if dense_tokens_per_s else None, t5["notes"],
+                     str(run.run_dir / "result.json"))
+
+
+def deploy_table(rows: list[DeployRow], backend: str):
+    from rich.table import Table
+
+    t = Table(title=f"Track 5 on {backend}: batch-1 greedy decode (median), measured in this run")
+    for col in ("model", "category", "kernel", "tokens/s", "throughput (batch: tokens/s)", "peak memory (GB)", "speedup", "notes"):
+        t.add_column(col, justify="right" if col in ("tokens/s", "peak memory (GB)", "speedup") else "left")
+    for r in rows:
+        t.add_row(r.label, r.category, r.kernel, f"{r.tokens_per_s:.1f}",
+                  ", ".join(f"{b}: {v:.1f}" for b, v in r.throughput.items()) or "-",
+                  f"{r.peak_memory_gb:.2f} ({'GPU' if r.memory_kind.startswith('gpu') else 'RSS'})",
+                  "1.00 (baseline)" if r.speedup is None else f"{r.speedup:.2f}x", "; ".join(r.notes))
+    return t

@@ -1,0 +1,131 @@
+"""Track 5 (hardware acceleration) on the torch_native backend: the weight-only kernels against
+the weights they replace, the category of each artifact, deploy jobs through the real bench
+on the tiny LLaMA and `llmcbench deploy` on the embedded model. Timings are measured, never
+asserted beyond being positive: speed belongs to benchmarks, not tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcbench.driver.contract import Compression
+from llmcbench.tracks.acceleration import category
+from llmcbench.tracks.acceleration.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
+
+
+def _grid_linear(n=96, k=256, group=128, seed=0) -> torch.nn.Linear:
+    """A linear whose weights lie on an asymmetric 4-bit grid per group, using levels 0 and 15."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k // group, group), generator=g).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    scale = torch.rand(n, k // group, 1, generator=g) * 0.01 + 0.001
+    low = torch.randn(n, k // group, 1, generator=g) * 0.05
+    lin = torch.nn.Linear(k, n, bias=True)
+    lin.weight.data = (codes * scale + low).view(n, k)
+    return lin
+
+
+def test_int4_kernel_reproduces_a_4bit_grid_exactly():
+    lin = _grid_linear()
+    assert all(len(torch.unique(grp)) <= 16 for grp in lin.weight.data.view(96, -1, 128).reshape(-1, 128))
+    q = Int4WeightOnlyLinear(lin, group_size=128)
+    assert q.max_abs_err < 1e-6
+    x = torch.randn(2, 5, 256)
+    assert torch.allclose(q(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_kernel_matches_per_channel_int8_weights():
+    lin = torch.nn.Linear(256, 64)
+    scale = lin.weight.data.abs().amax(1, keepdim=True) / 127
+    lin.weight.data = (lin.weight.data / scale).round() * scale  # on a symmetric int8 grid per output channel
+    q = Int8WeightOnlyLinear(lin)
+    assert q.max_abs_err < 1e-6 and q.weight_int8.dtype == torch.int8
+    x = torch.randn(3, 256)
+    assert torch.allclose(q(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_off_grid_weights_report_their_requantization_error():
+    lin = torch.nn.Linear(256, 32)
+    assert Int4WeightOnlyLinear(lin).max_abs_err > 1e-4  # measured, not hidden
+
+
+def test_quantize_weights_swaps_only_decoder_linears(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    before = model(ids).logits
+    quantize_weights(model, 8, None)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Int8WeightOnlyLinear" in kinds and isinstance(model.lm_head, torch.nn.Linear)
+    after = model(ids).logits
+    assert torch.allclose(before, after, atol=0.05), (before - after).abs().max()
+
+
+@pytest.mark.parametrize("decl, expected", [
+    (None, "dense"),
+    (Compression(method="m", sparsity_pattern="unstructured"), "unstructured sparsity"),
+    (Compression(method="m", sparsity_pattern="n:m", n_m=(2, 4)), "2:4 sparsity"),
+    (Compression(method="m", sparsity_pattern="structured"), "structured sparsity"),
+    (Compression(method="m", weight_bits=8, act_bits=8), "INT8 quantization"),
+    (Compression(method="m", weight_bits=4, group_size=128), "INT4 quantization"),
+])
+def test_category_follows_table_5(decl, expected):
+    assert category(decl) == expected
+
+
+def test_bench_track5_on_tiny_llama(tmp_path, tiny_llama_dir, run_cli):
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "gptq", "--preset", "w4a16-g128", "--model", str(tiny_llama_dir), "--tracks", "5",
+                   "--device", "cpu", "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench = json.loads(next(runs.glob("gptq-*/*/bench.json")).read_text())
+    assert set(bench["jobs"]) == {"compress", "dense deploy torch_native", "compressed deploy torch_native"}
+    t5 = {k: json.loads((Path(bench["jobs"][k]["run_dir"]) / "result.json").read_text())["metrics"]["track5"]
+          for k in ("dense deploy torch_native", "compressed deploy torch_native")}
+    dense, int4 = t5["dense deploy torch_native"], t5["compressed deploy torch_native"]
+    assert (dense["category"], int4["category"]) == ("dense", "INT4 quantization")
+    assert int4["kernel"] == "aten._weight_int4pack_mm_for_cpu" and int4["accelerated"]
+    for t in (dense, int4):
+        assert t["tokens_per_s"] > 0 and len(t["batch1"]["runs_s"]) == 3 and t["new_tokens"] == 32
+        assert set(t["throughput"]) == {"4"} and t["peak_memory_bytes"] > 0
+    om = {o["om"]: o for o in bench["oms"]}["om_hard"]
+    assert om["value"] == pytest.approx(100 * int4["tokens_per_s"] / dense["tokens_per_s"], rel=1e-9)
+    # the store report puts the deploy jobs in Table 5's layout
+    rep = run_cli("report", str(runs), "-o", str(tmp_path / "report"))
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if "torch native" in ln and ln.startswith("| method"))
+    rows = {ln.split("|")[1].strip(): ln for ln in lines[at + 2:at + 4]}
+    assert f"{int4['tokens_per_s']:.2f}" in rows["gptq"] and f"{om['value']:.2f}" in rows["gptq"]
+    assert f"{dense['tokens_per_s']:.2f}" in rows["dense"]
+
+
+def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_line_error):
+    base = ["deploy", "--model", str(tiny_llama_dir), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")]
+    one_line_error(run_cli(*base, "--backend", "tensorrt_llm"), "tensorrt_llm needs a CUDA GPU")
+    one_line_error(run_cli(*base, "--backend", "vllm"), "vllm is not available")
+    one_line_error(run_cli(*base, "--backend", "triton"), "unknown deploy backend 'triton'")
+    one_line_error(run_cli(*base, "--cells", "wanda:w3"), "unknown preset 'w3'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
+    """`llmcbench deploy` on the embedded SmolLM2 (CPU): dense and Wanda 50% (compressed by
+    the bench tests, a cache hit here), both measured in this run; unstructured sparsity has
+    no kernel on torch_native and runs dense, which the table says."""
+    local, _, _ = embedded_store
+    runs = tmp_path / "runs"
+    shutil.copytree(local, runs, symlinks=True)
+    proc = run_cli("deploy", "--cells", "wanda", "--runs-dir", str(runs), timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "dense" in out and "unstructured sparsity" in out and "baseline" in out and "runs dense" in out
+    results = [json.loads(p.read_text()) for p in runs.glob("*/*/result.json")]
+    deployed = [r["metrics"]["track5"] for r in results if "track5" in r["metrics"]]
+    assert sorted(t["category"] for t in deployed) == ["dense", "unstructured sparsity"]
+    assert all(t["tokens_per_s"] > 0 for t in deployed)

@@ -1,0 +1,100 @@
+"""Weight-only low-bit linears on torch's own kernels, for the native torch deploy backend.
+
+int8: `aten._weight_int8pack_mm` (per-output-channel symmetric int8 weights, CPU and CUDA).
+int4: `aten._weight_int4pack_mm_for_cpu` on CPU and `aten._weight_int4pack_mm` (tinygemm) on
+CUDA: asymmetric 4-bit codes per group of input channels, w = (q - 8) * scale + zero.
+
+Why torch's kernels and not torchao: torchao wraps these same kernels, but its 0.18 int4
+path on CPU needs an extra native library (mslk) that has no CPU wheel, and the GPU machines
+this runs on have no package index. The kernels are torch's; only the packing (a few tensor
+ops) is here, and a test checks each layer against the dequantized weights it replaces.
+
+A compressed artifact stores dequantized weights on its low-bit grid (the accuracy tracks
+load it as a plain HF model); `quantize_linear` recovers codes, scales and zeros from it per
+group (min/max), which reproduces the grid exactly when the group uses its lowest and highest
+level, and reports the largest deviation otherwise (`max_abs_err`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+        q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        self.register_buffer("weight_int8", q.contiguous())
+        self.register_buffer("scales", scale.to(w.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.max_abs_err = float((q.float() * scale[:, None].float() - w.float()).abs().max())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8, self.scales.to(x.dtype))
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, group_size: int = 128):
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        if k % group_size:  # a narrow layer (a test model): the largest kernel group that divides it
+            group_size = next((g for g in (256, 128, 64, 32) if g <= group_size and k % g == 0), 0)
+            if not group_size:
+                raise ValueError(f"in_features {k} is not a multiple of 32: no int4 kernel group fits")
+        wg = w.view(n, k // group_size, group_size)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((wg - lo) / scale).round().clamp(0, 15)
+        self.max_abs_err = float((q * scale + lo - wg).abs().max())
+        zero = lo + 8 * scale  # tinygemm's convention: w = (q - 8) * scale + zero
+        self.group_size, self.in_features, self.out_features = group_size, k, n
+        self.cuda_kernel = linear.weight.is_cuda
+        codes = q.view(n, k).to(torch.int32)
+        if self.cuda_kernel:
+            packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        dtype = linear.weight.dtype
+        self.register_buffer("weight_int4", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([scale.view(n, -1), zero.view(n, -1)], -1)
+                             .transpose(0, 1).contiguous().to(dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.cuda_kernel:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+def decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) of every linear in the decoder blocks (not the LM head)."""
+    out = []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, nn.Linear) and ".layers." in f"{name}.{attr}".replace("model.layers", ".layers"):
+                out.append((module, attr, child))
+    return out
+
+
+def quantize_weights(model: nn.Module, bits: int, group_size: int | None) -> float:
+    """Swap the decoder's linears for weight-only int8/int4 kernels in place; the largest
+    deviation from the artifact's weights."""
+    worst = 0.0
+    for parent, attr, linear in decoder_linears(model):
+        layer = Int8WeightOnlyLinear(linear) if bits == 8 else Int4WeightOnlyLinear(linear, group_size or 128)
+        setattr(parent, attr, layer)
+        worst = max(worst, layer.max_abs_err)
+    return worst

@@ -1,0 +1,65 @@
+"""One measurement protocol for every deploy backend (SPEC 5 track 5).
+
+Batch-1 greedy decode of a fixed prompt (seeded random token ids of `prompt_tokens`), exactly
+`new_tokens` new tokens (EOS ignored), after `warmup` untimed runs; the figure is the median
+of `repeats` timed runs of new tokens / wall time. A batched throughput figure per extra
+batch size, and the peak memory of the process (GPU: torch's peak reserved; CPU: host RSS).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def prompt_ids(vocab_size: int, prompt_tokens: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, max(101, vocab_size - 1), (batch, prompt_tokens), generator=g)
+
+
+def time_decode(generate: Callable[[torch.Tensor, int], None], ids: torch.Tensor, new_tokens: int, warmup: int,
+                repeats: int, sync: Callable[[], None]) -> dict:
+    for _ in range(warmup):
+        generate(ids, new_tokens)
+    sync()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(ids, new_tokens)
+        sync()
+        runs.append(time.perf_counter() - t0)
+    median = statistics.median(runs)
+    return {"tokens_per_s": ids.shape[0] * new_tokens / median, "median_s": median, "runs_s": runs}
+
+
+def hf_generate(model) -> Callable[[torch.Tensor, int], None]:
+    """Greedy decode through transformers' `generate`, with exactly `n` new tokens."""
+
+    def run(ids: torch.Tensor, n: int) -> None:
+        with torch.inference_mode():
+            model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), do_sample=False,
+                           max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+
+    return run
+
+
+def measure(generate, vocab_size: int, device: torch.device, prompt_tokens: int, new_tokens: int, warmup: int,
+            repeats: int, batch_sizes: list[int]) -> dict:
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = {"batch1": time_decode(generate, prompt_ids(vocab_size, prompt_tokens), new_tokens, warmup, repeats, sync),
+           "throughput": {}}
+    for b in batch_sizes:
+        if b > 1:
+            out["throughput"][str(b)] = time_decode(generate, prompt_ids(vocab_size, prompt_tokens, b), new_tokens, 1,
+                                                    max(1, repeats // 2), sync)["tokens_per_s"]
+    out["tokens_per_s"] = out["batch1"]["tokens_per_s"]
+    out["peak_memory_bytes"] = (torch.cuda.max_memory_reserved(device) if device.type == "cuda"
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out["memory_kind"] = "gpu_reserved" if device.type == "cuda" else "host_rss"
+    return out
