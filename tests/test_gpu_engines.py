@@ -15,6 +15,7 @@ The CPU engines are tested on the embedded model elsewhere.
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.gpu
 
@@ -94,3 +95,45 @@ def test_engine_paper_preset_on_cuda(method):
     bound = dense_bytes + MARGIN_BYTES
     assert peak < bound, (f"{method}/{preset}: peak CUDA memory {peak / 2**30:.2f} GiB exceeds the model "
                           f"({dense_bytes / 2**30:.2f} GiB) + {MARGIN_BYTES / 2**30:.0f} GiB: not block-wise?")
+
+
+# ---------------------------------------------------------------- track 5 kernels on CUDA
+
+
+def test_cuda_int4_and_int8_kernels_match_the_weights_they_replace():
+    """tinygemm int4 (packing differs from the CPU kernel's) and int8 weight-only on CUDA."""
+    from llmcbench.tracks.acceleration.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    n, k, g = 256, 512, 128
+    codes = torch.randint(0, 16, (n, k // g, g)).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    w = (codes * (torch.rand(n, k // g, 1) * 0.01 + 0.001) + torch.randn(n, k // g, 1) * 0.05).view(n, k)
+    lin = torch.nn.Linear(k, n, bias=False).cuda().to(torch.bfloat16)
+    lin.weight.data = w.cuda().to(torch.bfloat16)
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ lin.weight.float().T
+    for layer in (Int4WeightOnlyLinear(lin, g), Int8WeightOnlyLinear(lin)):
+        y = layer(x).float()
+        assert (y - ref).abs().max() <= 0.02 * ref.abs().max(), type(layer).__name__
+
+
+def test_cuda_2_4_semi_structured_backend():
+    from llmcbench.driver.contract import Compression
+    from llmcbench.tracks.acceleration.backends import prepare_native
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=1000)
+    model = LlamaForCausalLM(config).cuda().half().eval()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            w = mod.weight.data.view(-1, 4)
+            mask = torch.zeros_like(w, dtype=torch.bool).scatter_(1, w.abs().topk(2, dim=1).indices, True)
+            mod.weight.data = (w * mask).view_as(mod.weight)
+    ids = torch.randint(0, 1000, (1, 32), device="cuda")
+    dense = model(ids).logits.float()
+    prepared = prepare_native(model, Compression(method="t", sparsity_pattern="n:m", n_m=(2, 4)), torch.device("cuda"))
+    assert prepared.accelerated and "semi-structured" in prepared.kernel
+    assert torch.allclose(prepared.model(ids).logits.float(), dense, atol=0.05, rtol=0.05)

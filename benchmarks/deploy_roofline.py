@@ -1,0 +1,132 @@
+"""Track 5 on the torch_native backend against the memory-bandwidth roofline (issue 7, GPU).
+
+Builds a random-weights LLaMA-2-7B-shaped model in fp16 on a GPU (the shapes of
+benchmarks/engine_cost.py), prepares it for each category exactly as a deploy job does
+(tracks/acceleration/backends.py: fp16 dense, 2:4 semi-structured sparse, int8 and int4
+weight-only) and measures batch-1 greedy decode with the deploy protocol
+(tracks/acceleration/protocol.py). Batch-1 decode reads every weight once per token, so
+
+    roofline fraction = bytes of weights read per token x tokens/s / peak HBM bandwidth
+
+where the bytes are counted from the prepared tensors themselves (int4 codes, scales and
+zeros; 2:4 values and metadata; the fp16 embedding row and LM head). Random weights give
+real shapes and bytes, not real text. Goal (issue 7): fp16 >= 75% of the roofline, int4 >=
+3x fp16, 2:4 > 1.1x fp16. `--compile` decodes with a static KV cache under torch.compile
+(HF's recipe against Python overhead per token).
+
+    python benchmarks/deploy_roofline.py                       # 7b shape, all categories
+    python benchmarks/deploy_roofline.py --layers 8 --new-tokens 64 --compile
+    python benchmarks/deploy_roofline.py --peak-gbs 3350       # H100 SXM; default from the GPU's name
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PEAK_GBS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800, "A100-SXM4-80GB": 2039,
+            "A100": 1555, "A800": 2039, "L40S": 864}
+CATEGORIES = ("fp16", "2:4", "int8", "int4")
+
+
+def peak_gbs(name: str) -> float:
+    return next((v for k, v in PEAK_GBS.items() if k.lower() in name.lower()), 0.0)
+
+
+def bytes_per_token(model) -> int:
+    """Bytes a batch-1 decode step reads: every decoder weight (as prepared), the LM head, one embedding row."""
+    import torch
+
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "embed_tokens" in name:
+            total += t.shape[-1] * t.element_size()
+            continue
+        if isinstance(t, torch.Tensor) and hasattr(t, "packed"):  # semi-structured sparse: values + metadata
+            total += t.packed.numel() * t.packed.element_size() + t.meta.numel() * t.meta.element_size()
+        elif "rotary" not in name:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def prepare(model, cat: str, device):
+    import torch
+
+    from llmcbench.driver.contract import Compression
+    from llmcbench.tracks.acceleration.backends import prepare_native
+    from llmcbench.tracks.acceleration.kernels import decoder_linears
+
+    if cat == "fp16":
+        return prepare_native(model, None, device)
+    if cat == "2:4":
+        for _, _, lin in decoder_linears(model):  # keep the 2 largest of every 4 weights of a row
+            w = lin.weight.data
+            idx = w.abs().view(-1, 4).topk(2, dim=1).indices
+            mask = torch.zeros_like(w.view(-1, 4), dtype=torch.bool).scatter_(1, idx, True)
+            lin.weight.data = (w.view(-1, 4) * mask).view_as(w)
+        return prepare_native(model, Compression(method="bench", sparsity_pattern="n:m", n_m=(2, 4)), device)
+    bits = 8 if cat == "int8" else 4
+    return prepare_native(model, Compression(method="bench", weight_bits=bits, group_size=128 if bits == 4 else None), device)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from engine_cost import build_model, llama_config
+    from llmcbench.tracks.acceleration.protocol import hf_generate, measure
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--categories", default=",".join(CATEGORIES))
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--peak-gbs", type=float, default=None, help="HBM bandwidth in GB/s (default: from the GPU's name)")
+    ap.add_argument("--compile", action="store_true", help="static KV cache + torch.compile(mode='reduce-overhead')")
+    ap.add_argument("--out", default="deploy_roofline.json")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU (batch-1 decode against the HBM roofline)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    gpu = torch.cuda.get_device_name(0)
+    peak = a.peak_gbs or peak_gbs(gpu)
+    rows = []
+    for cat in a.categories.split(","):
+        config = llama_config(a.shape, a.layers)
+        config.use_cache = True
+        model = build_model(config, device, torch.float16).eval()
+        try:
+            prepared = prepare(model, cat, device)
+            if a.compile:
+                prepared.model.generation_config.cache_implementation = "static"
+                prepared.model.forward = torch.compile(prepared.model.forward, mode="reduce-overhead", fullgraph=True)
+            figures = measure(hf_generate(prepared.model), config.vocab_size, device, 128, a.new_tokens, 2, a.repeats, [1])
+            nbytes = bytes_per_token(prepared.model)
+            rows.append({"category": cat, "kernel": prepared.kernel, "tokens_per_s": figures["tokens_per_s"],
+                         "bytes_per_token": nbytes, "roofline_fraction": nbytes * figures["tokens_per_s"] / (peak * 1e9) if peak else None,
+                         "peak_memory_gb": figures["peak_memory_bytes"] / 1e9})
+        except Exception as e:  # noqa: BLE001 - one category failing leaves the others measured
+            rows.append({"category": cat, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+        del model
+        torch.cuda.empty_cache()
+    base = next((r["tokens_per_s"] for r in rows if r["category"] == "fp16" and "tokens_per_s" in r), None)
+    print(f"{gpu}, peak {peak:.0f} GB/s, shape {a.shape}{f' ({a.layers} layers)' if a.layers else ''}, compile {a.compile}")
+    print(f"{'category':8} {'tokens/s':>9} {'GB/token':>9} {'roofline':>9} {'vs fp16':>8}  kernel")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['category']:8} error: {r['error']}")
+            continue
+        frac = f"{100 * r['roofline_fraction']:.1f}%" if r["roofline_fraction"] is not None else "-"
+        speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"{r['category']:8} {r['tokens_per_s']:9.1f} {r['bytes_per_token'] / 1e9:9.2f} {frac:>9} {speed:>8}  {r['kernel']}")
+    Path(a.out).write_text(json.dumps({"gpu": gpu, "peak_gbs": peak, "compile": a.compile, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
