@@ -353,6 +353,10 @@ from .docker_commands import register as _register_docker; _register_docker(app)
 
 
 def main() -> None:
+    import signal
+
+    # SIGTERM (`kill`, a scheduler) ends any command like Ctrl-C: job processes killed, Slurm jobs cancelled
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app()
     except KeyboardInterrupt:
