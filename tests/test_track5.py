@@ -123,9 +123,9 @@ def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
     shutil.copytree(local, runs, symlinks=True)
     proc = run_cli("deploy", "--cells", "wanda", "--runs-dir", str(runs), timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "dense" in out and "unstructured sparsity" in out and "baseline" in out and "runs dense" in out
+    assert "baseline" in proc.stdout and "measured in this run" in proc.stdout
     results = [json.loads(p.read_text()) for p in runs.glob("*/*/result.json")]
     deployed = [r["metrics"]["track5"] for r in results if "track5" in r["metrics"]]
     assert sorted(t["category"] for t in deployed) == ["dense", "unstructured sparsity"]
     assert all(t["tokens_per_s"] > 0 for t in deployed)
+    assert [t["notes"] for t in deployed if t["category"] != "dense"] == [["no kernel for unstructured sparsity: runs dense"]]
