@@ -245,7 +245,7 @@ def test_bad_input_is_one_line_before_anything_is_submitted(case, extra, yaml_te
     proc = run_cli(*args, *extra, env=_env(**env))
     one_line_error(proc, *needles)
     assert not runs.exists(), f"{case}: something was written"
-    assert set(_queue(cluster)) == before, f"{case}: something was submitted"
+    assert not set(_queue(cluster)) - before, f"{case}: something was submitted"  # (an earlier test's job may leave)
 
 
 def test_doctor_reports_the_cluster(cluster, run_cli):
