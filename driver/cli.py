@@ -218,8 +218,9 @@ def matrix(
         if "methods" not in data:
             raise UserError("no methods: pass --methods wanda,sparsegpt or a matrix file with a methods list")
         slurm = data.get("slurm") if isinstance(data.get("slurm"), dict) else None
-        if _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos) is not None:
-            data["slurm"] = _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos)
+        slurm = _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos)
+        if slurm is not None:
+            data["slurm"] = slurm
         if judge_url or judge_model or judge_key_env:
             from .judging import judge_config
 
