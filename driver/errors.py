@@ -28,7 +28,12 @@ def classify_exception(exc: BaseException) -> str:
     """Map an exception raised inside a job to the contract's error class."""
     import builtins
 
+    declared = getattr(exc, "error_type", None)  # e.g. the upstream engine's failures say their class
+    if isinstance(declared, str):
+        return declared
     name = type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return "timeout"
     if isinstance(exc, builtins.MemoryError) or name in {"OutOfMemoryError", "OOMError"}:
         return "oom"
     if "out of memory" in str(exc).lower():

@@ -78,6 +78,11 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
 
     spec = get_method(job.method)
     engine = spec.engine_module(job.engine)
+    if getattr(engine, "ADAPTER", None) is not None:
+        # the upstream engine: the original repository's own code, through its adapter
+        from ..methods._upstream.run import run_upstream
+
+        return run_upstream(job, paths, result, engine.ADAPTER, spec.upstream.commit)
     device = _device(job)
     model_dir = paths.models / job.model.name
 

@@ -19,11 +19,29 @@ from .errors import UserError
 METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
 
 
+class UpstreamImage(BaseModel):
+    """`[upstream.image]`: the pinned stack upstream's code runs on inside the method image
+    (its own venv, images/Dockerfile.method), apart from the harness's base venv."""
+
+    model_config = ConfigDict(extra="forbid")
+    python: str = Field(description="the Python upstream states (recorded; the image's interpreter is the base's)")
+    torch: str
+    torch_index: str | None = Field(default=None, description="pip index for the torch wheel (its CUDA build)")
+    requirements: list[str] = Field(default_factory=list, description="pinned pip requirements upstream runs with")
+    build: list[str] = Field(default_factory=list, description="shell commands run in the checkout after install")
+    patches: list[str] = Field(default_factory=list, description="files under the method folder, applied with git apply")
+    env: dict[str, str] = Field(default_factory=dict, description="build environment, e.g. TORCH_CUDA_ARCH_LIST")
+
+
 class Upstream(BaseModel):
     model_config = ConfigDict(extra="allow")
     repo: str
-    commit: str
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
     license: str | None = None
+    # preset -> the upstream command line(s) its adapter builds, one per step
+    # ({model}, {work}, {calibration} placeholders)
+    commands: dict[str, str | list[str]] = Field(default_factory=dict)
+    image: UpstreamImage | None = None
 
 
 class CalibrationDefaults(BaseModel):

@@ -1,0 +1,278 @@
+"""Run an upstream script unmodified, with the harness's hooks around it.
+
+This file runs under the *upstream* interpreter (the method image's pinned venv, or any
+Python that has the upstream repository's dependencies), so it imports nothing from
+llmcbench and only the standard library at module level. The driver side
+(`methods/_upstream/run.py`) writes a hooks file and calls
+
+    <upstream python> shim.py --hooks hooks.json
+
+with the upstream repository as the working directory. The hooks replace the patches one
+would otherwise apply to upstream source:
+
+- `datasets`: `datasets.load_dataset` calls for the hub datasets upstream hard-codes
+  (`allenai/c4` with its removed `allenai--c4` config, `wikitext`, `ptb_text_only`,
+  `bookcorpus`, `mit-han-lab/pile-val-backup`, ...) are served from files the driver
+  staged from `/data`. A dataset nobody staged raises `DatasetNotStaged` unless
+  `allow_hub` is set (the paper profile with hub access).
+- `time`: functions whose wall time is the compression step (e.g. GPTQ's
+  `llama_sequential`), so track 3 never counts loading or upstream's own evaluation.
+- `save`: after a function returns, `save_pretrained` the model it was given or returned,
+  for repositories that keep the compressed weights only in memory (GPTQ, SmoothQuant,
+  SparseGPT saves only after its mandatory evaluation); or `torch.save` an object
+  (`"torch_save": path`) that upstream keeps in memory only (GPTQ's quantizer grids).
+- `no_pdb`: `pdb.set_trace()` (OmniQuant on a NaN loss) fails the job instead of waiting
+  for a terminal that a container does not have.
+
+Targets are `module:function`. For `__main__:function` the script is split at its
+top-level `if __name__ == "__main__":` guard: the definitions run first, the hooks wrap
+them, then the guarded block runs. Other modules are imported and wrapped before the
+script starts, so a script's `from module import function` gets the wrapped function.
+
+If the script asks for a dataset that was not staged after the model was saved (the
+mandatory PTB/C4 evaluations of GPTQ and SparseGPT offline), the run ends there with
+exit 0 and says so: what the harness needed has been produced. Before the save it is an
+error. Events (timings, saves, stops) are appended as JSON lines to `events`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import importlib
+import json
+import os
+import sys
+import time
+
+EXIT_NOT_STAGED = 3
+EXIT_PDB = 4
+
+
+class DatasetNotStaged(RuntimeError):
+    """Upstream asked for a dataset the harness did not stage (and the hub is not allowed)."""
+
+
+class PdbCalled(RuntimeError):
+    """Upstream called pdb.set_trace(): in a container that would hang; fail instead."""
+
+
+class Hooks:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.events_path = cfg.get("events")
+        self.saved = False
+
+    def event(self, **record) -> None:
+        record["t"] = time.time()
+        print(f"[llmcbench-shim] {json.dumps(record)}", flush=True)
+        if self.events_path:
+            with open(self.events_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def _norm(name) -> str:
+    return str(name or "").strip().lower()
+
+
+def _find_rule(rules: list[dict], path, name, data_files) -> dict | None:
+    path, name = _norm(path), _norm(name)
+    for rule in rules:
+        aliases = [_norm(a) for a in rule["match"]]
+        if path in aliases or (path in ("json", "text") and data_files and rule.get("match_files")
+                               and any(m in json.dumps(data_files) for m in rule["match_files"])):
+            configs = rule.get("configs")
+            if configs is None or name in [_norm(c) for c in configs] or not name:
+                return rule
+    return None
+
+
+def patch_datasets(hooks: Hooks) -> None:
+    rules = hooks.cfg.get("datasets") or []
+    allow_hub = bool(hooks.cfg.get("allow_hub"))
+    try:
+        import datasets
+    except ImportError:
+        return
+    original = datasets.load_dataset
+
+    @functools.wraps(original)
+    def load_dataset(path, name=None, *args, **kwargs):
+        data_files = kwargs.get("data_files")
+        rule = _find_rule(rules, path, name, data_files)
+        if rule is None:
+            if allow_hub:
+                return original(path, name, *args, **kwargs)
+            raise DatasetNotStaged(f"load_dataset({path!r}, {name!r}) is not staged for this offline run")
+        if rule.get("drop_config"):
+            hooks.event(event="dataset", requested=[str(path), name], served="hub without the removed config name")
+            return original(path, *args, **kwargs)
+        split = kwargs.get("split")
+        files = rule["files"]
+        wanted = _split_name(split)
+        if wanted is not None and wanted not in files:
+            raise DatasetNotStaged(f"load_dataset({path!r}, {name!r}, split={split!r}): split {wanted!r} is not staged "
+                                   f"(staged: {', '.join(sorted(files))})")
+        hooks.event(event="dataset", requested=[str(path), name, split], served=files if wanted is None else files[wanted])
+        return original(rule.get("format", "json"), data_files=files, split=split)
+
+    datasets.load_dataset = load_dataset
+
+
+def _split_name(split) -> str | None:
+    if split is None:
+        return None
+    return str(split).split("[")[0].split("+")[0].strip()
+
+
+# ----------------------------------------------------------------------------- functions
+
+def _sync() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _pick_model(spec: dict, args, kwargs, returned):
+    if spec.get("model") == "return":
+        return returned
+    kw = spec.get("kw")
+    if kw and kw in kwargs:
+        return kwargs[kw]
+    index = spec.get("arg", 0)
+    if index < len(args):
+        return args[index]
+    raise RuntimeError(f"save hook: cannot find the model (arg {index} / kw {kw}) of {spec['after']}")
+
+
+def wrap(hooks: Hooks, target: str, fn):
+    timed = target in (hooks.cfg.get("time") or [])
+    saves = [s for s in (hooks.cfg.get("save") or []) if s["after"] == target]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if timed:
+            _sync()
+            t0 = time.perf_counter()
+        returned = fn(*args, **kwargs)
+        if timed:
+            _sync()
+            hooks.event(event="timed", target=target, seconds=time.perf_counter() - t0)
+        for spec in saves:
+            obj = _pick_model(spec, args, kwargs, returned)
+            if spec.get("torch_save"):
+                # an in-memory object upstream never writes (GPTQ's `quantizers`: the grids)
+                import torch
+
+                torch.save(obj, spec["torch_save"])
+                hooks.event(event="saved", target=target, file=spec["torch_save"])
+                continue
+            obj.save_pretrained(spec["dir"], safe_serialization=spec.get("safetensors", True))
+            hooks.saved = True
+            hooks.event(event="saved", target=target, dir=spec["dir"])
+        return returned
+
+    return wrapper
+
+
+def _targets(hooks: Hooks) -> set[str]:
+    return set(hooks.cfg.get("time") or []) | {s["after"] for s in hooks.cfg.get("save") or []}
+
+
+def patch_modules(hooks: Hooks) -> None:
+    for target in sorted(_targets(hooks)):
+        module_name, _, attr = target.partition(":")
+        if module_name == "__main__":
+            continue
+        module = importlib.import_module(module_name)
+        setattr(module, attr, wrap(hooks, target, getattr(module, attr)))
+
+
+def patch_main(hooks: Hooks, namespace: dict) -> None:
+    for target in sorted(_targets(hooks)):
+        module_name, _, attr = target.partition(":")
+        if module_name != "__main__":
+            # a `from module import fn` in the script bound the wrapped function already
+            continue
+        if attr not in namespace:
+            raise RuntimeError(f"hook target {target}: the script defines no '{attr}' before its main guard")
+        namespace[attr] = wrap(hooks, target, namespace[attr])
+
+
+def no_pdb() -> None:
+    import pdb
+
+    def set_trace(*_a, **_k):
+        raise PdbCalled("upstream called pdb.set_trace() (OmniQuant does on a NaN loss); failing instead of hanging")
+
+    pdb.set_trace = set_trace
+    sys.breakpointhook = set_trace
+
+
+# ----------------------------------------------------------------------------- the script
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    parts = [node.test.left, *node.test.comparators]
+    names = [p for p in parts if isinstance(p, ast.Name) and p.id == "__name__"]
+    consts = [p for p in parts if isinstance(p, ast.Constant) and p.value == "__main__"]
+    return bool(names and consts)
+
+
+def run_script(hooks: Hooks, script: str, argv: list[str]) -> None:
+    with open(script) as f:
+        source = f.read()
+    tree = ast.parse(source, filename=script)
+    guard = next((i for i, node in enumerate(tree.body) if _is_main_guard(node)), None)
+    if guard is None and any(t.startswith("__main__:") for t in _targets(hooks)):
+        raise RuntimeError(f"{script} has no `if __name__ == '__main__':` block to hook __main__ functions into")
+    head = tree.body if guard is None else tree.body[:guard]
+    tail = [] if guard is None else tree.body[guard:]
+    namespace = {"__name__": "__main__", "__file__": os.path.abspath(script), "__builtins__": __builtins__}
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    main_module = type(sys)("__main__")
+    main_module.__dict__.update(namespace)
+    namespace = main_module.__dict__
+    sys.modules["__main__"] = main_module  # pickles of classes defined in the script resolve
+    exec(compile(ast.Module(body=head, type_ignores=[]), script, "exec"), namespace)
+    patch_main(hooks, namespace)
+    if tail:
+        exec(compile(ast.Module(body=tail, type_ignores=[]), script, "exec"), namespace)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="run an upstream script with llmcbench hooks")
+    ap.add_argument("--hooks", required=True, help="hooks JSON written by the driver")
+    a = ap.parse_args(argv)
+    with open(a.hooks) as f:
+        cfg = json.load(f)
+    hooks = Hooks(cfg)
+    sys.path.insert(0, os.getcwd())  # upstream's own packages (lib/, smoothquant/, awq/, LLMPruner/)
+    patch_datasets(hooks)
+    if cfg.get("no_pdb"):
+        no_pdb()
+    try:
+        patch_modules(hooks)
+        run_script(hooks, cfg["script"], list(cfg.get("argv") or []))
+    except DatasetNotStaged as e:
+        if hooks.saved:
+            hooks.event(event="stopped", reason=str(e))
+            print(f"[llmcbench-shim] model saved; stopping at upstream's next step: {e}", flush=True)
+            return 0
+        print(f"DatasetNotStaged: {e}", file=sys.stderr, flush=True)
+        return EXIT_NOT_STAGED
+    except PdbCalled as e:
+        print(f"PdbCalled: {e}", file=sys.stderr, flush=True)
+        return EXIT_PDB
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

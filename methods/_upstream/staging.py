@@ -1,0 +1,101 @@
+"""Where the upstream code and data come from, and which hub loads are served locally.
+
+The method image holds the upstream checkout at `/opt/llmcbench/upstream/<method>` and its
+pinned interpreter at `/opt/llmcbench/upstream-venv/bin/python` (images/Dockerfile.method).
+Outside an image (the local runner, a lent GPU machine) `LLMCBENCH_UPSTREAM_DIR` names a
+folder with one checkout per method and `LLMCBENCH_UPSTREAM_PYTHON` the interpreter;
+without the latter the job's own interpreter runs upstream (recorded in result.json).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .adapter import StagedData
+
+IMAGE_UPSTREAM = Path("/opt/llmcbench/upstream")
+IMAGE_PYTHON = Path("/opt/llmcbench/upstream-venv/bin/python")
+
+
+class UpstreamUnavailable(FileNotFoundError):
+    """No checkout of the upstream repository here: a bad_input failure, said in one line."""
+
+
+def upstream_repo(method: str) -> Path:
+    roots = [Path(p) for p in os.environ.get("LLMCBENCH_UPSTREAM_DIR", "").split(os.pathsep) if p] + [IMAGE_UPSTREAM]
+    for root in roots:
+        if (root / method).is_dir() and any((root / method).iterdir()):
+            return (root / method).resolve()
+    raise UpstreamUnavailable(
+        f"no upstream checkout of {method} (looked in {', '.join(str(r / method) for r in roots)}): build the method image "
+        f"with GitHub access (`llmcbench images build {method}`) or set LLMCBENCH_UPSTREAM_DIR to a folder holding {method}/")
+
+
+def upstream_python() -> str:
+    explicit = os.environ.get("LLMCBENCH_UPSTREAM_PYTHON")
+    if explicit:
+        return explicit
+    return str(IMAGE_PYTHON) if IMAGE_PYTHON.exists() else sys.executable
+
+
+def checkout_commit(repo: Path) -> str | None:
+    """The commit of the checkout (a git work tree), or what UPSTREAM.json of the image says."""
+    marker = repo / ".llmcbench-commit"  # written by the image build next to a checkout without .git
+    if marker.is_file():
+        return marker.read_text().strip()
+    if not (repo / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return None
+
+
+def stage_data(data_dir: Path, offline: bool) -> StagedData:
+    c4 = data_dir / "hf" / "allenai__c4" / "en" / "train.jsonl"
+    wikitext = data_dir / "hf" / "Salesforce__wikitext" / "wikitext-2-raw-v1" / "test.jsonl"
+    return StagedData(calibration=c4 if c4.is_file() else None, wikitext_test=wikitext if wikitext.is_file() else None,
+                      offline=offline)
+
+
+def dataset_rules(staged: StagedData, *, unused_splits: list[str] = ()) -> list[dict]:
+    """The shim's `datasets` rules: which `load_dataset` calls get which staged files.
+
+    Offline, C4 (any config, including the removed `allenai--c4`) is the calibration slice;
+    upstream's other calibration corpora (pile-val for AWQ/SmoothQuant, BookCorpus for
+    LLM-Pruner) are served the same slice, which the adapter records in the artifact's
+    notes. WikiText-2's test split is upstream's own perplexity.
+
+    `unused_splits` ("c4:validation", "wikitext:train") are splits an upstream loader always
+    loads but whose content this step never uses (Wanda's `get_c4` returns a validation
+    encoding its pruning discards; GPTQ's `get_wikitext2` samples train windows its
+    evaluation discards). They are served the dataset's staged file so the loader runs;
+    each such load is an event in the step's log. PTB and C4 validation are not staged
+    otherwise: upstream's evaluation on them stops the run after the model was saved (shim.py).
+    """
+    if not staged.offline:
+        # hub data as upstream uses it; only the config name the hub removed is dropped
+        return [{"match": ["allenai/c4"], "configs": ["allenai--c4"], "drop_config": True}]
+    unused: dict[str, list[str]] = {}
+    for item in unused_splits:
+        dataset, _, split = item.partition(":")
+        unused.setdefault(dataset, []).append(split)
+    rules = []
+    if staged.calibration is not None:
+        c4 = str(staged.calibration)
+        rules += [
+            {"match": ["allenai/c4", "c4", "allenai--c4"], "files": {"train": c4, **{s: c4 for s in unused.get("c4", [])}}},
+            {"match": ["mit-han-lab/pile-val-backup", "pile-val-backup"], "files": {"validation": c4}},
+            {"match": ["bookcorpus", "bookcorpus/bookcorpus"], "files": {"train": c4}},
+        ]
+    if staged.wikitext_test is not None:
+        wt = str(staged.wikitext_test)
+        files = {"test": wt, **{s: wt for s in unused.get("wikitext", [])}}
+        rules.append({"match": ["wikitext", "Salesforce/wikitext"], "configs": ["wikitext-2-raw-v1"], "files": files})
+    return rules

@@ -1,0 +1,146 @@
+"""The upstream engine's plumbing: a compress job on `--engine upstream` through the real job
+process (`python -m llmcbench.driver.jobrun`), with the shim, staging, timing, conversion and
+failure classes, against a stand-in upstream checkout.
+
+CI cannot clone GitHub, so the checkout is `tests/fixtures/upstream/wanda`: a CPU stand-in
+with locuslab/wanda's command line, module layout, hub loads and output format (its README
+says exactly what it is). The real adapter (`methods/wanda/upstream.py`) drives it; only the
+code behind upstream's interface differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcbench.driver.contract import Compression, Result, read_record
+from llmcbench.driver.fsio import sha256_file, write_record
+from llmcbench.driver.registry import get_method
+from llmcbench.methods._upstream.testing import job_for
+
+FIXTURE = Path(__file__).parent / "fixtures" / "upstream" / "wanda"
+
+
+@pytest.fixture(scope="module")
+def upstream_root(tmp_path_factory) -> Path:
+    """A copy of the stand-in checkout, marked as being at method.toml's pinned commit."""
+    root = tmp_path_factory.mktemp("upstream")
+    shutil.copytree(FIXTURE, root / "wanda")
+    (root / "wanda" / ".llmcbench-commit").write_text(get_method("wanda").upstream.commit + "\n")
+    return root
+
+
+def run_job(tmp_path: Path, model_dir: Path, data_dir: Path, upstream_root: Path | None, *, preset: str = "2:4",
+            mode: str = "", time_limit_s: int = 600) -> tuple[Result, Path, float]:
+    """One compress job in the volume-contract layout the runners give it; returns its result."""
+    job = job_for("wanda", preset, profile="quick", nsamples=4, seqlen=64, seed=0, device="cpu", model_name="tiny")
+    job.limits.time_limit_s = time_limit_s
+    for d in ("job", "models", "out"):
+        (tmp_path / d).mkdir(parents=True)
+    write_record(tmp_path / "job" / "job.json", job)
+    os.symlink(model_dir, tmp_path / "models" / "tiny")
+    os.symlink(data_dir, tmp_path / "data")
+    env = {**os.environ, "LLMCBENCH_FAKE_UPSTREAM": mode, "OMP_NUM_THREADS": "1"}
+    env.pop("LLMCBENCH_UPSTREAM_DIR", None)
+    if upstream_root is not None:
+        env["LLMCBENCH_UPSTREAM_DIR"] = str(upstream_root)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "llmcbench.driver.jobrun", "--job", str(tmp_path / "job" / "job.json"),
+                           "--models", str(tmp_path / "models"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    wall = time.perf_counter() - t0
+    assert (tmp_path / "out" / "result.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = read_record(tmp_path / "out" / "result.json", Result)
+    assert (proc.returncode == 0) == (result.status == "ok"), proc.stdout[-2000:]
+    return result, tmp_path / "out", wall
+
+
+def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, data_dir, upstream_root):
+    """2:4 through the upstream engine: the artifact is 2:4 in every block linear, loads in
+    transformers, evaluates with our code, and result.json keeps upstream's own perplexity,
+    the hooked compression time, the commands and upstream's log."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcbench.methods._engine.testing import block_linears
+    from llmcbench.tracks.performance import wikitext2_ppl
+
+    result, out, wall = run_job(tmp_path, tiny_llama_dir, data_dir, upstream_root, preset="2:4")
+    assert result.status == "ok", result.error
+    declaration = read_record(out / "model" / "compression.json", Compression)
+    assert (declaration.engine, declaration.method, declaration.preset) == ("upstream", "wanda", "2:4")
+    assert declaration.sparsity_pattern == "n:m" and tuple(declaration.n_m) == (2, 4)
+    assert declaration.measured_sparsity == pytest.approx(0.5)
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    linears = block_linears(model)
+    assert linears
+    for name, linear in linears.items():
+        zeros_per_group = (linear.weight.reshape(linear.weight.shape[0], -1, 4) == 0).sum(-1)
+        assert torch.equal(zeros_per_group, torch.full_like(zeros_per_group, 2)), name
+    ours = wikitext2_ppl(model, AutoTokenizer.from_pretrained(out / "model"), data_dir=data_dir, seqlen=128, max_windows=2)
+    assert 1 < ours["ppl"] < float("inf")
+
+    upstream = result.metrics["upstream"]
+    assert 1 < upstream["reported"]["wikitext_ppl"] < float("inf")  # parsed from `wikitext perplexity <x>`
+    assert upstream["commit"] == get_method("wanda").upstream.commit
+    assert "--sparsity_type 2:4" in upstream["commands"][0]
+    track3 = result.metrics["track3"]
+    assert track3["timed"] == ["prune: lib.prune:prune_wanda"]
+    assert 0 < result.compress_s < upstream["step_wall_s"]["prune"] < wall  # loading and upstream's eval excluded
+    assert result.input_sha256["calibration"] == sha256_file(data_dir / "hf" / "allenai__c4" / "en" / "train.jsonl")
+    assert any(k.startswith("model/") for k in result.output_sha256)
+
+    log = (out / "upstream" / "prune.log").read_text()
+    assert "pruning starts" in log and "wikitext perplexity" in log
+    events = [json.loads(line) for line in (out / "upstream" / "prune.events.jsonl").read_text().splitlines()]
+    served = [e for e in events if e["event"] == "dataset"]
+    assert {tuple(e["requested"][:2]) for e in served} >= {("allenai/c4", "allenai--c4"), ("wikitext", "wikitext-2-raw-v1")}
+    assert not (out / ".upstream-work").exists() and not (out / ".model.partial").exists()
+
+
+@pytest.mark.parametrize("mode, error_type, needle", [
+    ("exit", "crash", "illegal memory access"),
+    ("no_output", "crash", "upstream left no HF model directory"),
+    ("pdb", "crash", "pdb.set_trace"),
+    ("ptb", "bad_input", "ptb_text_only"),
+])
+def test_upstream_failures_are_failed_cells_with_logs(tmp_path, tiny_llama_dir, data_dir, upstream_root, mode, error_type, needle):
+    """An upstream run that exits non-zero, leaves no output, drops into pdb, or needs data
+    that was not staged is a failed job with its class and upstream's log; never a model."""
+    result, out, _ = run_job(tmp_path, tiny_llama_dir, data_dir, upstream_root, preset="unstructured-50", mode=mode)
+    assert result.status == "failed"
+    assert result.error.type == error_type, result.error
+    assert needle in result.error.message, result.error.message
+    assert (out / "upstream" / "prune.log").stat().st_size > 0
+    assert not (out / "model").exists()
+
+
+def test_upstream_hang_is_a_timeout(tmp_path, tiny_llama_dir, data_dir, upstream_root):
+    """An upstream process that never returns is killed at the job's time limit; the job
+    itself still writes its failed result (class timeout) with upstream's log."""
+    result, out, wall = run_job(tmp_path, tiny_llama_dir, data_dir, upstream_root, preset="unstructured-50",
+                                mode="hang", time_limit_s=45)
+    assert result.status == "failed" and result.error.type == "timeout", result.error
+    assert wall < 120
+    assert "pruning starts" in (out / "upstream" / "prune.log").read_text()
+
+
+def test_missing_or_unpinned_checkout_is_bad_input(tmp_path, tiny_llama_dir, data_dir, upstream_root):
+    result, _, _ = run_job(tmp_path / "a", tiny_llama_dir, data_dir, tmp_path / "nowhere")
+    assert result.status == "failed" and result.error.type == "bad_input"
+    assert "llmcbench images build wanda" in result.error.message
+
+    other = tmp_path / "other"
+    shutil.copytree(upstream_root, other)
+    (other / "wanda" / ".llmcbench-commit").write_text("0" * 40 + "\n")
+    result, _, _ = run_job(tmp_path / "b", tiny_llama_dir, data_dir, other)
+    assert result.status == "failed" and result.error.type == "bad_input"
+    assert "pins 8e8fc87b4a2f" in result.error.message
