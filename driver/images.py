@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,7 @@ class ImageSpec:
     base_image_id: str | None = None
     method: str | None = None
     upstream: dict | None = None  # {"repo", "commit"}
+    upstream_image: dict | None = None  # [upstream.image] of method.toml + the patches' hashes
     _tag: str | None = field(default=None, repr=False)
 
     @property
@@ -163,6 +165,8 @@ class ImageSpec:
             d["source"] = project_digest(self.method)
         if self.upstream:
             d["upstream"] = [self.upstream["repo"], self.upstream["commit"]]
+        if self.upstream_image:
+            d["upstream_image"] = _sha(canonical_json({k: v for k, v in self.upstream_image.items() if k != "folder"}))
         return d
 
     @property
@@ -239,7 +243,62 @@ def method_spec(client, method: str, base: ImageSpec | None = None) -> ImageSpec
     cfg = image_config(spec)
     return ImageSpec(role="method", name=f"method-{spec.name}", requirements=cfg["requirements"], python=cfg["python"],
                      parent=base or base_spec(client), method=spec.name,
-                     upstream={"repo": spec.upstream.repo, "commit": spec.upstream.commit})
+                     upstream={"repo": spec.upstream.repo, "commit": spec.upstream.commit},
+                     upstream_image=upstream_image_config(spec))
+
+
+def upstream_image_config(method_spec) -> dict | None:
+    """`[upstream.image]` with each patch's content hash (a changed patch is a new image);
+    None for a method without an upstream engine stack."""
+    image = method_spec.upstream.image
+    if image is None:
+        return None
+    cfg = image.model_dump()
+    hashes = {}
+    for rel in image.patches:
+        path = Path(method_spec.folder) / rel
+        if not path.is_file():
+            raise UserError(f"{method_spec.folder}/method.toml: [upstream.image].patches names {rel}, which does not exist")
+        hashes[rel] = _sha(path.read_bytes())
+    cfg["patch_sha256"] = hashes
+    cfg["folder"] = str(method_spec.folder)  # where the patches are; not part of the image's identity
+    return cfg
+
+
+def upstream_layer_files(spec: ImageSpec) -> dict[str, str]:
+    """The upstream venv's requirements and build script (images/Dockerfile.method runs them
+    only when the upstream checkout is in the image)."""
+    cfg = spec.upstream_image
+    reqs = [f"torch=={cfg['torch']}", *cfg["requirements"]]
+    if cfg["build"]:
+        reqs += ["setuptools<70", "wheel", "ninja"]  # the venv has no build tools of its own
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(cfg["env"].items()))
+    build = "set -eux\n" + exports + "".join(c + "\n" for c in cfg["build"])
+    return {"requirements.txt": "".join(r + "\n" for r in reqs), "build.sh": build}
+
+
+def upstream_wheels(spec: ImageSpec, log: Log) -> Path:
+    """The upstream stack's wheels (its own torch build from `torch_index`), downloaded once."""
+    files = upstream_layer_files(spec)
+    index = spec.upstream_image.get("torch_index")
+    key = _sha(canonical_json({"python": spec.python, "files": files, "index": index}))[:16]
+    out = wheelhouse_root() / "upstream-wheels" / f"{spec.method}-{key}"
+    if (out / ".complete").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / ".requirements.txt").write_text(files["requirements.txt"])
+    log(f"downloading the upstream stack of {spec.method}: {' '.join(files['requirements.txt'].split())}")
+    extra = ["--extra-index-url", index] if index else []
+    _pip(["download", "-q", "-d", str(tmp), *extra, "-r", str(tmp / ".requirements.txt")],
+         f"download the upstream stack of {spec.method}")
+    _sdists_to_wheels(tmp, log)
+    (tmp / ".requirements.txt").unlink()
+    (tmp / ".complete").write_text(files["requirements.txt"])
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 def specs_for(client, target: str) -> list[ImageSpec]:
@@ -447,9 +506,11 @@ def fetch_upstream(spec: ImageSpec, attempt: bool, log: Log) -> tuple[Path | Non
     """The upstream repository at its pinned commit (git, from the host; cached), or why not."""
     repo, commit = spec.upstream["repo"], spec.upstream["commit"]
     record = {"repo": repo, "commit": commit, "fetched": False}
-    cache = wheelhouse_root() / "upstream" / f"{spec.method}-{commit[:12]}"
+    patches = (spec.upstream_image or {}).get("patch_sha256") or {}
+    suffix = f"-{_sha(canonical_json(patches))[:8]}" if patches else ""
+    cache = wheelhouse_root() / "upstream" / f"{spec.method}-{commit[:12]}{suffix}"
     if (cache / ".complete").is_file():
-        return cache, {**record, "fetched": True}
+        return cache, {**record, "fetched": True, "patches": sorted(patches)}
     if not attempt:
         return None, {**record, "reason": "not attempted (--no-upstream)"}
     if not shutil.which("git"):
@@ -470,8 +531,18 @@ def fetch_upstream(spec: ImageSpec, attempt: bool, log: Log) -> tuple[Path | Non
     except subprocess.TimeoutExpired:
         shutil.rmtree(tmp, ignore_errors=True)
         return None, {**record, "reason": "git clone timed out"}
+    for rel in patches:
+        patch = Path(spec.upstream_image["folder"]) / rel
+        proc = subprocess.run(["git", "-C", str(tmp), "apply", str(patch)], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ImageBuildError(f"{patch} does not apply to {repo} at {commit[:12]}: "
+                                  f"{(proc.stderr.strip().splitlines() or ['git apply failed'])[-1]}")
+        log(f"applied {rel}")
     shutil.rmtree(tmp / ".git", ignore_errors=True)
+    (tmp / ".llmcbench-commit").write_text(commit + "\n")  # the job checks it against method.toml's pin
     (tmp / ".complete").write_text(commit + "\n")
+    record["patches"] = sorted(patches)
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
     return cache, {**record, "fetched": True}
@@ -516,8 +587,20 @@ def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
     if spec.role == "method":
         up_dir, up = fetch_upstream(spec, upstream, log)
         (ctx / "upstream").mkdir()
+        (ctx / "upstream-layer").mkdir()
         if up_dir is not None:
             shutil.copytree(up_dir, ctx / "upstream" / spec.method, ignore=shutil.ignore_patterns(".complete"))
+            if spec.upstream_image:
+                for name, text in upstream_layer_files(spec).items():
+                    (ctx / "upstream-layer" / name).write_text(text)
+                wheels = upstream_wheels(spec, log)
+                (ctx / "upstream-layer" / "wheels").mkdir()
+                for p in wheels.iterdir():
+                    if p.is_file() and not p.name.startswith("."):
+                        _link_or_copy(p, ctx / "upstream-layer" / "wheels" / p.name)
+                up["venv"] = "/opt/llmcbench/upstream-venv"
+            else:
+                up["note"] = "no [upstream.image] in method.toml: the upstream engine has no pinned stack in this image"
         else:
             up["note"] = "upstream code was not fetched at build time: this image runs the reference engine only"
         (ctx / "upstream" / "UPSTREAM.json").write_text(json.dumps(up, indent=2) + "\n")

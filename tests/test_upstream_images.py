@@ -1,0 +1,117 @@
+"""The method image's upstream part, without Docker: pins from method.toml, the upstream
+venv's requirements and build script, and the checkout at the pinned commit with the
+method's patches applied (against a local git repository standing in for GitHub)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from llmcbench.driver import images
+from llmcbench.driver.registry import discover, get_method
+
+
+def _spec(method: str, **upstream_image) -> images.ImageSpec:
+    spec = get_method(method)
+    cfg = images.upstream_image_config(spec)
+    cfg.update(upstream_image)
+    return images.ImageSpec(role="method", name=f"method-{method}", requirements=[], python=images.python_version(),
+                            method=method, upstream={"repo": spec.upstream.repo, "commit": spec.upstream.commit},
+                            upstream_image=cfg)
+
+
+def test_every_upstream_engine_declares_a_pinned_stack():
+    """A method with an upstream engine says what upstream runs on; torch and every listed
+    requirement are pinned to one version (`==`), except upper bounds like numpy<2."""
+    with_upstream = [s for s in discover().values() if "upstream" in s.engines]
+    assert with_upstream
+    for spec in with_upstream:
+        image = spec.upstream.image
+        assert image is not None, spec.name
+        assert image.torch.count(".") >= 1
+        for req in image.requirements:
+            assert "==" in req or "<" in req, f"{spec.name}: {req} is not pinned"
+        assert any(r.startswith("transformers==") for r in image.requirements), spec.name
+        for patch in image.patches:
+            first = (spec.folder / patch).read_text().splitlines()[0]
+            assert first.startswith("#") and len(first) > 10, f"{patch}: first line must say why"
+
+
+def test_upstream_layer_files_follow_method_toml():
+    files = images.upstream_layer_files(_spec("wanda", build=["python setup.py install"], env={"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}))
+    reqs = files["requirements.txt"].split()
+    assert reqs[0] == f"torch=={get_method('wanda').upstream.image.torch}"
+    assert "transformers==4.34.1" in reqs and "setuptools<70" in reqs
+    assert "export TORCH_CUDA_ARCH_LIST='8.0;9.0'" in files["build.sh"]
+    assert files["build.sh"].splitlines()[-1] == "python setup.py install"
+
+
+def test_image_tag_follows_the_upstream_pins(monkeypatch):
+    monkeypatch.setattr(images, "project_digest", lambda method: "digest")
+    parent = images.ImageSpec(role="base", name="base", requirements=[], python=images.python_version(), base_image="x")
+
+    def tag(**kw):
+        spec = _spec("wanda", **kw)
+        spec.parent = parent
+        return spec.inputs_hash
+
+    assert tag() == tag()
+    assert tag(requirements=["transformers==4.36.2"]) != tag()
+    moved = _spec("wanda")
+    moved.upstream_image["folder"] = "/elsewhere"
+    moved.parent = parent
+    assert moved.inputs_hash == tag()  # where the checkout lives is not part of the image
+
+
+def _git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def local_upstream(tmp_path):
+    """A git repository with two commits; the first is 'pinned'."""
+    repo = tmp_path / "origin"
+    repo.mkdir()
+    _git("init", "-q", cwd=repo)
+    (repo / "main.py").write_text("print('upstream v1')\nx = 1\n")
+    _git("add", ".", cwd=repo)
+    _git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "v1", cwd=repo)
+    pinned = _git("rev-parse", "HEAD", cwd=repo)
+    (repo / "main.py").write_text("print('upstream v2')\nx = 2\n")
+    _git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-am", "v2", cwd=repo)
+    return repo, pinned
+
+
+def test_fetch_checks_out_the_pin_and_applies_patches(tmp_path, monkeypatch, local_upstream):
+    repo, pinned = local_upstream
+    monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    folder = tmp_path / "method"
+    (folder / "patches").mkdir(parents=True)
+    (folder / "patches" / "001-x.patch").write_text(
+        "# why: a test patch\n"
+        "--- a/main.py\n+++ b/main.py\n@@ -1,2 +1,2 @@\n print('upstream v1')\n-x = 1\n+x = 10\n")
+    spec = _spec("wanda", patches=["patches/001-x.patch"], patch_sha256={"patches/001-x.patch": "h"}, folder=str(folder))
+    spec.upstream = {"repo": str(repo), "commit": pinned}
+    checkout, record = images.fetch_upstream(spec, True, log=lambda _m: None)
+    assert record["fetched"] and record["patches"] == ["patches/001-x.patch"]
+    assert (checkout / "main.py").read_text() == "print('upstream v1')\nx = 10\n"  # the pin, patched
+    assert (checkout / ".llmcbench-commit").read_text().strip() == pinned
+    assert not (checkout / ".git").exists()
+
+    from llmcbench.methods._upstream.staging import checkout_commit
+
+    assert checkout_commit(checkout) == pinned
+
+
+def test_a_patch_that_does_not_apply_fails_the_build(tmp_path, monkeypatch, local_upstream):
+    repo, pinned = local_upstream
+    monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    folder = tmp_path / "method"
+    (folder / "patches").mkdir(parents=True)
+    (folder / "patches" / "bad.patch").write_text("# why\n--- a/main.py\n+++ b/main.py\n@@ -1,2 +1,2 @@\n print('other')\n-y = 1\n+y = 2\n")
+    spec = _spec("wanda", patches=["patches/bad.patch"], patch_sha256={"patches/bad.patch": "h"}, folder=str(folder))
+    spec.upstream = {"repo": str(repo), "commit": pinned}
+    with pytest.raises(images.ImageBuildError, match="bad.patch does not apply"):
+        images.fetch_upstream(spec, True, log=lambda _m: None)
