@@ -141,6 +141,49 @@ def deploy(
 
 
 @app.command()
+def parity(
+    method: str = typer.Argument(..., help="method with both engines (see `llmcbench methods list`)"),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset (default: the paper's preset)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model (default: embedded SmolLM2-135M)"),
+    profile: str = typer.Option("quick", "--profile", help="quick or paper"),
+    runner: str = typer.Option("local", "--runner", help="local, docker or slurm"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
+):
+    """Reference vs upstream engine on the same model: WikiText-2 ppl and mask/weight agreement."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .parity import run_parity
+
+    t0 = time.perf_counter()
+    try:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      TextColumn("[dim]{task.fields[status]}"), console=console, transient=False) as progress:
+            rec = run_parity(method, preset, model, profile, runner, runs_dir, data_dir, device, on_job=_progress_callback(progress))
+    except (UserError, JobFailed) as e:
+        _fail(e, e.exit_code)
+    t = Table(title=f"Parity: {rec.method} {rec.preset} on {rec.model} (dense WikiText-2 ppl {_fmt(rec.dense_wikitext2_ppl)})")
+    for col in ("engine", "WikiText-2 ppl (ours)", "upstream's own figures", "sparsity", "bits", "compress s"):
+        t.add_column(col)
+    for engine, side in rec.engines.items():
+        own = ", ".join(f"{k} {v:.2f}" for k, v in side.upstream_reported.items()) or "-"
+        t.add_row(engine, _fmt(side.wikitext2_ppl), own, _fmt(side.measured_sparsity, ".3f"), str(side.weight_bits), _fmt(side.compress_s, ".1f"))
+    console.print(t)
+    console.print(f"mask agreement {_fmt(rec.mask_agreement, '.4f')}; weight rel. diff {_fmt(rec.weight_rel_diff, '.4f')}; "
+                  f"identical weights {_fmt(rec.identical_fraction, '.4f')}; linears compared {rec.linears_compared} "
+                  f"(shapes agree {rec.shapes_agree:.0%})")
+    for note in rec.notes:
+        console.print(f"[dim]note: {note}[/dim]")
+    console.print(f"parity: {time.perf_counter() - t0:.1f} s; record in {runs_dir / 'parity'}")
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@app.command()
 def cancel(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store whose Slurm jobs to cancel")):
     """Cancel every Slurm job still queued or running for this store (a driver that was killed leaves them)."""
     from .runners.slurm import cancel_store

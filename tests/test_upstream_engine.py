@@ -144,3 +144,33 @@ def test_missing_or_unpinned_checkout_is_bad_input(tmp_path, tiny_llama_dir, dat
     result, _, _ = run_job(tmp_path / "b", tiny_llama_dir, data_dir, other)
     assert result.status == "failed" and result.error.type == "bad_input"
     assert "pins 8e8fc87b4a2f" in result.error.message
+
+
+def test_parity_command_compares_both_engines(tmp_path, tiny_llama_dir, upstream_root, run_cli):
+    """`llmcbench parity wanda` runs both engines on the same model and reports the WikiText-2
+    ppl of each artifact and their mask agreement, which this test recomputes from the two
+    artifacts itself."""
+    from llmcbench.driver.parity import ParityRecord
+    from llmcbench.driver.contract import read_record as read
+    from llmcbench.methods._engine.testing import block_linears, load
+
+    env = {"LLMCBENCH_UPSTREAM_DIR": str(upstream_root), "OMP_NUM_THREADS": "1"}
+    proc = run_cli("parity", "wanda", "--preset", "2:4", "--model", str(tiny_llama_dir), "--runs-dir", str(tmp_path / "runs"),
+                   "--device", "cpu", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "mask agreement" in proc.stdout and "upstream" in proc.stdout
+    [record_path] = (tmp_path / "runs" / "parity").glob("*.json")
+    rec = read(record_path, ParityRecord)
+    assert set(rec.engines) == {"reference", "upstream"}
+    for side in rec.engines.values():
+        assert side.measured_sparsity == pytest.approx(0.5) and 1 < side.wikitext2_ppl < float("inf")
+    assert rec.engines["upstream"].upstream_reported["wikitext_ppl"] > 1
+
+    dirs = {e: next((tmp_path / "runs").glob(f"*/{s.compress_job}")) / "model" for e, s in rec.engines.items()}
+    ref, up = block_linears(load(dirs["reference"])), block_linears(load(dirs["upstream"]))
+    agree = sum(int(((ref[n].weight == 0) == (up[n].weight == 0)).sum()) for n in ref)
+    total = sum(ref[n].weight.numel() for n in ref)
+    assert rec.mask_agreement == pytest.approx(agree / total)
+    assert rec.linears_compared == len(ref) and rec.shapes_agree == 1.0
+    # two different 2:4 pruners: masks overlap well above chance (0.5 for random 2:4 masks) but differ
+    assert 0.5 < rec.mask_agreement < 1

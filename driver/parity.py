@@ -1,0 +1,124 @@
+"""Reference-vs-upstream parity: the same method, preset and model through both engines.
+
+`llmcbench parity <method>` runs (or finds cached) the bench of each engine on track 2
+(WikiText-2 perplexity of the artifact, by our evaluation code for both), then compares
+the two artifacts weight by weight:
+
+- pruning: mask agreement, the share of block-linear weights that both engines keep or
+  both prune (1.0: identical masks), and each engine's measured sparsity;
+- quantization: the relative difference ||W_ref - W_up|| / ||W_dense|| and the share of
+  identical weights;
+- structured pruning: the share of block linears whose pruned shapes agree (elementwise
+  figures only over the linears of equal shape).
+
+It also shows the perplexity upstream printed about itself (its own evaluation, often at
+another sequence length), so a reader sees both. The record is written atomically to
+`<runs-dir>/parity/<method>-<preset>-<model>.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from .fsio import write_record
+
+ENGINES = ("reference", "upstream")
+
+
+class EngineSide(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    compress_job: str
+    compress_s: float | None
+    wikitext2_ppl: float | None
+    measured_sparsity: float | None
+    weight_bits: int
+    upstream_reported: dict[str, float] = {}
+
+
+class ParityRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    preset: str
+    model: str
+    dense_wikitext2_ppl: float | None
+    engines: dict[str, EngineSide]
+    linears_compared: int
+    shapes_agree: float
+    mask_agreement: float | None
+    weight_rel_diff: float | None
+    identical_fraction: float | None
+    notes: list[str] = []
+
+
+def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) -> dict:
+    """Weight-level agreement of two compressed artifacts of the same dense model."""
+    import torch
+
+    from ..methods._engine.testing import block_linears
+    from .jobrun import load_model
+    from .contract import Job, ModelRef
+
+    job = Job(kind="eval", method="dense", model=ModelRef(name="m", source="local", identity="x"))
+    models = {k: load_model(Path(d), job)[0] for k, d in (("reference", reference_dir), ("upstream", upstream_dir), ("dense", dense_dir))}
+    linears = {k: block_linears(m) for k, m in models.items()}
+    names = sorted(set(linears["reference"]) & set(linears["upstream"]) & set(linears["dense"]))
+    same = [n for n in names if linears["reference"][n].weight.shape == linears["upstream"][n].weight.shape]
+    agree = total = 0
+    diff_sq = dense_sq = identical = 0.0
+    any_zeros = False
+    for n in same:
+        wr, wu = linears["reference"][n].weight.detach().float(), linears["upstream"][n].weight.detach().float()
+        zr, zu = wr == 0, wu == 0
+        any_zeros |= bool(zr.any() or zu.any())
+        agree += int((zr == zu).sum())
+        total += wr.numel()
+        identical += float((wr == wu).sum())
+        diff_sq += float(((wr - wu) ** 2).sum())
+        wd = linears["dense"][n].weight.detach().float()
+        dense_sq += float((wd ** 2).sum()) if wd.shape == wr.shape else float((wr ** 2).sum())
+    return {
+        "linears_compared": len(same),
+        "shapes_agree": len(same) / len(names) if names else 0.0,
+        "mask_agreement": agree / total if total and any_zeros else None,
+        "weight_rel_diff": (diff_sq ** 0.5) / (dense_sq ** 0.5) if dense_sq else None,
+        "identical_fraction": identical / total if total else None,
+    }
+
+
+def _ppl(run) -> float | None:
+    t2 = run.result.metrics.get("track2") if run else None
+    return t2["wikitext2"]["ppl"] if t2 else None
+
+
+def run_parity(method: str, preset: str | None, model: str | None, profile: str, runner: str, runs_dir: Path,
+               data_dir: str | None, device: str, on_job: Callable | None = None) -> ParityRecord:
+    from .bench import plan_bench, run_bench
+
+    plans = {}
+    for engine in ENGINES:
+        plan = plan_bench(method, preset, model, "2", profile, engine, runner, runs_dir, data_dir, device)
+        plans[engine] = run_bench(plan, on_job=on_job)
+    ref, up = plans["reference"], plans["upstream"]
+    figures = compare_artifacts(ref.runs["compress"].run_dir / "model", up.runs["compress"].run_dir / "model", Path(ref.model.path))
+    sides = {}
+    for engine, plan in plans.items():
+        comp = plan.runs["compress"].result
+        c = comp.metrics.get("compression", {})
+        sides[engine] = EngineSide(compress_job=comp.job_hash, compress_s=comp.compress_s, wikitext2_ppl=_ppl(plan.runs.get("compressed eval")),
+                                   measured_sparsity=c.get("measured_sparsity"), weight_bits=c.get("weight_bits", 16),
+                                   upstream_reported=comp.metrics.get("upstream", {}).get("reported", {}))
+    notes = []
+    if figures["shapes_agree"] < 1:
+        notes.append(f"{1 - figures['shapes_agree']:.0%} of the block linears have different shapes (structured pruning chose "
+                     "other heads/channels); elementwise figures cover the rest")
+    if sides["upstream"].upstream_reported:
+        notes.append("upstream_reported: what upstream printed about its own artifact (its evaluation settings, not ours)")
+    record = ParityRecord(method=ref.method.name, preset=ref.preset, model=ref.model.name,
+                          dense_wikitext2_ppl=_ppl(ref.runs.get("dense eval")), engines=sides, notes=notes, **figures)
+    out = Path(runs_dir) / "parity" / f"{ref.cell}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_record(out, record)
+    return record
