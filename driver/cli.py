@@ -119,7 +119,7 @@ def bench(
 @app.command()
 def deploy(
     cells: str = typer.Option("wanda,gptq:w8a16,gptq:w4a16-g128", "--cells", help="method[:preset] list (default: unstructured, INT8 and INT4)"),
-    backend: str = typer.Option("torch_native", "--backend", help="deploy backend (torch_native; vllm, tensorrt_llm, mlc_llm planned)"),
+    backend: str = typer.Option("torch_native", "--backend", help="deploy backend(s), comma-separated: torch_native, vllm (tensorrt_llm, mlc_llm planned)"),
     model: Optional[str] = typer.Option(None, "--model", help="model (default: embedded SmolLM2-135M)"),
     profile: str = typer.Option("quick", "--profile", help="quick (32 new tokens, 3 runs) or paper (256 new tokens, 5 runs)"),
     runner: str = typer.Option("local", "--runner", help="local or slurm"),
@@ -132,11 +132,12 @@ def deploy(
 
     t0 = time.perf_counter()
     try:
-        rows = run_deploy([c.strip() for c in cells.split(",") if c.strip()], backend, model, profile, runner, device,
+        rows = run_deploy([c.strip() for c in cells.split(",") if c.strip()], [b.strip() for b in backend.split(",") if b.strip()],
+                          model, profile, runner, device,
                           runs_dir, data_dir, on_start=lambda what: console.print(f"[dim]{what}[/dim]"))
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
-    console.print(deploy_table(rows, backend))
+    console.print(deploy_table(rows))
     console.print(f"deploy: {len(rows)} models measured in {time.perf_counter() - t0:.1f} s; store {runs_dir}")
 
 

@@ -20,6 +20,7 @@ from .errors import UserError
 @dataclass
 class DeployRow:
     label: str
+    backend: str
     category: str
     kernel: str
     tokens_per_s: float
@@ -31,15 +32,19 @@ class DeployRow:
     source: str
 
 
-def run_deploy(cells: list[str], backend: str, model: str | None, profile: str, runner: str, device: str, runs_dir: Path,
-               data_dir: str | None, on_start: Callable[[str], None] | None = None) -> list[DeployRow]:
+def run_deploy(cells: list[str], backends: list[str] | str, model: str | None, profile: str, runner: str, device: str,
+               runs_dir: Path, data_dir: str | None, on_start: Callable[[str], None] | None = None) -> list[DeployRow]:
+    """Dense and every cell on every backend; each speedup is against dense on the same backend, in this run."""
+    backends = [backends] if isinstance(backends, str) else list(backends)
     if not cells:
         raise UserError("no cells: pass --cells wanda,gptq:w4a16-g128")
+    if not backends:
+        raise UserError("no backend: pass --backend torch_native (or a comma-separated list)")
     plans = []
     for cell in cells:
         method, _, preset = cell.partition(":")
         plans.append(plan_bench(method, preset or None, model, [5], profile, "reference", runner, runs_dir, data_dir, device,
-                                backends=[backend]))
+                                backends=backends))
     remeasured: set[Path] = set()
     for plan in plans:  # timings of this run only: the deploy jobs run again
         for p in planned_jobs(plan):
@@ -47,31 +52,36 @@ def run_deploy(cells: list[str], backend: str, model: str | None, profile: str, 
                 remeasured.add(p.run_dir)
                 shutil.rmtree(p.run_dir, ignore_errors=True)
     rows: list[DeployRow] = []
+    dense: dict[str, DeployRow] = {}
     for plan in plans:
         if on_start:
-            on_start(f"{plan.method.name} {plan.preset} on {plan.model.name}: compress (or cached), deploy on {backend}")
+            on_start(f"{plan.method.name} {plan.preset} on {plan.model.name}: compress (or cached), deploy on {', '.join(backends)}")
         run_bench(plan)
-        if not rows:
-            rows.append(_row("dense", plan.runs[f"dense deploy {backend}"], None))
-        rows.append(_row(f"{plan.method.name} {plan.preset}", plan.runs[f"compressed deploy {backend}"], rows[0].tokens_per_s))
-    return rows
+        for backend in backends:
+            if backend not in dense:
+                dense[backend] = _row("dense", backend, plan.runs[f"dense deploy {backend}"], None)
+                rows.append(dense[backend])
+            rows.append(_row(f"{plan.method.name} {plan.preset}", backend, plan.runs[f"compressed deploy {backend}"],
+                             dense[backend].tokens_per_s))
+    order = {b: i for i, b in enumerate(backends)}
+    return sorted(rows, key=lambda r: order[r.backend])  # stable: dense first within each backend
 
 
-def _row(label: str, run, dense_tokens_per_s: float | None) -> DeployRow:
+def _row(label: str, backend: str, run, dense_tokens_per_s: float | None) -> DeployRow:
     t5 = run.result.metrics["track5"]
-    return DeployRow(label, t5["category"], t5["kernel"], t5["tokens_per_s"], t5["throughput"], t5["peak_memory_bytes"] / 1e9,
+    return DeployRow(label, backend, t5["category"], t5["kernel"], t5["tokens_per_s"], t5["throughput"], t5["peak_memory_bytes"] / 1e9,
                      t5["memory_kind"], t5["tokens_per_s"] / dense_tokens_per_s if dense_tokens_per_s else None, t5["notes"],
                      str(run.run_dir / "result.json"))
 
 
-def deploy_table(rows: list[DeployRow], backend: str):
+def deploy_table(rows: list[DeployRow]):
     from rich.table import Table
 
-    t = Table(title=f"Track 5 on {backend}: batch-1 greedy decode (median), measured in this run")
-    for col in ("model", "category", "kernel", "tokens/s", "throughput (batch: tokens/s)", "peak memory (GB)", "speedup", "notes"):
+    t = Table(title="Track 5: batch-1 greedy decode (median), measured in this run; speedup against dense on the same backend")
+    for col in ("backend", "model", "category", "kernel", "tokens/s", "throughput (batch: tokens/s)", "peak memory (GB)", "speedup", "notes"):
         t.add_column(col, justify="right" if col in ("tokens/s", "peak memory (GB)", "speedup") else "left")
     for r in rows:
-        t.add_row(r.label, r.category, r.kernel, f"{r.tokens_per_s:.1f}",
+        t.add_row(r.backend, r.label, r.category, r.kernel, f"{r.tokens_per_s:.1f}",
                   ", ".join(f"{b}: {v:.1f}" for b, v in r.throughput.items()) or "-",
                   f"{r.peak_memory_gb:.2f} ({'GPU' if r.memory_kind.startswith('gpu') else 'RSS'})",
                   "1.00 (baseline)" if r.speedup is None else f"{r.speedup:.2f}x", "; ".join(r.notes))

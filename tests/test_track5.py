@@ -6,6 +6,7 @@ asserted beyond being positive: speed belongs to benchmarks, not tests."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def test_bench_track5_on_tiny_llama(tmp_path, tiny_llama_dir, run_cli):
 def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_line_error):
     base = ["deploy", "--model", str(tiny_llama_dir), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")]
     one_line_error(run_cli(*base, "--backend", "tensorrt_llm"), "tensorrt_llm needs a CUDA GPU")
-    one_line_error(run_cli(*base, "--backend", "vllm"), "vllm is not available")
+    one_line_error(run_cli(*base, "--backend", "vllm", env={"LLMCBENCH_VLLM_PYTHON": str(tmp_path / "no-python")}),
+                   "LLMCBENCH_VLLM_PYTHON=", "does not exist")
     one_line_error(run_cli(*base, "--backend", "triton"), "unknown deploy backend 'triton'")
     one_line_error(run_cli(*base, "--cells", "wanda:w3"), "unknown preset 'w3'")
     assert not (tmp_path / "runs").exists()
@@ -117,15 +119,76 @@ def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_lin
 def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
     """`llmcbench deploy` on the embedded SmolLM2 (CPU): dense and Wanda 50% (compressed by
     the bench tests, a cache hit here), both measured in this run; unstructured sparsity has
-    no kernel on torch_native and runs dense, which the table says."""
+    no kernel on torch_native and runs dense, which the table says. Where vLLM's environment
+    exists (tests/vllm-setup.sh; always in CI), the same run measures both on vLLM too and the
+    table shows vLLM's tokens/s next to the native backend's."""
     local, _, _ = embedded_store
     runs = tmp_path / "runs"
     shutil.copytree(local, runs, symlinks=True)
-    proc = run_cli("deploy", "--cells", "wanda", "--runs-dir", str(runs), timeout=1800)
+    backends = ["torch_native", "vllm"] if os.environ.get("LLMCBENCH_VLLM_PYTHON") else ["torch_native"]
+    proc = run_cli("deploy", "--cells", "wanda", "--backend", ",".join(backends), "--runs-dir", str(runs), timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "baseline" in proc.stdout and "measured in this run" in proc.stdout
     results = [json.loads(p.read_text()) for p in runs.glob("*/*/result.json")]
     deployed = [r["metrics"]["track5"] for r in results if "track5" in r["metrics"]]
-    assert sorted(t["category"] for t in deployed) == ["dense", "unstructured sparsity"]
-    assert all(t["tokens_per_s"] > 0 for t in deployed)
-    assert [t["notes"] for t in deployed if t["category"] != "dense"] == [["no kernel for unstructured sparsity: runs dense"]]
+    for backend in backends:
+        mine = [t for t in deployed if t["backend"] == backend]
+        assert sorted(t["category"] for t in mine) == ["dense", "unstructured sparsity"], backend
+        assert all(t["tokens_per_s"] > 0 and t["peak_memory_bytes"] > 0 for t in mine)
+        assert all(t["new_tokens"] == 32 for t in mine)  # the quick profile's protocol on every backend
+        [notes] = [t["notes"] for t in mine if t["category"] != "dense"]
+        assert len(notes) == 1 and "runs dense" in notes[0], notes
+        rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("│ " + backend)]
+        assert len(rows) == 2, proc.stdout  # dense and wanda on this backend, side by side in one table
+    if "vllm" in backends:
+        assert all(t["vllm_version"] == "0.32.0" for t in deployed if t["backend"] == "vllm")
+
+
+def test_vllm_environment_is_there(vllm_python):
+    """Visible skip (or, in CI, a failure) when the vllm backend's environment is missing, so
+    the embedded deploy test above never drops vLLM silently."""
+    import subprocess
+
+    out = subprocess.run([vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "0.32.0", out.stderr[-2000:]
+
+
+def _declaration(**kw) -> Compression:
+    return Compression(method="m", **kw)
+
+
+def test_vllm_plan_per_category(tmp_path):
+    """What the vllm backend loads for each artifact, decided before anything runs."""
+    from llmcbench.driver.contract import LayerCompression
+    from llmcbench.tracks.acceleration.vllm_backend import command, plan
+    from llmcbench.driver.contract import DeploySettings
+
+    model = tmp_path / "run" / "model"
+    packed = tmp_path / "run" / "packed"
+    model.mkdir(parents=True)
+    dense = plan(model, None, "cpu")
+    assert (dense.category, dense.load_dir, dense.quantization, dense.accelerated) == ("dense", model, None, False)
+    nm = plan(model, _declaration(sparsity_pattern="n:m", n_m=(2, 4)), "cuda")
+    assert nm.kernel == "dense" and "runs dense" in nm.notes[0]
+    # INT4 without a packed export: the dequantized weights, said so
+    fake = plan(model, _declaration(weight_bits=4, group_size=128, symmetric=True), "cuda")
+    assert fake.load_dir == model and fake.quantization is None and "dequantized" in fake.notes[0]
+    # with a GPTQ export: vLLM's kernels on GPU; on CPU only for symmetric grids
+    packed.mkdir()
+    (packed / "config.json").write_text("{}")
+    gptq = _declaration(weight_bits=4, group_size=128, symmetric=False, packed_format="gptq")
+    on_gpu = plan(model, gptq, "cuda")
+    assert (on_gpu.load_dir, on_gpu.tokenizer_dir, on_gpu.quantization, on_gpu.accelerated) == (packed, model, "gptq", True)
+    on_cpu = plan(model, gptq, "cpu")
+    assert on_cpu.quantization is None and "symmetric" in on_cpu.notes[0]
+    assert plan(model, gptq.model_copy(update={"symmetric": True}), "cpu").quantization == "gptq"
+    # structured pruning: uniform shapes load, per-layer shapes are refused
+    uniform = {f"model.layers.{i}.mlp.up_proj": LayerCompression(shape=[64, 32]) for i in range(2)}
+    assert plan(model, _declaration(sparsity_pattern="structured", layers=uniform), "cpu").accelerated
+    ragged = {**uniform, "model.layers.1.mlp.up_proj": LayerCompression(shape=[48, 32])}
+    with pytest.raises(ValueError, match="per-layer shapes"):
+        plan(model, _declaration(sparsity_pattern="structured", layers=ragged), "cpu")
+    argv = command(on_gpu, DeploySettings(new_tokens=64, repeats=3, batch_sizes=[1, 8]), "cuda", tmp_path / "f.json", "py")
+    joined = " ".join(argv)
+    assert "--quantization gptq" in joined and "--dtype float16" in joined and "--batch-sizes 1,8" in joined
+    assert f"--tokenizer {model}" in joined and "--max-model-len 208" in joined

