@@ -5,6 +5,7 @@
           ├ <repo>/method-<name>:<tag>   + methods/<name>/method.toml [image].requirements, the upstream
           │                              repository at its pinned commit (when fetchable), this project
           └ <repo>/eval:<tag>            + lm-eval, datasets (images/requirements/eval.txt), this project
+              └ <repo>/deploy-vllm[-cpu]:<tag>   + vLLM in its own venv (track 5's vllm backend)
 
 Hermetic builds: the wheels are resolved and downloaded on the host (`pip download`, under
 the lock `images/constraints.txt`, which pins the host's versions) into a wheelhouse and
@@ -54,7 +55,7 @@ FORMAT = "1"  # bump when the build procedure changes what an identical input pr
 PROJECT_DIRS = ("driver", "methods", "tracks")
 
 Log = Callable[[str], None]
-Role = Literal["base", "method", "eval"]
+Role = Literal["base", "method", "eval", "deploy"]
 
 
 class ImageBuildError(UserError):
@@ -129,10 +130,13 @@ class ImageSpec:
     method: str | None = None
     upstream: dict | None = None  # {"repo", "commit"}
     upstream_image: dict | None = None  # [upstream.image] of method.toml + the patches' hashes
+    isolated: list[str] | None = None  # role deploy: the backend venv's requirements (not under the lock)
     _tag: str | None = field(default=None, repr=False)
 
     @property
     def dockerfile(self) -> Path:
+        if self.role == "deploy":  # one Dockerfile per backend, its CPU and CUDA builds alike
+            return IMAGES_DIR / f"Dockerfile.deploy-{DEPLOY_IMAGES[self.name]['backend']}"
         return IMAGES_DIR / f"Dockerfile.{self.role}"
 
     @property
@@ -142,7 +146,7 @@ class ImageSpec:
     @property
     def target(self) -> str:
         """What `llmcbench images build` calls it."""
-        return self.method or self.role
+        return self.method or (self.name if self.role == "deploy" else self.role)
 
     def chain(self) -> list["ImageSpec"]:
         return (self.parent.chain() if self.parent else []) + [self]
@@ -165,6 +169,8 @@ class ImageSpec:
             d["source"] = project_digest(self.method)
         if self.upstream:
             d["upstream"] = [self.upstream["repo"], self.upstream["commit"]]
+        if self.isolated:
+            d["isolated"] = self.isolated
         if self.upstream_image:
             d["upstream_image"] = _sha(canonical_json({k: v for k, v in self.upstream_image.items() if k != "folder"}))
         return d
@@ -236,6 +242,14 @@ def eval_spec(client, base: ImageSpec | None = None) -> ImageSpec:
                      python=python_version(), parent=base or base_spec(client))
 
 
+def deploy_spec(client, name: str, eval_image: ImageSpec | None = None) -> ImageSpec:
+    """A deploy backend's image: the eval image (harness, torch_native) plus the backend's venv."""
+    if name not in DEPLOY_IMAGES:
+        raise UserError(f"unknown deploy image '{name}': choose one of {', '.join(DEPLOY_IMAGES)}")
+    return ImageSpec(role="deploy", name=name, requirements=[], python=python_version(),
+                     parent=eval_image or eval_spec(client), isolated=_read_requirements(DEPLOY_IMAGES[name]["requirements"]))
+
+
 def method_spec(client, method: str, base: ImageSpec | None = None) -> ImageSpec:
     from .registry import get_method
 
@@ -279,26 +293,47 @@ def upstream_layer_files(spec: ImageSpec) -> dict[str, str]:
 
 def upstream_wheels(spec: ImageSpec, log: Log) -> Path:
     """The upstream stack's wheels (its own torch build from `torch_index`), downloaded once."""
-    files = upstream_layer_files(spec)
-    index = spec.upstream_image.get("torch_index")
-    key = _sha(canonical_json({"python": spec.python, "files": files, "index": index}))[:16]
-    out = wheelhouse_root() / "upstream-wheels" / f"{spec.method}-{key}"
+    return isolated_wheels(f"upstream stack of {spec.method}", f"upstream-{spec.method}", spec.python,
+                           upstream_layer_files(spec)["requirements.txt"], spec.upstream_image.get("torch_index"), log)
+
+
+def isolated_wheels(what: str, name: str, python: str, requirements: str, index: str | None, log: Log) -> Path:
+    """Wheels of a venv that does not share the harness's versions (upstream stacks, deploy
+    backends): resolved on their own, not under the lock; downloaded once per requirement set."""
+    key = _sha(canonical_json({"python": python, "requirements": requirements, "index": index}))[:16]
+    out = wheelhouse_root() / "isolated" / f"{name}-{key}"
     if (out / ".complete").is_file():
         return out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / ".requirements.txt").write_text(files["requirements.txt"])
-    log(f"downloading the upstream stack of {spec.method}: {' '.join(files['requirements.txt'].split())}")
+    (tmp / ".requirements.txt").write_text(requirements)
+    log(f"downloading the {what}: {' '.join(requirements.split())}")
     extra = ["--extra-index-url", index] if index else []
-    _pip(["download", "-q", "-d", str(tmp), *extra, "-r", str(tmp / ".requirements.txt")],
-         f"download the upstream stack of {spec.method}")
+    _pip(["download", "-q", "-d", str(tmp), *extra, "-r", str(tmp / ".requirements.txt")], f"download the {what}")
     _sdists_to_wheels(tmp, log)
     (tmp / ".requirements.txt").unlink()
-    (tmp / ".complete").write_text(files["requirements.txt"])
+    (tmp / ".complete").write_text(requirements)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+# Deploy backends with an image (track 5): the eval image plus the backend in a venv of its own.
+# A backend pins its own torch/transformers, so it never shares the harness's environment.
+DEPLOY_IMAGES = {
+    "deploy-vllm": {"backend": "vllm", "requirements": REQUIREMENTS_DIR / "deploy-vllm.txt", "device": "cuda"},
+    "deploy-vllm-cpu": {"backend": "vllm", "requirements": REQUIREMENTS_DIR / "deploy-vllm-cpu.txt", "device": "cpu"},
+}
+
+
+def deploy_image_name(backend: str, device: str) -> str:
+    """The deploy image that runs `backend` on `device` (a CUDA and a CPU build for vLLM)."""
+    for name, d in DEPLOY_IMAGES.items():
+        if d["backend"] == backend and device.startswith(d["device"]):
+            return name
+    have = ", ".join(f"{d['backend']} on {d['device']}" for d in DEPLOY_IMAGES.values())
+    raise UserError(f"no deploy image for backend {backend} on {device} (deploy images exist for: {have})")
 
 
 def specs_for(client, target: str) -> list[ImageSpec]:
@@ -315,7 +350,11 @@ def specs_for(client, target: str) -> list[ImageSpec]:
         return [base, eval_spec(client, base)] + [method_spec(client, m, base) for m in discover()]
     if target in discover():
         return [base, method_spec(client, target, base)]
-    raise UserError(f"unknown image '{target}': build base, eval, all, or a method ({', '.join(discover())})")
+    if target in DEPLOY_IMAGES:
+        ev = eval_spec(client, base)
+        return [base, ev, deploy_spec(client, target, ev)]
+    raise UserError(f"unknown image '{target}': build base, eval, all, a method ({', '.join(discover())}) "
+                    f"or a deploy backend ({', '.join(DEPLOY_IMAGES)})")
 
 
 def find_image(client, spec: ImageSpec):
@@ -605,6 +644,15 @@ def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
             up["note"] = "upstream code was not fetched at build time: this image runs the reference engine only"
         (ctx / "upstream" / "UPSTREAM.json").write_text(json.dumps(up, indent=2) + "\n")
         record["upstream"] = up
+    if spec.role == "deploy":
+        (ctx / "backend").mkdir()
+        reqs = "".join(r + "\n" for r in spec.isolated)
+        (ctx / "backend" / "requirements.txt").write_text(reqs)
+        wheels = isolated_wheels(f"{spec.name} backend", spec.name, spec.python, reqs, None, log)
+        (ctx / "backend" / "wheels").mkdir()
+        for p in wheels.iterdir():
+            if p.is_file() and not p.name.startswith("."):
+                _link_or_copy(p, ctx / "backend" / "wheels" / p.name)
     (ctx / "image.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

