@@ -167,10 +167,10 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         for b in backends:
             try:
                 check_backend(b, dev)
-                if b == "vllm" and runner == "local":  # its own environment must exist before anything runs
-                    from ..tracks.acceleration.vllm_backend import vllm_python
+                if b != "torch_native" and runner == "local":  # its own environment must exist before anything runs
+                    from ..tracks.acceleration.compiled_backends import backend_python
 
-                    vllm_python()
+                    backend_python(b)
             except ValueError as e:
                 raise UserError(str(e)) from None
             except FileNotFoundError as e:

@@ -32,7 +32,7 @@ def _log(msg: str) -> None:
 
 @images_app.command("build")
 def images_build(
-    targets: Optional[list[str]] = typer.Argument(None, help="method names, eval, base, all (default: base, eval and every method), or a deploy backend image: deploy-vllm, deploy-vllm-cpu"),
+    targets: Optional[list[str]] = typer.Argument(None, help="method names, eval, base, all (default: base, eval and every method), or a deploy backend image: deploy-vllm, deploy-vllm-cpu, deploy-tensorrt_llm, deploy-mlc_llm"),
     force: bool = typer.Option(False, "--force", help="rebuild even if an image with the same inputs exists (no layer cache)"),
     upstream: bool = typer.Option(True, "--upstream/--no-upstream", help="try to fetch the upstream repository into method images"),
 ):

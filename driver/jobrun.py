@@ -148,16 +148,21 @@ def run_deploy(job: Job, paths: Paths, result: dict) -> None:
     device = _device(job)
     model_dir = paths.models / job.model.name
     declaration = read_record(model_dir / COMPRESSION_FILE, Compression) if (model_dir / COMPRESSION_FILE).is_file() else None
-    if job.deploy.backend == "vllm":
-        # vLLM loads the artifact itself, in its own environment
+    if job.deploy.backend != "torch_native":
+        # vLLM, TensorRT-LLM, MLC-LLM load (and compile) the artifact themselves, in their own environments
         from ..tracks.acceleration.backends import check_backend
+        from ..tracks.acceleration.compiled_backends import evaluate_compiled
         from ..tracks.acceleration.vllm_backend import evaluate_vllm
 
-        check_backend("vllm", str(device))
-        t5 = evaluate_vllm(model_dir, declaration, job.deploy, str(device), timeout_s=job.limits.time_limit_s)
+        check_backend(job.deploy.backend, str(device))
+        if job.deploy.backend == "vllm":
+            t5 = evaluate_vllm(model_dir, declaration, job.deploy, str(device), timeout_s=job.limits.time_limit_s)
+        else:
+            t5 = evaluate_compiled(job.deploy.backend, model_dir, declaration, job.deploy, str(device),
+                                   timeout_s=job.limits.time_limit_s)
         result["load_s"] = t5.pop("load_s", None)
         result["metrics"] = {"track5": t5}
-        _log(f"track 5: vllm {t5['category']}: {t5['tokens_per_s']:.1f} tokens/s at batch 1 ({t5['kernel']})")
+        _log(f"track 5: {t5['backend']} {t5['category']}: {t5['tokens_per_s']:.1f} tokens/s at batch 1 ({t5['kernel']})")
         return
     t0 = time.perf_counter()
     model, _ = load_model(model_dir, job)

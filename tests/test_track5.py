@@ -192,3 +192,89 @@ def test_vllm_plan_per_category(tmp_path):
     joined = " ".join(argv)
     assert "--quantization gptq" in joined and "--dtype float16" in joined and "--batch-sizes 1,8" in joined
     assert f"--tokenizer {model}" in joined and "--max-model-len 208" in joined
+
+
+def test_compiled_backends_launch_path(tmp_path):
+    """TensorRT-LLM and MLC-LLM up to where a GPU is needed: what each builds per category,
+    the command lines in order, and the figures file they must leave."""
+    from llmcbench.driver.contract import DeploySettings, LayerCompression
+    from llmcbench.tracks.acceleration.compiled_backends import commands, parse_figures, plan
+
+    settings = DeploySettings(prompt_tokens=128, new_tokens=256, repeats=5, batch_sizes=[1, 8])
+    int4 = _declaration(weight_bits=4, group_size=128, symmetric=False)
+    two_four = _declaration(sparsity_pattern="n:m", n_m=(2, 4))
+    py = "/opt/llmcbench/tensorrt_llm-venv/bin/python"
+
+    t = plan("tensorrt_llm", int4)
+    assert (t.precision, t.accelerated) == ("int4", True) and "groups of 128" in t.notes[1]
+    steps = commands(t, tmp_path / "model", settings, tmp_path / "w", py, tmp_path / "f.json")
+    assert [name for name, _ in steps] == ["convert_checkpoint", "trtllm-build", "measure"]
+    convert, build, measure = (" ".join(cmd) for _, cmd in steps)
+    assert "--use_weight_only --weight_only_precision int4" in convert and "--dtype float16" in convert
+    assert build.startswith("/opt/llmcbench/tensorrt_llm-venv/bin/trtllm-build ") and "--weight_sparsity" not in build
+    assert "--max_batch_size 8" in build and "--max_input_len 128" in build and "--max_seq_len 384" in build
+    assert "trtllm_measure.py" in measure and f"--out {tmp_path / 'f.json'}" in measure and "--new-tokens 256" in measure
+    sparse = commands(plan("tensorrt_llm", two_four), tmp_path / "model", settings, tmp_path / "w", py, tmp_path / "f.json")
+    assert "--weight_sparsity" in sparse[1][1] and "--use_weight_only" not in sparse[0][1]
+    assert not plan("tensorrt_llm", _declaration(sparsity_pattern="unstructured")).accelerated
+
+    m = plan("mlc_llm", _declaration(weight_bits=8, symmetric=True))
+    assert m.precision == "q8f16_1" and plan("mlc_llm", int4).precision == "q4f16_1"
+    assert plan("mlc_llm", None).precision == "q0f16" and plan("mlc_llm", two_four).kernel == "dense"
+    mlc = commands(m, tmp_path / "model", settings, tmp_path / "w", "py", tmp_path / "f.json")
+    assert [name for name, _ in mlc] == ["convert_weight", "gen_config", "compile", "measure"]
+    assert mlc[0][1][:4] == ["py", "-m", "mlc_llm", "convert_weight"] and "--quantization" in mlc[1][1]
+    assert mlc[2][1][-3:] == ["cuda", "-o", str(tmp_path / "w" / "dist" / "lib.so")]
+    ragged = {"model.layers.0.mlp.up_proj": LayerCompression(shape=[64, 32]), "model.layers.1.mlp.up_proj": LayerCompression(shape=[48, 32])}
+    for backend in ("tensorrt_llm", "mlc_llm"):
+        with pytest.raises(ValueError, match="per-layer shapes"):
+            plan(backend, _declaration(sparsity_pattern="structured", layers=ragged))
+
+    good = {"batch1": {"tokens_per_s": 50.0}, "throughput": {"8": 300.0}, "tokens_per_s": 50.0,
+            "peak_memory_bytes": 10, "memory_kind": "gpu_used_after_runs"}
+    (tmp_path / "f.json").write_text(json.dumps(good))
+    assert parse_figures(tmp_path / "f.json")["tokens_per_s"] == 50.0
+    (tmp_path / "f.json").write_text(json.dumps({**good, "tokens_per_s": 0.0}))
+    with pytest.raises(RuntimeError, match="not positive"):
+        parse_figures(tmp_path / "f.json")
+    (tmp_path / "f.json").write_text(json.dumps({"tokens_per_s": 1.0}))
+    with pytest.raises(RuntimeError, match="left no batch1"):
+        parse_figures(tmp_path / "f.json")
+
+
+def test_compiled_backends_refuse_cpu_and_missing_environments(monkeypatch):
+    from llmcbench.driver.contract import DeploySettings
+    from llmcbench.tracks.acceleration.compiled_backends import BackendUnavailable, backend_python, evaluate_compiled
+
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        evaluate_compiled("tensorrt_llm", Path("/nowhere"), None, DeploySettings(), "cpu")
+    monkeypatch.delenv("LLMCBENCH_MLC_PYTHON", raising=False)
+    with pytest.raises(BackendUnavailable, match="llmcbench images build deploy-mlc_llm"):
+        backend_python("mlc_llm")
+    monkeypatch.setenv("LLMCBENCH_TRTLLM_PYTHON", "/no/python")
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        backend_python("tensorrt_llm")
+
+
+def test_measure_scripts_share_one_protocol(tmp_path):
+    """The backends' measure scripts time with the same loop (measure_common.py): exactly the
+    prompt ids protocol.py draws, warm-up then the median of the timed runs."""
+    import argparse
+    import sys
+
+    from llmcbench.tracks.acceleration import measure_common
+    from llmcbench.tracks.acceleration.protocol import prompt_ids
+
+    assert measure_common.prompt_ids(1000, 16, 2) == prompt_ids(1000, 16, 2).tolist()
+    calls = []
+    a = measure_common.protocol_args(argparse.ArgumentParser()).parse_args(
+        ["--out", str(tmp_path / "f.json"), "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "3", "--batch-sizes", "1,2"])
+    figures = measure_common.measure(lambda ids: calls.append(len(ids)), 1000, a)
+    assert calls == [1, 1, 1, 1, 2, 2]  # warm-up + 3 timed at batch 1; warm-up + 1 timed at batch 2
+    assert figures["tokens_per_s"] == figures["batch1"]["tokens_per_s"] > 0 and set(figures["throughput"]) == {"2"}
+    with pytest.raises(RuntimeError, match=r"decoded \[4, 3\] tokens, not 4"):
+        measure_common.check_lengths([4, 3], 4, "X")
+    for script in ("vllm_measure.py", "trtllm_measure.py", "mlc_measure.py"):  # each finds the loop next to it
+        src = (Path(measure_common.__file__).parent / script).read_text()
+        assert "from measure_common import" in src and "llmcbench" not in src.split('"""')[2]
+    assert sys.modules.get("vllm") is None  # nothing here imported a backend

