@@ -103,6 +103,9 @@ def patch_datasets(hooks: Hooks) -> None:
     def load_dataset(path, name=None, *args, **kwargs):
         data_files = kwargs.get("data_files")
         rule = _find_rule(rules, path, name, data_files)
+        if rule is None and _local_files(path, data_files):
+            hooks.event(event="dataset", requested=[str(path), name], served="local files as given")
+            return original(path, name, *args, **kwargs)
         if rule is None:
             if allow_hub:
                 return original(path, name, *args, **kwargs)
@@ -120,6 +123,15 @@ def patch_datasets(hooks: Hooks) -> None:
         return original(rule.get("format", "json"), data_files=files, split=split)
 
     datasets.load_dataset = load_dataset
+
+
+def _local_files(path, data_files) -> bool:
+    """A packaged loader (json, text, ...) over files that exist here: nothing to redirect."""
+    if _norm(path) not in ("json", "text", "csv", "parquet") or not data_files:
+        return False
+    files = data_files.values() if isinstance(data_files, dict) else [data_files]
+    flat = [f for item in files for f in (item if isinstance(item, (list, tuple)) else [item])]
+    return all(isinstance(f, str) and os.path.isfile(f) for f in flat)
 
 
 def _split_name(split) -> str | None:

@@ -85,6 +85,15 @@ def command(p: VllmPlan, settings, device: str, out: Path, python: str) -> list[
             "--max-model-len", str(settings.prompt_tokens + settings.new_tokens + 16)]
 
 
+def root_cause(output: str) -> str | None:
+    """The most specific error line of a failed vLLM run: its engine process reports the root
+    cause, then the front end says only that the engine died."""
+    found = [m.group(0).strip() for m in re.finditer(r"\b[A-Za-z_.]*(Error|Exception|error)\b[:,] .*", output)]
+    specific = [f for f in found if "EngineDeadError" not in f and "EngineCore encountered" not in f
+                and "Engine core initialization failed" not in f and "errors.pydantic.dev" not in f]
+    return (specific or found or [None])[-1]
+
+
 def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s: float = 3000) -> dict:
     python = vllm_python()
     p = plan(model_dir, declaration, device)
@@ -99,9 +108,7 @@ def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s
                               env=env, timeout=timeout_s)
         sys.stdout.write(proc.stdout[-20000:])
         if proc.returncode != 0 or not out.is_file():
-            lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
-            errors = [ln for ln in lines if re.search(r"(Error|error)\b", ln) and "Traceback" not in ln]
-            last = (errors or lines or [f"exit code {proc.returncode}"])[-1]
+            last = root_cause(proc.stdout) or f"exit code {proc.returncode}"
             raise RuntimeError(f"vLLM run failed (exit {proc.returncode}): {last[:300]}")
         figures = json.loads(out.read_text())
     return {"backend": "vllm", "category": p.category, "accelerated": p.accelerated, "kernel": p.kernel, "notes": p.notes,
