@@ -1,0 +1,74 @@
+"""AWQ's upstream adapter: the entry.py command lines per preset (against method.toml's
+recorded commands), upstream's log line, and the conversion of `--dump_fake` (+ the W4
+`--dump_quant` state dict kept as packed/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmcbench.driver.registry import get_method
+from llmcbench.methods._upstream.convert import ConversionError
+from llmcbench.methods._upstream.testing import built_commands, context_for, job_for, recorded_commands
+from llmcbench.methods.awq.upstream import ADAPTER
+
+
+@pytest.mark.parametrize("preset", list(get_method("awq").presets))
+def test_every_preset_builds_the_recorded_commands(tmp_path, preset):
+    assert built_commands(context_for(job_for("awq", preset), tmp_path)) == recorded_commands("awq", preset)
+
+
+def test_settings_reach_the_commands_and_fixed_ones_are_refused(tmp_path):
+    steps = ADAPTER.steps(context_for(job_for("awq", "w4a16-g128", group_size=64), tmp_path))
+    assert all(s.argv[s.argv.index("--q_group_size") + 1] == "64" for s in steps)
+    assert steps[0].time == ["awq.quantize.pre_quant:run_awq"] and len(steps) == 3
+    assert len(ADAPTER.steps(context_for(job_for("awq", "w8a16"), tmp_path))) == 2  # upstream packs 4-bit only
+    with pytest.raises(ValueError, match="fixed"):
+        ADAPTER.steps(context_for(job_for("awq", "w4a16-g128", n_grid=10), tmp_path))
+
+
+def test_parse_metrics_reads_upstream_print():
+    # entry.py --tasks wikitext: tqdm(desc="evaluating...") then print(ppl.item())
+    log = "evaluating...: 100%|##########| 166/166 [01:02<00:00,  2.65it/s]\n5.603480815887451\n"
+    assert ADAPTER.parse_metrics(log) == {"wikitext2_ppl": pytest.approx(5.60348, rel=1e-5)}
+
+
+def _group_fake_quant(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """awq/quantize/quantizer.py pseudo_quantize_tensor (zero point): per group of `group`
+    inputs, scales = (max - min) / (2^bits - 1), zeros = -round(min / scales), clamp(round(w / scales) + zeros)."""
+    g = w.reshape(-1, group)
+    mx, mn = g.amax(1, keepdim=True), g.amin(1, keepdim=True)
+    scales = ((mx - mn).clamp(min=1e-5) / (2 ** bits - 1))
+    zeros = (-torch.round(mn / scales)).clamp(0, 2 ** bits - 1)
+    return ((torch.clamp(torch.round(g / scales) + zeros, 0, 2 ** bits - 1) - zeros) * scales).reshape_as(w)
+
+
+def test_convert_dump_fake_and_the_packed_state_dict(tmp_path, tiny_llama_dir, data_dir):
+    """`--dump_fake DIR` is `model.save_pretrained(DIR)` of the fp16 model after apply_awq and
+    pseudo_quantize_model_weight (no tokenizer); `--dump_quant X.pt` is
+    `torch.save(model.cpu().state_dict(), X-v2.pt)`. Mirrored with a tiny LLaMA (groups of 32)."""
+    from llmcbench.tracks.performance import wikitext2_ppl
+
+    ctx = context_for(job_for("awq", "w4a16-g128", group_size=32), tmp_path, model_dir=tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    for layer in model.model.layers:
+        for linear in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.data = _group_fake_quant(linear.weight.data, 4, 32)
+    model.half().save_pretrained(ctx.work / "fake")
+    with pytest.raises(ConversionError, match="quant-v2.pt"):
+        ADAPTER.convert(ctx)  # W4 needs the packed state dict too
+    torch.save({"model.layers.0.self_attn.q_proj.qweight": torch.zeros(64, 8, dtype=torch.int32)}, ctx.work / "quant-v2.pt")
+    declaration = ADAPTER.convert(ctx)
+    assert (declaration.weight_bits, declaration.group_size, declaration.symmetric) == (4, 32, False)
+    assert declaration.packed_format == "llm-awq-v2" and (tmp_path / ".packed.partial" / "awq-v2.pt").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(ctx.model_out, dtype=torch.float32)
+    ppl = wikitext2_ppl(loaded, AutoTokenizer.from_pretrained(ctx.model_out), data_dir=data_dir, seqlen=128, max_windows=2)
+    assert 1 < ppl["ppl"] < float("inf")
+
+
+def test_unquantized_output_is_refused(tmp_path, tiny_llama_dir):
+    ctx = context_for(job_for("awq", "w8a16", group_size=32), tmp_path, model_dir=tiny_llama_dir)
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(ctx.work / "fake")
+    with pytest.raises(ConversionError, match="grid"):
+        ADAPTER.convert(ctx.__class__(**{**ctx.__dict__, "params": {**ctx.params, "weight_bits": 4}}))

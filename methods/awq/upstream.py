@@ -1,0 +1,96 @@
+"""AWQ, the upstream engine: mit-han-lab/llm-awq `awq/entry.py` at the pinned commit, unmodified.
+
+    python -m awq.entry --model_path {model} --w_bit W --q_group_size G --run_awq --dump_awq {work}/awq.pt
+    python -m awq.entry --model_path {model} --w_bit W --q_group_size G --load_awq {work}/awq.pt \
+        --q_backend fake --dump_fake {work}/fake --tasks wikitext
+    (W4 only) python -m awq.entry ... --load_awq {work}/awq.pt --q_backend real --dump_quant {work}/quant.pt
+
+(run as the script `awq/entry.py` with the checkout on the path, which is what `-m` does.)
+
+- Calibration: `run_awq(..., n_samples=128, seqlen=512)` is hard-coded in entry.py and reads
+  `mit-han-lab/pile-val-backup`; offline the shim serves the staged C4 slice (recorded in the
+  notes); the job's nsamples/seqlen do not reach upstream. Timed: `run_awq` (the search),
+  then `apply_awq` + `pseudo_quantize_model_weight` (applying scales/clips and quantizing).
+- Output: `--dump_fake` is `model.save_pretrained` of the fake-quantized fp16 model (no
+  tokenizer: copied from the input). Upstream's real packing (`WQLinear`) supports 4-bit only
+  ("Only 4-bit are supported for now"), so W8 is fake-quant only; for W4 the third step's
+  `torch.save(model.cpu().state_dict())` (renamed `*-v2.pt` upstream) is kept as `packed/`
+  in upstream's own format ("llm-awq-v2": WQLinear qweight/scales/scaled_zeros per layer).
+- `--tasks wikitext` makes the second step print upstream's own WikiText-2 perplexity
+  (2048-token windows) as a bare number after its progress bar.
+- The compiled `awq_inference_engine` is imported unconditionally, even for fake quantization:
+  the image builds it ([upstream.image].build).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+from llmcbench.driver.contract import Compression, LayerCompression
+
+from .._engine.blockwise import decoder_blocks, find_linears
+from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
+from .._upstream.convert import ConversionError, distinct_levels, hf_dir_from_upstream, require
+from .reference import AWQSettings
+
+ENTRY = "awq/entry.py"
+
+
+def settings_for(params: dict) -> AWQSettings:
+    s = AWQSettings.from_params(params)
+    if s.n_grid != 20 or not s.auto_scale or not s.auto_clip:
+        raise ValueError("awq upstream: the search grid (20 points) and running both scale and clip search are fixed "
+                         "in upstream's run_awq; n_grid, auto_scale and auto_clip apply to the reference engine only")
+    return s
+
+
+class AWQUpstream(UpstreamAdapter):
+    method = "awq"
+
+    def parse_metrics(self, log: str) -> dict[str, float]:
+        # entry.py: `print(ppl.item())` right after the "evaluating..." progress bar of --tasks wikitext
+        m = re.findall(r"evaluating\.\.\.[^\n]*\n(?:[^\n]*evaluating\.\.\.[^\n]*\n)*([0-9.]+(?:e[+-]?\d+)?)\s*$", log, flags=re.MULTILINE)
+        return {"wikitext2_ppl": float(m[-1])} if m else {}
+
+    def steps(self, ctx: UpstreamContext) -> list[Step]:
+        s = settings_for(ctx.params)
+        base = ["--model_path", str(ctx.model_dir), "--w_bit", str(s.weight_bits), "--q_group_size", str(s.group_size)]
+        awq = str(ctx.work / "awq.pt")
+        steps = [
+            Step("search", ENTRY, [*base, "--run_awq", "--dump_awq", awq], time=["awq.quantize.pre_quant:run_awq"]),
+            Step("fake_quant", ENTRY, [*base, "--load_awq", awq, "--q_backend", "fake", "--dump_fake", str(ctx.work / "fake"),
+                                       "--tasks", "wikitext"],
+                 time=["awq.quantize.pre_quant:apply_awq", "awq.quantize.quantizer:pseudo_quantize_model_weight"]),
+        ]
+        if s.weight_bits == 4:
+            steps.append(Step("pack", ENTRY, [*base, "--load_awq", awq, "--q_backend", "real", "--dump_quant",
+                                              str(ctx.work / "quant.pt")]))
+        return steps
+
+    def convert(self, ctx: UpstreamContext) -> Compression:
+        s = settings_for(ctx.params)
+        model = hf_dir_from_upstream(ctx.work / "fake", ctx.model_dir, ctx.model_out)
+        prefix, blocks = decoder_blocks(model)
+        layers = {}
+        for index, block in enumerate(blocks):
+            for name, linear in find_linears(block).items():
+                if distinct_levels(linear.weight, s.group_size if s.group_size > 0 else None) > 2 ** s.weight_bits:
+                    raise ConversionError(f"upstream's {prefix}.{index}.{name} is not on a {s.weight_bits}-bit grid per group")
+                layers[f"{prefix}.{index}.{name}"] = LayerCompression(weight_bits=s.weight_bits, shape=list(linear.weight.shape))
+        packed_format = None
+        if s.weight_bits == 4:
+            packed = require(ctx.work / "quant-v2.pt", "real-quantized state dict (--dump_quant, renamed *-v2.pt upstream)")
+            out = ctx.model_out.parent / ".packed.partial"
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(packed, out / "awq-v2.pt")
+            packed_format = "llm-awq-v2"
+        notes = [f"upstream mit-han-lab/llm-awq entry.py --w_bit {s.weight_bits} --q_group_size {s.group_size} (zero point); "
+                 "calibration: upstream's 128 x 512 tokens of pile-val, served the job's C4 documents offline",
+                 "weights stored dequantized (--dump_fake)" + ("; packed/awq-v2.pt is upstream's WQLinear state dict"
+                                                               if packed_format else "; W8: upstream packs 4-bit only")]
+        return Compression(method="awq", engine="upstream", weight_bits=s.weight_bits, act_bits=16, group_size=s.group_size,
+                           symmetric=False, act_granularity="none", packed_format=packed_format, layers=layers, notes=notes)
+
+
+ADAPTER = AWQUpstream()
