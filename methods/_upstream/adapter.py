@@ -69,6 +69,7 @@ class Step:
     helper: bool = False  # our own script (no shim, no dataset redirects), e.g. an unpickling converter
     env: dict[str, str] = field(default_factory=dict)
     unused_splits: list[str] = field(default_factory=list)  # e.g. "c4:validation"; see staging.dataset_rules
+    outputs: list[str] = field(default_factory=list)  # what upstream itself writes: once there, unstaged eval data ends the step
 
     def describe(self) -> str:
         return " ".join([Path(self.script).name, *self.argv])

@@ -71,7 +71,7 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
         hooks = {
             "script": step.script, "argv": step.argv, "events": str(events_path),
             "datasets": dataset_rules(ctx.staged, unused_splits=step.unused_splits),
-            "allow_hub": not ctx.staged.offline, "time": step.time, "save": step.save, "no_pdb": True,
+            "allow_hub": not ctx.staged.offline, "time": step.time, "save": step.save, "no_pdb": True, "outputs": step.outputs,
         }
         hooks_path = logs_dir / f"{step.name}.hooks.json"
         hooks_path.write_text(json.dumps(hooks, indent=2) + "\n")

@@ -29,8 +29,9 @@ top-level `if __name__ == "__main__":` guard: the definitions run first, the hoo
 them, then the guarded block runs. Other modules are imported and wrapped before the
 script starts, so a script's `from module import function` gets the wrapped function.
 
-If the script asks for a dataset that was not staged after the model was saved (the
-mandatory PTB/C4 evaluations of GPTQ and SparseGPT offline), the run ends there with
+If the script asks for a dataset that was not staged after the model was saved (by a save
+hook, or by upstream itself into the step's declared `outputs`: the mandatory PTB/C4
+evaluations of GPTQ and SparseGPT, OmniQuant's C4 perplexity, offline), the run ends there with
 exit 0 and says so: what the harness needed has been produced. Before the save it is an
 error. Events (timings, saves, stops) are appended as JSON lines to `events`.
 """
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         patch_modules(hooks)
         run_script(hooks, cfg["script"], list(cfg.get("argv") or []))
     except DatasetNotStaged as e:
-        if hooks.saved:
+        outputs = cfg.get("outputs") or []
+        if hooks.saved or (outputs and all(os.path.exists(o) for o in outputs)):
             hooks.event(event="stopped", reason=str(e))
             print(f"[llmcbench-shim] model saved; stopping at upstream's next step: {e}", flush=True)
             return 0
