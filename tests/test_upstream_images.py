@@ -131,7 +131,8 @@ def test_deploy_images_pin_their_backend(monkeypatch):
     assert "vllm-venv" in cpu.dockerfile.read_text()
     assert images.deploy_image_name("vllm", "cpu") == "deploy-vllm-cpu"
     assert images.deploy_image_name("vllm", "cuda:0") == "deploy-vllm"
-    with pytest.raises(images.UserError, match="no deploy image for backend mlc_llm"):
-        images.deploy_image_name("mlc_llm", "cuda")
+    assert images.deploy_image_name("tensorrt_llm", "cuda") == "deploy-tensorrt_llm"
+    with pytest.raises(images.UserError, match="no deploy image for backend mlc_llm on cpu"):
+        images.deploy_image_name("mlc_llm", "cpu")
     with pytest.raises(images.UserError, match="unknown deploy image"):
         images.deploy_spec(None, "deploy-triton", ev)

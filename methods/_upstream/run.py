@@ -69,7 +69,7 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
         cmd = [ctx.python, step.script, *step.argv]
     else:
         hooks = {
-            "script": step.script, "argv": step.argv, "events": str(events_path),
+            "script": str(ctx.repo / step.script), "argv": step.argv, "events": str(events_path),
             "datasets": dataset_rules(ctx.staged, unused_splits=step.unused_splits),
             "allow_hub": not ctx.staged.offline, "time": step.time, "save": step.save, "no_pdb": True, "outputs": step.outputs,
         }
@@ -83,7 +83,9 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
     t0 = time.perf_counter()
     out = bytearray()
     with open(logs_dir / f"{step.name}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ctx.repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        # the scratch dir is the working directory: upstream code that writes relative paths
+        # (LLM-Pruner's prune_log/) never writes into the (read-only) checkout
+        proc = subprocess.Popen(cmd, cwd=ctx.work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         try:
             for line in _lines(proc, deadline):

@@ -7,7 +7,7 @@ llmcbench and only the standard library at module level. The driver side
 
     <upstream python> shim.py --hooks hooks.json
 
-with the upstream repository as the working directory. The hooks replace the patches one
+with the job's scratch directory as the working directory and the checkout on PYTHONPATH. The hooks replace the patches one
 would otherwise apply to upstream source:
 
 - `datasets`: `datasets.load_dataset` calls for the hub datasets upstream hard-codes
@@ -24,7 +24,7 @@ would otherwise apply to upstream source:
 - `no_pdb`: `pdb.set_trace()` (OmniQuant on a NaN loss) fails the job instead of waiting
   for a terminal that a container does not have.
 
-Targets are `module:function`. For `__main__:function` the script is split at its
+Targets are `module:function` (or `module:Class.method`). For `__main__:function` the script is split at its
 top-level `if __name__ == "__main__":` guard: the definitions run first, the hooks wrap
 them, then the guarded block runs. Other modules are imported and wrapped before the
 script starts, so a script's `from module import function` gets the wrapped function.
@@ -200,8 +200,11 @@ def patch_modules(hooks: Hooks) -> None:
         module_name, _, attr = target.partition(":")
         if module_name == "__main__":
             continue
-        module = importlib.import_module(module_name)
-        setattr(module, attr, wrap(hooks, target, getattr(module, attr)))
+        owner = importlib.import_module(module_name)
+        *path, name = attr.split(".")  # `module:Class.method` wraps a method on its class
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, wrap(hooks, target, getattr(owner, name)))
 
 
 def patch_main(hooks: Hooks, namespace: dict) -> None:
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(a.hooks) as f:
         cfg = json.load(f)
     hooks = Hooks(cfg)
-    sys.path.insert(0, os.getcwd())  # upstream's own packages (lib/, smoothquant/, awq/, LLMPruner/)
+    # upstream's own packages (lib/, smoothquant/, awq/, LLMPruner/) come from PYTHONPATH (the checkout)
     patch_datasets(hooks)
     if cfg.get("no_pdb"):
         no_pdb()
