@@ -389,7 +389,8 @@ def methods_list():
         t.add_column(col)
     for s in specs.values():
         presets = [s.paper_preset] + [p for p in s.presets if p != s.paper_preset] if s.paper_preset else list(s.presets)
-        t.add_row(s.name, s.kind, ", ".join(presets), ", ".join(s.engines), f"{s.upstream.repo.removeprefix('https://github.com/')}@{s.upstream.commit[:10]}")
+        t.add_row(s.name, s.kind, ", ".join(presets), ", ".join(s.engines),
+                  f"{s.upstream.repo.removeprefix('https://github.com/')}\n{s.upstream.commit}")
     console.print(t)
 
 

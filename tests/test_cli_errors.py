@@ -60,7 +60,12 @@ def test_help_and_methods_list(run_cli):
     assert run_cli("--help").returncode == 0
     proc = run_cli("methods", "list")
     assert proc.returncode == 0
-    assert "wanda" in proc.stdout and "2:4" in proc.stdout and "8e8fc87b4a" in proc.stdout
+    assert "wanda" in proc.stdout and "2:4" in proc.stdout
+    from llmcbench.driver.registry import discover
+
+    for name, spec in discover().items():  # every method with its full pinned commit and both engines
+        assert spec.upstream.commit in proc.stdout, name
+        assert len(spec.upstream.commit) == 40 and "upstream" in spec.engines, name
 
 
 def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir, run_cli, one_line_error):
