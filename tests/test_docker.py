@@ -12,6 +12,7 @@ errors for Docker missing or its daemon down.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -476,10 +477,32 @@ def test_deploy_jobs_run_in_the_eval_image(client, built_images, model_dir, tmp_
         result = plan.runs[key].result
         assert result.status == "ok" and result.provenance.image_digest == built_images["eval"].id
         assert result.metrics["track5"]["tokens_per_s"] > 0
-    proc = run_cli("deploy", "--cells", "wanda", "--backend", "vllm", "--model", str(model_dir), "--runner", "docker",
-                   "--device", "cpu", "--runs-dir", str(tmp_path / "runs3"))
+    with _tag_hidden(client, images.deploy_spec(client, "deploy-vllm-cpu").tag):
+        proc = run_cli("deploy", "--cells", "wanda", "--backend", "vllm", "--model", str(model_dir), "--runner", "docker",
+                       "--device", "cpu", "--runs-dir", str(tmp_path / "runs3"))
     one_line_error(proc, "llmcbench images build deploy-vllm-cpu")
     assert not any((tmp_path / "runs3").glob("*/*/result.json"))
+
+
+@contextlib.contextmanager
+def _tag_hidden(client, tag: str):
+    """The image `tag` looks unbuilt inside the block (another test may have built it): its tag
+    is parked on a side tag and restored afterwards, so that nothing is rebuilt."""
+    import docker
+
+    try:
+        image = client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        yield
+        return
+    repo, _, name = tag.rpartition(":")
+    image.tag(repo, tag=f"{name}-parked")
+    client.images.remove(tag, noprune=True)
+    try:
+        yield
+    finally:
+        image.tag(repo, tag=name)
+        client.images.remove(f"{repo}:{name}-parked", noprune=True)
 
 
 @needs_docker

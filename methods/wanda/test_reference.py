@@ -178,7 +178,7 @@ def test_method_toml_declares_upstream_and_valid_presets():
                                    repo="https://github.com/locuslab/wanda",
                                    commit="8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6", license="MIT")
     assert declaration["calibration"] == {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0}
-    assert set(declaration["engines"]) == {"reference"}
+    assert set(declaration["engines"]) == {"reference", "upstream"}
     presets = declaration["presets"]
     assert {"unstructured-50", "2:4", "4:8", "unstructured-60"} <= set(presets)
     assert declaration["paper_preset"] in presets
