@@ -11,4 +11,4 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq slurm-wlm munge >/dev/null
-sbatch --version
+slurmctld -V   # (sbatch --version needs a slurm.conf, which only the tests write)
