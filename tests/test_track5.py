@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,10 @@ def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_lin
     one_line_error(run_cli(*base, "--backend", "triton"), "unknown deploy backend 'triton'")
     one_line_error(run_cli(*base, "--cells", "wanda:w3"), "unknown preset 'w3'")
     assert not (tmp_path / "runs").exists()
+    # an architecture vLLM's CPU build has no attention kernel for (16-dim heads): refused before vLLM starts
+    proc = run_cli("deploy", "--model", str(tiny_llama_dir), "--device", "cpu", "--runs-dir", str(tmp_path / "runs2"),
+                   "--backend", "vllm", env={"LLMCBENCH_VLLM_PYTHON": sys.executable})
+    one_line_error(proc, "no attention kernel for head_dim 16", "use the torch_native backend")
 
 
 def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
