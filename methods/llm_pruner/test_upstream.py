@@ -63,13 +63,17 @@ def _prune_layer(model, i: int) -> None:
 def test_export_merge_and_convert(tmp_path, tiny_llama_dir, data_dir):
     """`--save_model` pickles {'model': <module>, 'tokenizer': ...} (hf_prune.py). Upstream's
     vendored classes cannot be imported here, so the pickle holds a transformers LlamaForCausalLM
-    pruned the same way (layer 1: one KV group, half the MLP channels), which exercises the same
-    unpickling, state-dict and shape export. The LoRA adapter is in the vendored peft's key layout."""
+    pruned the same way (layer 1: one KV group, half the MLP channels), with the per-layer
+    `rotary_emb.inv_freq` buffers the vendored class saves (seen on a real upstream run), which
+    exercises the same unpickling, state-dict and shape export. The LoRA adapter is in the vendored peft's key layout."""
     from llmcbench.tracks.performance import wikitext2_ppl
 
     ctx = context_for(job_for("llm_pruner", "block-50"), tmp_path, model_dir=tiny_llama_dir, data_dir=data_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     _prune_layer(model, 1)
+    for layer in model.model.layers:  # the vendored LLaMA keeps rotary frequencies as a persistent buffer per layer
+        layer.self_attn.rotary_emb = torch.nn.Module()
+        layer.self_attn.rotary_emb.register_buffer("inv_freq", torch.rand(8), persistent=True)
     checkpoint = ADAPTER.checkpoint(ctx)
     checkpoint.parent.mkdir(parents=True)
     torch.save({"model": model.half(), "tokenizer": None}, checkpoint)

@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["weights_only"] = False  # a pickled module, by design (torch >= 2.6 defaults to True)
     saved = torch.load(a.checkpoint, **kwargs)
     model = saved["model"] if isinstance(saved, dict) else saved
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # Rotary inverse frequencies are a persistent buffer of every layer in the vendored
+    # (transformers 4.28-era) LLaMA; later releases compute them from the config and have no
+    # such key, so a checkpoint holding them does not load there. Seen on the real upstream run.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     embed = state.get("model.embed_tokens.weight")
     if "lm_head.weight" in state and embed is not None and state["lm_head.weight"].data_ptr() == embed.data_ptr():
         del state["lm_head.weight"]  # tied: stored once, as save_pretrained does
