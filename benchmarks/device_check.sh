@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Every GPU acceptance check of the open issues, as one prepared run on a lent GPU machine.
+#
+# Prepare here first (registries needed): `.venv/bin/python benchmarks/device_prepare.py ...`
+# fills .device/ (wheels, upstream checkouts, data slices, tokenizer). Then, with the device
+# tool: carry [".device"], command `bash benchmarks/device_check.sh [PART ...]`.
+#
+#   tests     pytest -m gpu: the seven reference engines at the LLaMA-2-7B layer shape, CUDA kernels (issue 5, 7)
+#   roofline  benchmarks/deploy_roofline.py: fp16, 2:4, int8, int4 decode vs the HBM roofline (issue 7, acceptance 2)
+#   cost      benchmarks/engine_cost.py per method on the 7b shape, cut to COST_LAYERS layers (issue 5, acceptance 3)
+#   upstream  `llmcbench parity` per method: the real upstream code vs the reference engine (issue 6, acceptance 3-4)
+#   awq-kernels  (not in the default) build llm-awq's CUDA extension for sm_90 before `upstream` (minutes of nvcc);
+#             without it a stand-in that fails on first use is importable, which AWQ's fake-quant W8 path never calls
+#
+# Default: all four, in that order. Each part and each method has its own time limit (the
+# variables below), so one that hangs costs its limit, not the run, and the whole run stops
+# starting work DEADLINE_S after it began (default 560 s, inside the tool's 600 s a call), so
+# what finished is always in $OUT (at most 8 files come back: the log, env.txt and one file
+# per part). A session has 15 device minutes, machine start included: plan two calls,
+#   1. `bash benchmarks/device_check.sh tests roofline cost`         (timeout_s 600)
+#   2. `bash benchmarks/device_check.sh upstream`                    (timeout_s 600; what is left)
+# and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
+# Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU
+# the upstream repositories run until their first CUDA call (LLM-Pruner runs through).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/device-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device_check.log") 2>&1
+PARTS=${*:-tests roofline cost upstream}
+DEVICE=${DEVICE:-cuda}
+TESTS_S=${TESTS_S:-240} ROOFLINE_S=${ROOFLINE_S:-240} COST_S=${COST_S:-90} UPSTREAM_S=${UPSTREAM_S:-150}
+COST_LAYERS=${COST_LAYERS:-2} COST_METHODS=${COST_METHODS:-wanda sparsegpt gptq smoothquant awq omniquant llm_pruner}
+UPSTREAM_METHODS=${UPSTREAM_METHODS:-wanda sparsegpt gptq smoothquant awq omniquant llm_pruner}
+PY=${PYTHON:-python3}
+DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-560} ))
+stamp() { echo "== $(date +%H:%M:%S) $*"; }
+# limit WANT: WANT seconds, or what is left before the deadline; none left: `skip` and status 1
+limit() {
+  local left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo skip; return 1; fi
+  echo $(( $1 < left ? $1 : left ))
+}
+
+# ---- environment: carried wheels, the package importable as `llmcbench`, the upstream interpreter
+stamp "setup"
+SITE=/tmp/llmcbench-site UPSITE=/tmp/llmcbench-upsite PKG=/tmp/llmcbench-pkg
+rm -rf "$SITE" "$UPSITE" "$PKG" && mkdir -p "$PKG"
+ln -s "$ROOT" "$PKG/llmcbench"
+pipi() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}"; }
+WHL=${WHL:-.device/whl} UPWHL=${UPWHL:-.device/upwhl}  # other folders: a rehearsal on another Python
+UPWHL=$(cd "$UPWHL" 2>/dev/null && pwd || echo "$ROOT/$UPWHL")
+[ -d "$WHL" ] && { pipi "$SITE" "$WHL"/*.whl || exit 3; }
+export PYTHONPATH="$PKG:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d "$UPWHL" ]; then
+  # one interpreter per transformers stack: PYTHONPATH = that stack, the common part, the harness's
+  pipi "$UPSITE/common" "$UPWHL"/common/*.whl || exit 3
+  # llm-awq imports its compiled kernels even for fake quantization. Unless the awq-kernels part
+  # builds them, a stand-in is importable that fails on first use, so no result can come from it.
+  printf '"""Stand-in from benchmarks/device_check.sh: llm-awq'"'"'s CUDA kernels were not built here."""\n\n\ndef __getattr__(name):\n    raise RuntimeError(f"awq_inference_engine.{name}: llm-awq CUDA kernels not built on this machine (device_check.sh awq-kernels)")\n' > "$UPSITE/common/awq_inference_engine.py"
+  for dir in "$UPWHL"/*/; do
+    stack=$(basename "$dir"); [ "$stack" = common ] && continue
+    pipi "$UPSITE/$stack" "$dir"*.whl || exit 3
+    printf '#!/bin/sh\nexport PYTHONPATH=%s:%s${PYTHONPATH:+:$PYTHONPATH}\nexec %s "$@"\n' "$UPSITE/$stack" "$UPSITE/common" \
+      "$(command -v "$PY")" > "/tmp/upstream-python-$stack"
+    chmod +x "/tmp/upstream-python-$stack"
+  done
+  export LLMCBENCH_UPSTREAM_DIR=$ROOT/.device/upstream
+fi
+upstream_python() { echo "/tmp/upstream-python-$(awk -v m="$1" '$1 == m {print $2}' "$UPWHL/stacks.txt")"; }
+DATA=$ROOT/.device/data; [ -d "$DATA" ] || DATA=$ROOT/../shared/data
+{
+  date -u; uname -m; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  "$PY" -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+  for up in /tmp/upstream-python-*; do [ -x "$up" ] && "$up" -c "import transformers, datasets; print('$(basename "$up"):', 'transformers', transformers.__version__, 'datasets', datasets.__version__)"; done
+  [ -f "$UPWHL/stacks.txt" ] && tr '\n' ';' < "$UPWHL/stacks.txt" && echo
+  git -C "$ROOT" rev-parse HEAD 2>/dev/null; echo "parts: $PARTS; device: $DEVICE"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+"$PY" -c "import llmcbench.driver.registry" || { echo "error: the harness does not import (missing wheel in .device/whl?)"; exit 3; }
+
+small=(); [ "$DEVICE" = cpu ] && small=(--shape tiny)
+
+for part in $PARTS; do
+  case $part in
+  tests)
+    t=$(limit "$TESTS_S") || { echo "tests: skipped, past the deadline"; continue; }
+    stamp "tests (limit ${t}s)"
+    timeout -k 10 "$t" "$PY" -m pytest tests/test_gpu_engines.py -m gpu -rs -p no:cacheprovider -q \
+      --junitxml="$OUT/gpu_tests.xml" || echo "tests: exit $?"
+    ;;
+  roofline)
+    t=$(limit "$ROOFLINE_S") || { echo "roofline: skipped, past the deadline"; continue; }
+    stamp "roofline (limit ${t}s)"
+    args=(); [ "$DEVICE" = cpu ] && args=(--shape tiny --new-tokens 8 --repeats 2 --categories fp16,int8)
+    timeout -k 10 "$t" "$PY" benchmarks/deploy_roofline.py "${args[@]}" --out "$OUT/deploy_roofline.json" \
+      || echo "roofline: exit $?"
+    ;;
+  cost)
+    mkdir -p /tmp/cost && rm -f /tmp/cost/*.json
+    for m in $COST_METHODS; do
+      t=$(limit "$COST_S") || { echo "cost $m: skipped, past the deadline"; continue; }
+      stamp "cost $m (limit ${t}s, $COST_LAYERS layers)"
+      args=(--layers "$COST_LAYERS" --param omniquant.epochs=1 --param llm_pruner.lora_steps=2)
+      [ "$DEVICE" = cpu ] && args=(--layers 2 --nsamples 2 --seqlen 32 --param omniquant.epochs=1 --param llm_pruner.lora_steps=1)
+      timeout -k 10 "$t" "$PY" benchmarks/engine_cost.py "${small[@]}" --device "$DEVICE" --methods "$m" "${args[@]}" \
+        --out "/tmp/cost/$m.json" || echo "cost $m: exit $? (a timeout is 124)"
+    done
+    "$PY" benchmarks/device_helpers.py merge-cost "$OUT/engine_cost.json" /tmp/cost/*.json
+    ;;
+  awq-kernels)
+    t=$(limit "${AWQK_S:-420}") || { echo "awq-kernels: skipped, past the deadline"; continue; }
+    stamp "awq-kernels (limit ${t}s)"
+    up=$(upstream_python awq)
+    (cd .device/upstream/awq/awq/kernels && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout -k 10 "$t" \
+      "$up" setup.py build_ext --inplace -q) && cp .device/upstream/awq/awq/kernels/awq_inference_engine*.so "$UPSITE/common/" \
+      && rm -f "$UPSITE/common/awq_inference_engine.py" && echo "awq-kernels: built" || echo "awq-kernels: not built (the stand-in stays)"
+    ;;
+  upstream)
+    if [ -z "${LLMCBENCH_UPSTREAM_DIR:-}" ]; then echo "upstream: no .device/upstream (prepared with --no-upstream)"; continue; fi
+    MODEL=/tmp/upstream-model
+    stamp "upstream: random-weights LLaMA at $MODEL"
+    "$PY" benchmarks/device_helpers.py model "$MODEL" "$ROOT/.device/tokenizer" $([ "$DEVICE" = cpu ] && echo --small) || exit 3
+    rm -rf /tmp/parity-runs
+    for m in $UPSTREAM_METHODS; do
+      t=$(limit "$UPSTREAM_S") || { echo "upstream $m: skipped, past the deadline"; continue; }
+      stamp "upstream parity $m (limit ${t}s)"
+      LLMCBENCH_UPSTREAM_PYTHON=$(upstream_python "$m") timeout -k 10 "$t" "$PY" -m llmcbench.driver.cli parity "$m" --model "$MODEL" --device "$DEVICE" \
+        --runs-dir /tmp/parity-runs --data-dir "$DATA" || echo "upstream $m: exit $? (a timeout is 124)"
+    done
+    "$PY" benchmarks/device_helpers.py collect-parity "$OUT/parity.json" /tmp/parity-runs
+    tar -C /tmp/parity-runs -czf "$OUT/upstream_runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pth' . 2>/dev/null || true
+    ;;
+  *) echo "error: unknown part '$part' (tests, roofline, cost, awq-kernels, upstream)"; exit 2 ;;
+  esac
+done
+stamp "done"
