@@ -114,6 +114,8 @@ def main(argv=None) -> int:
             rows.append({"category": cat, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
         del model
         torch.cuda.empty_cache()
+        # after every category: a run stopped at a time limit keeps what it measured
+        Path(a.out).write_text(json.dumps({"gpu": gpu, "peak_gbs": peak, "compile": a.compile, "rows": rows}, indent=2) + "\n")
     base = next((r["tokens_per_s"] for r in rows if r["category"] == "fp16" and "tokens_per_s" in r), None)
     print(f"{gpu}, peak {peak:.0f} GB/s, shape {a.shape}{f' ({a.layers} layers)' if a.layers else ''}, compile {a.compile}")
     print(f"{'category':8} {'tokens/s':>9} {'GB/token':>9} {'roofline':>9} {'vs fp16':>8}  kernel")

@@ -7,6 +7,8 @@
 #
 #   tests     pytest -m gpu: the seven reference engines at the LLaMA-2-7B layer shape, CUDA kernels (issue 5, 7)
 #   roofline  benchmarks/deploy_roofline.py: fp16, 2:4, int8, int4 decode vs the HBM roofline (issue 7, acceptance 2)
+#   roofline-compile  the same under torch.compile with a static KV cache (not in the default: minutes of
+#             compilation; eager decode is bound by Python per token, so the roofline goal needs this one)
 #   cost      benchmarks/engine_cost.py per method on the 7b shape, cut to COST_LAYERS layers (issue 5, acceptance 3)
 #   upstream  `llmcbench parity` per method: the real upstream code vs the reference engine (issue 6, acceptance 3-4)
 #   awq-kernels  (not in the default) build llm-awq's CUDA extension for sm_90 before `upstream` (minutes of nvcc);
@@ -18,7 +20,7 @@
 # what finished is always in $OUT (at most 8 files come back: the log, env.txt and one file
 # per part). A session has 15 device minutes, machine start included: plan two calls,
 #   1. `bash benchmarks/device_check.sh tests roofline cost`         (timeout_s 600)
-#   2. `bash benchmarks/device_check.sh upstream`                    (timeout_s 600; what is left)
+#   2. `bash benchmarks/device_check.sh roofline-compile upstream`   (timeout_s 600; what is left)
 # and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
 # Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU
 # the upstream repositories run until their first CUDA call (LLM-Pruner runs through).
@@ -98,6 +100,12 @@ for part in $PARTS; do
     timeout -k 10 "$t" "$PY" benchmarks/deploy_roofline.py "${args[@]}" --out "$OUT/deploy_roofline.json" \
       || echo "roofline: exit $?"
     ;;
+  roofline-compile)
+    t=$(limit "${ROOFLINE_COMPILE_S:-360}") || { echo "roofline-compile: skipped, past the deadline"; continue; }
+    stamp "roofline-compile (limit ${t}s)"
+    timeout -k 10 "$t" "$PY" benchmarks/deploy_roofline.py --compile --categories "${ROOFLINE_COMPILE_CATEGORIES:-fp16,int4,2:4,int8}" \
+      --out "$OUT/deploy_roofline_compile.json" || echo "roofline-compile: exit $?"
+    ;;
   cost)
     mkdir -p /tmp/cost && rm -f /tmp/cost/*.json
     for m in $COST_METHODS; do
@@ -133,7 +141,8 @@ for part in $PARTS; do
     "$PY" benchmarks/device_helpers.py collect-parity "$OUT/parity.json" /tmp/parity-runs
     tar -C /tmp/parity-runs -czf "$OUT/upstream_runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pth' . 2>/dev/null || true
     ;;
-  *) echo "error: unknown part '$part' (tests, roofline, cost, awq-kernels, upstream)"; exit 2 ;;
+  *) echo "error: unknown part '$part' (tests, roofline, roofline-compile, cost, awq-kernels, upstream)"; exit 2 ;;
   esac
 done
 stamp "done"
+sleep 1  # let tee write the last lines of the log
