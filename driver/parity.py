@@ -62,18 +62,20 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
     from .contract import Job, ModelRef
 
     job = Job(kind="eval", method="dense", model=ModelRef(name="m", source="local", identity="x"))
+    # Mask agreement only where both artifacts declare element sparsity: structured pruning
+    # removes rows and columns, and a quantization grid holds zeros, so their zero patterns
+    # (fp16 underflow included) say nothing about which weights either engine pruned.
+    patterns = {_declared_pattern(Path(d)) for d in (reference_dir, upstream_dir)}
+    masked = patterns <= {"unstructured", "n:m"}
     models = {k: load_model(Path(d), job)[0] for k, d in (("reference", reference_dir), ("upstream", upstream_dir), ("dense", dense_dir))}
     linears = {k: block_linears(m) for k, m in models.items()}
     names = sorted(set(linears["reference"]) & set(linears["upstream"]) & set(linears["dense"]))
     same = [n for n in names if linears["reference"][n].weight.shape == linears["upstream"][n].weight.shape]
     agree = total = 0
     diff_sq = dense_sq = identical = 0.0
-    any_zeros = False
     for n in same:
         wr, wu = linears["reference"][n].weight.detach().float(), linears["upstream"][n].weight.detach().float()
-        zr, zu = wr == 0, wu == 0
-        any_zeros |= bool(zr.any() or zu.any())
-        agree += int((zr == zu).sum())
+        agree += int(((wr == 0) == (wu == 0)).sum())
         total += wr.numel()
         identical += float((wr == wu).sum())
         diff_sq += float(((wr - wu) ** 2).sum())
@@ -82,10 +84,18 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
     return {
         "linears_compared": len(same),
         "shapes_agree": len(same) / len(names) if names else 0.0,
-        "mask_agreement": agree / total if total and any_zeros else None,
+        "mask_agreement": agree / total if total and masked else None,
         "weight_rel_diff": (diff_sq ** 0.5) / (dense_sq ** 0.5) if dense_sq else None,
         "identical_fraction": identical / total if total else None,
     }
+
+
+def _declared_pattern(model_dir: Path) -> str | None:
+    """The artifact's declared sparsity pattern (compression.json), None without one."""
+    from .contract import Compression, read_record
+
+    path = model_dir / "compression.json"
+    return read_record(path, Compression).sparsity_pattern if path.is_file() else None
 
 
 def _ppl(run) -> float | None:
