@@ -16,7 +16,7 @@ here, where the registries are, and `benchmarks/device_check.sh` runs there in o
     .device/tokenizer/  a LLaMA-2-style sentencepiece tokenizer trained on the slices: device_check.sh
                         builds its random-weights LLaMA with it (the 93 MB embedded model does not fit)
 
-    python benchmarks/device_prepare.py --upstream-git '/work/.mirror/{owner}+{name}/repo'
+    python benchmarks/device_prepare.py --upstream-git '/work/.mirror/{owner}+{name}/repo'   # local mirrors
     python benchmarks/device_prepare.py --no-upstream        # harness checks only
 
 Without `--upstream-git` each repository is cloned from its URL (needs GitHub). Files a
@@ -116,7 +116,7 @@ def export_upstream(method: str, template: str | None, dest_root: Path) -> None:
             repo = Path(tmp) / "clone"
             proc = subprocess.run(["git", "clone", "--quiet", "--no-checkout", url, str(repo)], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise SystemExit(f"error: git clone {url} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                raise SystemExit(f"error: git clone {url} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         listing = _git(repo, "ls-tree", "-r", "-l", commit)
         if listing.returncode != 0:
             raise SystemExit(f"error: {repo} has no commit {commit[:12]} of {url}")
