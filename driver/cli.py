@@ -172,7 +172,7 @@ def parity(
         own = ", ".join(f"{k} {v:.2f}" for k, v in side.upstream_reported.items()) or "-"
         t.add_row(engine, _fmt(side.wikitext2_ppl), own, _fmt(side.measured_sparsity, ".3f"), str(side.weight_bits), _fmt(side.compress_s, ".1f"))
     console.print(t)
-    console.print(f"mask agreement {_fmt(rec.mask_agreement, '.4f')}; weight rel. diff {_fmt(rec.weight_rel_diff, '.4f')}; "
+    console.print(f"mask agreement {_fmt(rec.mask_agreement, '.4f')}; channel agreement {_fmt(rec.channel_agreement, '.4f')}; weight rel. diff {_fmt(rec.weight_rel_diff, '.4f')}; "
                   f"identical weights {_fmt(rec.identical_fraction, '.4f')}; linears compared {rec.linears_compared} "
                   f"(shapes agree {rec.shapes_agree:.0%})")
     for note in rec.notes:

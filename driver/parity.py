@@ -8,8 +8,9 @@ the two artifacts weight by weight:
   both prune (1.0: identical masks), and each engine's measured sparsity;
 - quantization: the relative difference ||W_ref - W_up|| / ||W_dense|| and the share of
   identical weights;
-- structured pruning: the share of block linears whose pruned shapes agree (elementwise
-  figures only over the linears of equal shape).
+- structured pruning: the share of block linears whose pruned shapes agree, and channel
+  agreement, the share of kept rows/columns (heads, MLP channels) that both engines kept
+  (elementwise figures only over the linears of equal shape).
 
 It also shows the perplexity upstream printed about itself (its own evaluation, often at
 another sequence length), so a reader sees both. The record is written atomically to
@@ -48,6 +49,7 @@ class ParityRecord(BaseModel):
     linears_compared: int
     shapes_agree: float
     mask_agreement: float | None
+    channel_agreement: float | None = None
     weight_rel_diff: float | None
     identical_fraction: float | None
     notes: list[str] = []
@@ -73,7 +75,11 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
     same = [n for n in names if linears["reference"][n].weight.shape == linears["upstream"][n].weight.shape]
     agree = total = 0
     diff_sq = dense_sq = identical = 0.0
+    kept_both = kept = 0
     for n in same:
+        pair = kept_channels(linears["reference"][n].weight, linears["upstream"][n].weight, linears["dense"][n].weight)
+        if pair is not None:
+            kept_both, kept = kept_both + len(pair[0] & pair[1]), kept + len(pair[0])
         wr, wu = linears["reference"][n].weight.detach().float(), linears["upstream"][n].weight.detach().float()
         agree += int(((wr == 0) == (wu == 0)).sum())
         total += wr.numel()
@@ -85,9 +91,35 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
         "linears_compared": len(same),
         "shapes_agree": len(same) / len(names) if names else 0.0,
         "mask_agreement": agree / total if total and masked else None,
+        "channel_agreement": kept_both / kept if kept else None,
         "weight_rel_diff": (diff_sq ** 0.5) / (dense_sq ** 0.5) if dense_sq else None,
         "identical_fraction": identical / total if total else None,
     }
+
+
+def kept_channels(reference, upstream, dense) -> tuple[set[int], set[int]] | None:
+    """Which of the dense linear's output rows (or input columns) each structured-pruned
+    engine kept, when both removed the same number along the same dimension; else None.
+
+    Each kept row is matched to the dense row it points along most (cosine): LoRA recovery
+    merged after pruning moves the kept rows a little, never onto another dense row."""
+    import torch
+
+    if reference.shape != upstream.shape or reference.shape == dense.shape:
+        return None
+    if reference.shape[1] == dense.shape[1]:
+        dim = 0
+    elif reference.shape[0] == dense.shape[0]:
+        dim = 1
+    else:
+        return None
+
+    def kept(w):
+        a = torch.nn.functional.normalize(w.detach().float().movedim(dim, 0).flatten(1), dim=1)
+        b = torch.nn.functional.normalize(dense.detach().float().movedim(dim, 0).flatten(1), dim=1)
+        return set((a @ b.T).argmax(dim=1).tolist())
+
+    return kept(reference), kept(upstream)
 
 
 def _declared_pattern(model_dir: Path) -> str | None:

@@ -51,3 +51,45 @@ def test_mask_agreement_only_for_element_sparsity(tmp_path, tiny_llama_dir, patt
     else:
         assert figures["mask_agreement"] is None
     assert torch.count_nonzero(load_file(str(next(up.glob("*.safetensors"))))[WEIGHT] == 0) == 1
+
+
+def _structured(src: Path, dst: Path, channels: torch.Tensor, noise: float) -> Path:
+    """Layer 1 of the tiny LLaMA with only `channels` of its MLP kept (rows of gate/up, columns
+    of down), plus `noise` relative to each weight's scale (LoRA merged after pruning)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcbench.driver.contract import LayerCompression
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    mlp = model.model.layers[1].mlp
+    g = torch.Generator().manual_seed(1)
+    layers = {}
+    for name, rows in (("gate_proj", True), ("up_proj", True), ("down_proj", False)):
+        w = getattr(mlp, name).weight.data
+        w = w[channels] if rows else w[:, channels]
+        w = w + noise * w.std() * torch.randn(w.shape, generator=g)
+        new = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        new.weight.data = w.contiguous()
+        setattr(mlp, name, new)
+        layers[f"model.layers.1.mlp.{name}"] = LayerCompression(sparsity=0.5, shape=list(w.shape))
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    write_record(dst / "compression.json", Compression(method="t", sparsity_pattern="structured", layers=layers))
+    return dst
+
+
+def test_channel_agreement_of_structured_pruning(tmp_path, tiny_llama_dir):
+    """Both engines keep 64 of layer 1's 128 MLP channels, 48 of them the same; the reference
+    side also carries a merged-LoRA-sized perturbation, which must not move any match."""
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(0))
+    ref_channels = perm[:64].sort().values
+    up_channels = torch.cat([perm[:48], perm[64:80]]).sort().values
+    ref = _structured(tiny_llama_dir, tmp_path / "ref", ref_channels, noise=0.05)
+    up = _structured(tiny_llama_dir, tmp_path / "up", up_channels, noise=0.0)
+    figures = compare_artifacts(ref, up, tiny_llama_dir)
+    assert figures["channel_agreement"] == pytest.approx(48 / 64)
+    assert figures["mask_agreement"] is None and figures["shapes_agree"] == 1.0
+    # identical choices agree fully; unpruned artifacts have no channel figure
+    same = _structured(tiny_llama_dir, tmp_path / "same", ref_channels, noise=0.0)
+    assert compare_artifacts(ref, same, tiny_llama_dir)["channel_agreement"] == 1.0
+    assert compare_artifacts(tiny_llama_dir, tiny_llama_dir, tiny_llama_dir)["channel_agreement"] is None
