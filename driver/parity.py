@@ -114,10 +114,13 @@ def kept_channels(reference, upstream, dense) -> tuple[set[int], set[int]] | Non
     else:
         return None
 
+    def unit_rows(w):
+        return torch.nn.functional.normalize(w.detach().float().movedim(dim, 0).flatten(1), dim=1)
+
+    dense_rows = unit_rows(dense)
+
     def kept(w):
-        a = torch.nn.functional.normalize(w.detach().float().movedim(dim, 0).flatten(1), dim=1)
-        b = torch.nn.functional.normalize(dense.detach().float().movedim(dim, 0).flatten(1), dim=1)
-        return set((a @ b.T).argmax(dim=1).tolist())
+        return set((unit_rows(w) @ dense_rows.T).argmax(dim=1).tolist())
 
     return kept(reference), kept(upstream)
 
