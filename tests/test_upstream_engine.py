@@ -91,6 +91,7 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
     upstream = result.metrics["upstream"]
     assert 1 < upstream["reported"]["wikitext_ppl"] < float("inf")  # parsed from `wikitext perplexity <x>`
     assert upstream["commit"] == get_method("wanda").upstream.commit
+    assert upstream["cuda_mapped_to_cpu"] is True  # the stand-in hard-codes cuda:0, as upstream does
     assert "--sparsity_type 2:4" in upstream["commands"][0]
     track3 = result.metrics["track3"]
     assert track3["timed"] == ["prune: lib.prune:prune_wanda"]
@@ -104,6 +105,44 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
     served = [e for e in events if e["event"] == "dataset"]
     assert {tuple(e["requested"][:2]) for e in served} >= {("allenai/c4", "allenai--c4"), ("wikitext", "wikitext-2-raw-v1")}
     assert not (out / ".upstream-work").exists() and not (out / ".model.partial").exists()
+
+
+CUDA_SCRIPT = """
+import torch
+from torch import nn
+
+dev = torch.device("cuda:0")
+lin = nn.Linear(8, 4).cuda()
+x = torch.randn(2, 8, device=dev)
+y = torch.zeros(2, 4).to("cuda")
+with torch.cuda.amp.autocast():
+    mixed = lin(x.to(dev))
+out = mixed.float() + y.cuda() + torch.ones(4).to(dev, torch.float32)
+torch.cuda.synchronize()
+torch.cuda.empty_cache()
+print("devices", lin.weight.device, x.device, y.device, out.device, "autocast", mixed.dtype,
+      "peak", torch.cuda.max_memory_allocated())
+"""
+
+
+def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
+    """The repositories hard-code `cuda:0`; on a CPU job the shim's `cuda_to_cpu` hook runs
+    such code on the CPU: factories' `device=`, `.to("cuda")`, `.cuda()` of tensors and
+    modules, `torch.cuda` housekeeping, and CUDA fp16 autocast (as CPU autocast, same dtype).
+    Without the hook, a CPU-only torch stops at the first CUDA call."""
+    from llmcbench.methods._upstream.adapter import SHIM
+
+    (tmp_path / "script.py").write_text(CUDA_SCRIPT)
+    for on in (True, False):
+        (tmp_path / f"hooks-{on}.json").write_text(json.dumps({"script": str(tmp_path / "script.py"), "cuda_to_cpu": on,
+                                                                 "events": str(tmp_path / f"events-{on}.jsonl")}))
+    run = [subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / f"hooks-{on}.json")], capture_output=True,
+                          text=True, timeout=300) for on in (True, False)]
+    assert run[0].returncode == 0, run[0].stderr[-2000:]
+    assert "devices cpu cpu cpu cpu autocast torch.float16 peak 0" in run[0].stdout
+    assert json.loads((tmp_path / "events-True.jsonl").read_text().splitlines()[0])["event"] == "cuda_to_cpu"
+    if not torch.cuda.is_available():
+        assert run[1].returncode != 0 and "CUDA" in run[1].stderr, run[1].stdout[-1000:]
 
 
 @pytest.mark.parametrize("mode, error_type, needle", [

@@ -72,6 +72,7 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
             "script": str(ctx.repo / step.script), "argv": step.argv, "events": str(events_path),
             "datasets": dataset_rules(ctx.staged, unused_splits=step.unused_splits),
             "allow_hub": not ctx.staged.offline, "time": step.time, "save": step.save, "no_pdb": True, "outputs": step.outputs,
+            "cuda_to_cpu": ctx.device == "cpu",
         }
         hooks_path = logs_dir / f"{step.name}.hooks.json"
         hooks_path.write_text(json.dumps(hooks, indent=2) + "\n")
@@ -184,6 +185,8 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
             "step_wall_s": walls,
             "checkout": str(repo), "commit": commit or "unknown (not a git checkout)",
             "python": ctx.python, "offline_data": offline,
+            # on a CPU job the shim ran upstream's hard-coded CUDA calls on the CPU
+            "cuda_mapped_to_cpu": job.device == "cpu",
         },
     }
     _log(f"upstream {job.method}/{job.preset}: compression {compress_s:.1f} s of {upstream_s:.1f} s upstream "

@@ -23,6 +23,12 @@ would otherwise apply to upstream source:
   (`"torch_save": path`) that upstream keeps in memory only (GPTQ's quantizer grids).
 - `no_pdb`: `pdb.set_trace()` (OmniQuant on a NaN loss) fails the job instead of waiting
   for a terminal that a container does not have.
+- `cuda_to_cpu` (jobs with `device: cpu` only): the repositories hard-code `cuda:0`, so on a
+  machine without a GPU they stop at their first CUDA call. A torch function mode maps every
+  CUDA device a torch call names to the CPU (`.cuda()`, `.to("cuda")`, `device=` of factories),
+  `torch.cuda` housekeeping (synchronize, empty_cache, memory counters) becomes a no-op, and
+  `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. The algorithm's own code
+  is untouched; the result records that it ran this way.
 
 Targets are `module:function` (or `module:Class.method`). For `__main__:function` the script is split at its
 top-level `if __name__ == "__main__":` guard: the definitions run first, the hooks wrap
@@ -228,6 +234,58 @@ def no_pdb() -> None:
     sys.breakpointhook = set_trace
 
 
+# ----------------------------------------------------------------------------- cuda on cpu
+
+def _is_cuda(device) -> bool:
+    text = str(device) if device is not None else ""
+    return text == "cuda" or text.startswith("cuda:") or getattr(device, "type", None) == "cuda"
+
+
+def cuda_to_cpu(hooks: Hooks):
+    """Enter (and return) a torch function mode that runs upstream's CUDA calls on the CPU."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    cpu = torch.device("cpu")
+    to_methods = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones,
+                  torch.Tensor.new_full, torch.Tensor.new_tensor}
+    identity = {torch.Tensor.cuda, torch.Tensor.pin_memory}
+
+    class CudaToCpu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in identity:
+                return args[0]
+            if _is_cuda(kwargs.get("device")):
+                kwargs = {**kwargs, "device": cpu}
+            if func in to_methods and any(_is_cuda(a) for a in args[1:]):
+                args = tuple(cpu if _is_cuda(a) else a for a in args)
+            return func(*args, **kwargs)
+
+    def constant(name, value):
+        # one function object per name: torch._dynamo indexes torch.cuda's functions by identity
+        def fn(*_a, **_k):
+            return value
+
+        fn.__name__ = fn.__qualname__ = name
+        return fn
+
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats", "reset_max_memory_allocated", "set_device"):
+        setattr(torch.cuda, name, constant(name, None))
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved", "current_device"):
+        setattr(torch.cuda, name, constant(name, 0))
+
+    def autocast(enabled=True, dtype=torch.float16, cache_enabled=True):
+        # upstream trains under CUDA fp16 autocast (OmniQuant); CPU autocast at the same dtype keeps its dtype mix legal
+        return torch.autocast("cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    torch.cuda.amp.autocast = autocast
+    mode = CudaToCpu()
+    mode.__enter__()
+    hooks.event(event="cuda_to_cpu", torch=torch.__version__)
+    return mode
+
+
 # ----------------------------------------------------------------------------- the script
 
 def _is_main_guard(node: ast.stmt) -> bool:
@@ -272,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     patch_datasets(hooks)
     if cfg.get("no_pdb"):
         no_pdb()
+    if cfg.get("cuda_to_cpu"):
+        cuda_to_cpu(hooks)
     try:
         patch_modules(hooks)
         run_script(hooks, cfg["script"], list(cfg.get("argv") or []))
