@@ -204,6 +204,7 @@ def test_parity_command_compares_both_engines(tmp_path, tiny_llama_dir, upstream
     for side in rec.engines.values():
         assert side.measured_sparsity == pytest.approx(0.5) and 1 < side.wikitext2_ppl < float("inf")
     assert rec.engines["upstream"].upstream_reported["wikitext_ppl"] > 1
+    assert any("mapped its hard-coded CUDA calls to the CPU" in n for n in rec.notes)
 
     dirs = {e: next((tmp_path / "runs").glob(f"*/{s.compress_job}")) / "model" for e, s in rec.engines.items()}
     ref, up = block_linears(load(dirs["reference"])), block_linears(load(dirs["upstream"]))
