@@ -175,6 +175,8 @@ def parity(
     console.print(f"mask agreement {_fmt(rec.mask_agreement, '.4f')}; channel agreement {_fmt(rec.channel_agreement, '.4f')}; weight rel. diff {_fmt(rec.weight_rel_diff, '.4f')}; "
                   f"identical weights {_fmt(rec.identical_fraction, '.4f')}; linears compared {rec.linears_compared} "
                   f"(shapes agree {rec.shapes_agree:.0%})")
+    if rec.weight_rel_err:
+        console.print("each engine's weight rel. error vs dense: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.weight_rel_err.items()))
     for note in rec.notes:
         console.print(f"[dim]note: {note}[/dim]")
     console.print(f"parity: {time.perf_counter() - t0:.1f} s; record in {runs_dir / 'parity'}")

@@ -7,7 +7,9 @@ the two artifacts weight by weight:
 - pruning: mask agreement, the share of block-linear weights that both engines keep or
   both prune (1.0: identical masks), and each engine's measured sparsity;
 - quantization: the relative difference ||W_ref - W_up|| / ||W_dense|| and the share of
-  identical weights;
+  identical weights, next to each engine's own error ||W_engine - W_dense|| / ||W_dense||:
+  GPTQ-style error feedback turns a rounding flip into others along its row, so two correct
+  engines can differ by about their own error while being equally close to the dense model;
 - structured pruning: the share of block linears whose pruned shapes agree, and channel
   agreement, the share of kept rows/columns (heads, MLP channels) that both engines kept
   (elementwise figures only over the linears of equal shape).
@@ -52,6 +54,7 @@ class ParityRecord(BaseModel):
     channel_agreement: float | None = None
     weight_rel_diff: float | None
     identical_fraction: float | None
+    weight_rel_err: dict[str, float] | None = None  # per engine, vs dense, over the linears of dense shape
     notes: list[str] = []
 
 
@@ -75,6 +78,7 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
     same = [n for n in names if linears["reference"][n].weight.shape == linears["upstream"][n].weight.shape]
     agree = total = 0
     diff_sq = dense_sq = identical = 0.0
+    err_sq, err_dense_sq = {"reference": 0.0, "upstream": 0.0}, 0.0
     kept_both = kept = 0
     for n in same:
         pair = kept_channels(linears["reference"][n].weight, linears["upstream"][n].weight, linears["dense"][n].weight)
@@ -87,6 +91,10 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
         diff_sq += float(((wr - wu) ** 2).sum())
         wd = linears["dense"][n].weight.detach().float()
         dense_sq += float((wd ** 2).sum()) if wd.shape == wr.shape else float((wr ** 2).sum())
+        if wd.shape == wr.shape:
+            err_dense_sq += float((wd ** 2).sum())
+            err_sq["reference"] += float(((wr - wd) ** 2).sum())
+            err_sq["upstream"] += float(((wu - wd) ** 2).sum())
     return {
         "linears_compared": len(same),
         "shapes_agree": len(same) / len(names) if names else 0.0,
@@ -94,6 +102,7 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
         "channel_agreement": kept_both / kept if kept else None,
         "weight_rel_diff": (diff_sq ** 0.5) / (dense_sq ** 0.5) if dense_sq else None,
         "identical_fraction": identical / total if total else None,
+        "weight_rel_err": {k: (v / err_dense_sq) ** 0.5 for k, v in err_sq.items()} if err_dense_sq else None,
     }
 
 

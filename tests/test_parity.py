@@ -46,6 +46,8 @@ def test_mask_agreement_only_for_element_sparsity(tmp_path, tiny_llama_dir, patt
     assert figures["shapes_agree"] == 1.0 and figures["linears_compared"] == 14  # 2 layers x 7 linears
     assert figures["identical_fraction"] == pytest.approx(1 - 1 / total)
     assert 0 < figures["weight_rel_diff"] < 1e-2
+    assert figures["weight_rel_err"]["reference"] == 0.0  # the dense weights themselves
+    assert figures["weight_rel_err"]["upstream"] == pytest.approx(figures["weight_rel_diff"])  # one weight zeroed
     if pattern == "unstructured":
         assert figures["mask_agreement"] == pytest.approx(1 - 1 / total)
     else:
