@@ -145,6 +145,40 @@ def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
         assert run[1].returncode != 0 and "CUDA" in run[1].stderr, run[1].stdout[-1000:]
 
 
+C4_TWICE = """
+import datasets, sys
+def c4_validation():
+    return datasets.load_dataset("allenai/c4", "allenai--c4", data_files={"validation": "v.json.gz"}, split="validation")
+print("calibration loads", len(c4_validation()), flush=True)
+open(sys.argv[1], "w").write("{}")  # upstream saves its model
+c4_validation()  # upstream's C4 evaluation
+print("evaluated C4 on the calibration slice")
+"""
+
+
+def test_unused_c4_split_is_served_for_calibration_only(tmp_path, data_dir):
+    """A C4 split upstream loads but does not use for calibration (OmniQuant's get_c4 also
+    loads validation) is served the staged slice before the model is saved; the same load
+    after the save is upstream's C4 evaluation, which must not score the calibration slice as
+    C4 validation: the run stops there, cleanly, with the model kept."""
+    from llmcbench.methods._upstream.adapter import SHIM
+    from llmcbench.methods._upstream.staging import dataset_rules, stage_data
+
+    (tmp_path / "script.py").write_text(C4_TWICE)
+    saved = tmp_path / "model" / "config.json"
+    saved.parent.mkdir()
+    hooks = {"script": str(tmp_path / "script.py"), "argv": [str(saved)], "events": str(tmp_path / "events.jsonl"),
+             "outputs": [str(saved)], "datasets": dataset_rules(stage_data(data_dir, offline=True), unused_splits=["c4:validation"])}
+    (tmp_path / "hooks.json").write_text(json.dumps(hooks))
+    proc = subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "calibration loads 256" in proc.stdout and "evaluated C4" not in proc.stdout
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["dataset", "stopped"]
+    assert "upstream's own evaluation" in events[-1]["reason"]
+
+
 @pytest.mark.parametrize("mode, error_type, needle", [
     ("exit", "crash", "illegal memory access"),
     ("no_output", "crash", "upstream left no HF model directory"),

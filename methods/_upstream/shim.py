@@ -14,7 +14,8 @@ would otherwise apply to upstream source:
   (`allenai/c4` with its removed `allenai--c4` config, `wikitext`, `ptb_text_only`,
   `bookcorpus`, `mit-han-lab/pile-val-backup`, ...) are served from files the driver
   staged from `/data`. A dataset nobody staged raises `DatasetNotStaged` unless
-  `allow_hub` is set (the paper profile with hub access).
+  `allow_hub` is set (the paper profile with hub access). A rule's `until_saved` splits are
+  served only until the step's model exists (see `staging.dataset_rules`).
 - `time`: functions whose wall time is the compression step (e.g. GPTQ's
   `llama_sequential`), so track 3 never counts loading or upstream's own evaluation.
 - `save`: after a function returns, `save_pretrained` the model it was given or returned,
@@ -123,6 +124,9 @@ def patch_datasets(hooks: Hooks) -> None:
         split = kwargs.get("split")
         files = rule["files"]
         wanted = _split_name(split)
+        if wanted in (rule.get("until_saved") or []) and model_written(hooks):
+            raise DatasetNotStaged(f"load_dataset({path!r}, {name!r}, split={split!r}) after the model was saved is upstream's "
+                                   "own evaluation; that split is not staged offline")
         if wanted is not None and wanted not in files:
             raise DatasetNotStaged(f"load_dataset({path!r}, {name!r}, split={split!r}): split {wanted!r} is not staged "
                                    f"(staged: {', '.join(sorted(files))})")
@@ -130,6 +134,12 @@ def patch_datasets(hooks: Hooks) -> None:
         return original(rule.get("format", "json"), data_files=files, split=split)
 
     datasets.load_dataset = load_dataset
+
+
+def model_written(hooks: Hooks) -> bool:
+    """The step's model exists: a save hook wrote it, or upstream wrote its declared outputs."""
+    outputs = hooks.cfg.get("outputs") or []
+    return hooks.saved or bool(outputs and all(os.path.exists(o) for o in outputs))
 
 
 def _local_files(path, data_files) -> bool:
@@ -336,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         patch_modules(hooks)
         run_script(hooks, cfg["script"], list(cfg.get("argv") or []))
     except DatasetNotStaged as e:
-        outputs = cfg.get("outputs") or []
-        if hooks.saved or (outputs and all(os.path.exists(o) for o in outputs)):
+        if model_written(hooks):
             hooks.event(event="stopped", reason=str(e))
             print(f"[llmcbench-shim] model saved; stopping at upstream's next step: {e}", flush=True)
             return 0

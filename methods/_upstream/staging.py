@@ -78,6 +78,9 @@ def dataset_rules(staged: StagedData, *, unused_splits: list[str] = ()) -> list[
     evaluation discards). They are served the dataset's staged file so the loader runs;
     each such load is an event in the step's log. PTB and C4 validation are not staged
     otherwise: upstream's evaluation on them stops the run after the model was saved (shim.py).
+    An unused C4 split is served only until the step's model is saved (`until_saved`): the
+    same loader called after that is upstream's C4 evaluation (OmniQuant's `--eval_ppl`), which
+    must not score the calibration documents as if they were C4 validation.
     """
     if not staged.offline:
         # hub data as upstream uses it; only the config name the hub removed is dropped
@@ -90,7 +93,8 @@ def dataset_rules(staged: StagedData, *, unused_splits: list[str] = ()) -> list[
     if staged.calibration is not None:
         c4 = str(staged.calibration)
         rules += [
-            {"match": ["allenai/c4", "c4", "allenai--c4"], "files": {"train": c4, **{s: c4 for s in unused.get("c4", [])}}},
+            {"match": ["allenai/c4", "c4", "allenai--c4"], "files": {"train": c4, **{s: c4 for s in unused.get("c4", [])}},
+             "until_saved": unused.get("c4", [])},
             {"match": ["mit-han-lab/pile-val-backup", "pile-val-backup"], "files": {"validation": c4}},
             {"match": ["bookcorpus", "bookcorpus/bookcorpus"], "files": {"train": c4}},
         ]
