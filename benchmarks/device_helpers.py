@@ -17,7 +17,13 @@ def make_model(out: Path, tokenizer_dir: Path, small: bool) -> None:
 
     head_dim 128 as LLaMA-2's; 8 layers of hidden 2048 keep each upstream run to seconds on a
     GPU. The tokenizer files are copied, not re-saved: transformers 5 would save its own
-    backend's format, which the upstream stack's transformers 4.x does not read."""
+    backend's format, which the upstream stack's transformers 4.x does not read.
+
+    max_position_embeddings is 2048, the calibration seqlen that upstream SparseGPT and GPTQ
+    hard-code and upstream Wanda reads from the config: with the paper profile (2048-token
+    windows, 128 of them) the harness's sampler draws exactly upstream's `get_c4` windows, so
+    both engines compress from the very same C4 tokens and the agreement figures measure the
+    algorithm, not the data."""
     import shutil
 
     import sentencepiece as spm
@@ -28,7 +34,7 @@ def make_model(out: Path, tokenizer_dir: Path, small: bool) -> None:
     config = LlamaConfig(vocab_size=sp.vocab_size(), hidden_size=256 if small else 2048,
                          intermediate_size=512 if small else 5504, num_hidden_layers=2 if small else 8,
                          num_attention_heads=2 if small else 16, num_key_value_heads=2 if small else 16,
-                         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32 if small else torch.float16)
