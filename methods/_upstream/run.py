@@ -186,7 +186,7 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
             "checkout": str(repo), "commit": commit or "unknown (not a git checkout)",
             "python": ctx.python, "offline_data": offline,
             # on a CPU job the shim ran upstream's hard-coded CUDA calls on the CPU
-            "cuda_mapped_to_cpu": job.device == "cpu",
+            "cuda_mapped_to_cpu": ctx.device == "cpu",
         },
     }
     _log(f"upstream {job.method}/{job.preset}: compression {compress_s:.1f} s of {upstream_s:.1f} s upstream "

@@ -247,12 +247,12 @@ def no_pdb() -> None:
 # ----------------------------------------------------------------------------- cuda on cpu
 
 def _is_cuda(device) -> bool:
-    text = str(device) if device is not None else ""
-    return text == "cuda" or text.startswith("cuda:") or getattr(device, "type", None) == "cuda"
+    # "cuda", "cuda:0" and torch.device("cuda", 0) all print as cuda[:N]
+    return str(device).partition(":")[0] == "cuda"
 
 
-def cuda_to_cpu(hooks: Hooks):
-    """Enter (and return) a torch function mode that runs upstream's CUDA calls on the CPU."""
+def cuda_to_cpu(hooks: Hooks) -> None:
+    """Enter, for the rest of the process, a torch function mode that runs upstream's CUDA calls on the CPU."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -290,10 +290,8 @@ def cuda_to_cpu(hooks: Hooks):
         return torch.autocast("cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
     torch.cuda.amp.autocast = autocast
-    mode = CudaToCpu()
-    mode.__enter__()
+    CudaToCpu().__enter__()
     hooks.event(event="cuda_to_cpu", torch=torch.__version__)
-    return mode
 
 
 # ----------------------------------------------------------------------------- the script
