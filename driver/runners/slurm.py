@@ -82,12 +82,33 @@ def store_comment(runs_dir: Path) -> str:
     return COMMENT_PREFIX + str(Path(runs_dir).resolve())
 
 
+def scancel_and_wait(ids: list[str], timeout_s: float = 30) -> None:
+    """scancel the jobs and wait (bounded) until Slurm no longer lists them.
+
+    Why wait: after `scancel` a job stays in the queue as COMPLETING until its processes are
+    killed; a driver that exits at once would leave it there, and a re-run that starts at once
+    would find the node still busy.
+    """
+    if not ids or not shutil.which("scancel"):
+        return
+    subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            proc = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-t", "PD,CF,R,S,CG", "-o", "%i"],
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return
+        if proc.returncode != 0 or not proc.stdout.strip():  # an id Slurm has forgotten is an error: gone
+            return
+        time.sleep(0.5)
+
+
 def cancel_submitted() -> list[str]:
     """scancel every job this driver is still waiting for (Ctrl-C, SIGTERM of a matrix)."""
     with _SUBMITTED_LOCK:
         ids = list(_SUBMITTED)
-    if ids and shutil.which("scancel"):
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+    scancel_and_wait(ids)
     return ids
 
 
@@ -216,7 +237,7 @@ class SlurmRunner:
             try:
                 state, exit_code = self._wait(job_id, tail)
             except BaseException:  # Ctrl-C, SIGTERM: what this driver submitted does not outlive it
-                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+                scancel_and_wait([job_id])
                 attempts[-1]["state"] = "CANCELLED (driver interrupted)"
                 self._record(run_dir, attempts)
                 raise
