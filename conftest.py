@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -22,6 +23,11 @@ if (PROJECT / ".vllm-venv" / "bin" / "python").is_file():  # tests/vllm-setup.sh
 
 
 def pytest_configure(config):
+    # A shell without job control starts background commands with SIGINT ignored, and an ignored
+    # signal stays ignored in every child: the Ctrl-C tests' drivers would never see their SIGINT.
+    # Handling it here again means the drivers these tests start get the default disposition.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "docker: needs a running Docker daemon")
     config.addinivalue_line("markers", "slow: end-to-end runs on the embedded model")
