@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .contract import Calibration, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result
+from .contract import Calibration, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result, setting_label
 from .data import resolve_data
 from .errors import JobFailed, UserError
 from .models import resolve_model
@@ -67,7 +67,13 @@ class BenchPlan:
     slurm: object | None = None  # the slurm runner's SlurmConfig
     judge: object | None = None  # track 7's JudgeConfig: instruction answers are judged against dense's
     backends: list[str] = field(default_factory=lambda: ["torch_native"])  # track 5's deploy backends
+    overrides: dict | None = None  # the params set over the preset's (--sparsity): recorded in the compress job
     runs: dict[str, JobRun] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> str:
+        """The preset, with the params set over it: what the report calls this run (`Job.setting`)."""
+        return setting_label(self.preset, self.params, self.overrides or {})
 
     @property
     def cell(self) -> str:
@@ -139,7 +145,8 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         raise UserError(f"{spec.name} has no '{engine}' engine here: choose from {', '.join(spec.engines)}")
     if profile not in PROFILES:
         raise UserError(f"unknown profile '{profile}': choose quick or paper")
-    merged = {**preset_params, **spec.profile_params(profile), **(params or {})}
+    defaults = {**preset_params, **spec.profile_params(profile)}
+    merged = {**defaults, **(params or {})}
     s = parse_sparsity(sparsity)
     if s is not None:
         if "sparsity" not in preset_params:
@@ -147,6 +154,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         merged["sparsity"] = s
     elif "sparsity" in merged:
         parse_sparsity(merged["sparsity"])
+    overrides = {k: v for k, v in merged.items() if k not in defaults or defaults[k] != v}
     engine_module = spec.engine_module(engine)
     if hasattr(engine_module, "validate_params"):
         try:
@@ -178,7 +186,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner, gpus, slurm, judge, backends)
+                     Path(runs_dir), runner, gpus, slurm, judge, backends, overrides=overrides or None)
 
 
 def compress_job(plan: BenchPlan) -> Job:
@@ -191,8 +199,8 @@ def compress_job(plan: BenchPlan) -> Job:
         seed=cal.seed if cal else 0,
         source=plan.data_source,
     )
-    return Job(kind="compress", method=plan.method.name, preset=plan.preset, params=plan.params, engine=plan.engine,
-               model=plan.model, calibration=calibration, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
+    return Job(kind="compress", method=plan.method.name, preset=plan.preset, params=plan.params, overrides=plan.overrides,
+               engine=plan.engine, model=plan.model, calibration=calibration, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
                limits=Limits(time_limit_s=p.time_limit_s))
 
 

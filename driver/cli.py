@@ -101,7 +101,7 @@ def bench(
 
         plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity,
                           gpus=gpus, slurm=slurm, judge=judge_config(judge_url, judge_model, judge_key_env))
-        console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.preset} on {plan.model.name} "
+        console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.setting} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       TextColumn("[dim]{task.fields[status]}"), console=console, transient=False) as progress:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,12 +93,20 @@ class Limits(_Record):
     memory_bytes: int | None = None
 
 
+def setting_label(preset: str | None, params: dict[str, Any], keys: Iterable[str]) -> str:
+    shown = sorted(k for k in set(keys) if k in params)
+    label = preset or "-"
+    return label + (" (" + ", ".join(f"{k}={params[k]}" for k in shown) + ")" if shown else "")
+
+
 class Job(_Record):
     schema_version: str = SCHEMA_VERSION
     kind: JobKind
     method: str = Field(description="'dense' for the uncompressed baseline")
     preset: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, Any] | None = Field(
+        default=None, description="the params set over the preset's own (and its profile's): such a run is not the preset's setting")
     engine: Engine = "reference"
     model: ModelRef
     calibration: Calibration | None = None
@@ -116,11 +125,19 @@ class Job(_Record):
         return v
 
     def identity_dict(self) -> dict[str, Any]:
-        """The fields that define what is computed: host paths and limits excluded."""
+        """The fields that define what is computed: host paths and limits excluded; `overrides`
+        only when set, so the jobs of stores written before it existed keep their hashes."""
         d = self.model_dump(mode="json")
         d["model"].pop("path", None)
         d.pop("limits", None)
+        if d["overrides"] is None:
+            del d["overrides"]
         return d
+
+    def setting(self, also: Iterable[str] = ()) -> str:
+        """How reports name the run: the preset, with `key=value` for the params set over it
+        (and for `also`): only a bare preset name is the preset's setting."""
+        return setting_label(self.preset, self.params, {*(self.overrides or {}), *also})
 
     def job_hash(self, environment_id: str) -> str:
         payload = canonical_json({"job": self.identity_dict(), "environment": environment_id})

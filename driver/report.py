@@ -71,16 +71,16 @@ def plan_eval_records(plan: BenchPlan) -> tuple[list[MetricRecord], list[MetricR
         if key.startswith(("dense eval", "dense deploy")):
             dense += eval_records(run.result.metrics, plan.model.name, "dense", "dense")
         elif key.startswith(("compressed eval", "compressed deploy")):
-            compressed += eval_records(run.result.metrics, plan.model.name, plan.method.name, plan.preset)
+            compressed += eval_records(run.result.metrics, plan.model.name, plan.method.name, plan.setting)
             if key == "compressed eval t7":  # the judged task, when a judge was configured
-                d, c = judge_records(load_judged(run.run_dir), plan.model.name, plan.method.name, plan.preset)
+                d, c = judge_records(load_judged(run.run_dir), plan.model.name, plan.method.name, plan.setting)
                 dense, compressed = dense + d, compressed + c
     return dense, compressed
 
 
 def build_report(plan: BenchPlan) -> BenchReport:
     runs = plan.runs
-    model, method, setting = plan.model.name, plan.method.name, plan.preset
+    model, method, setting = plan.model.name, plan.method.name, plan.setting
     records: list[MetricRecord] = []
     rows: list[Row] = []
     dense_records, comp_records = plan_eval_records(plan)
@@ -132,12 +132,12 @@ def _track3_peers(plan: BenchPlan) -> list[dict]:
             continue
         if job.profile != this.profile or job.device != this.device:
             continue
-        key = (job.method, job.preset or "")
+        key = (job.method, job.setting())
         if key in peers and peers[key]["finished_at"] >= result.finished_at and run_dir != plan.runs["compress"].run_dir:
             continue
-        peers[key] = {"method": job.method, "preset": job.preset, "compress_s": result.metrics["track3"]["compress_s"],
+        peers[key] = {"method": job.method, "preset": key[1], "compress_s": result.metrics["track3"]["compress_s"],
                       "finished_at": result.finished_at,
-                      "records": compress_records(result.metrics, this.model.name, job.method, job.preset or "")}
+                      "records": compress_records(result.metrics, this.model.name, job.method, key[1])}
     return list(peers.values())
 
 

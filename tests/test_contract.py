@@ -47,6 +47,15 @@ def test_job_hash_ignores_paths_but_not_content():
     assert a.job_hash("env") != _job(preset="4:8").job_hash("env")
 
 
+def test_a_job_keeps_the_hash_earlier_versions_gave_it():
+    """Stores written before `overrides` existed stay cache hits: the hash of `_job()` as the
+    contract computed it then. A param set over the preset is part of what a job computes."""
+    assert _job().job_hash("env") == "3a3177999494fd4c73682839cd30a94ef000f4749c555d9ea260634f4d607e3e"
+    over = _job(params={"sparsity": 0.6, "pattern": "n:m", "n": 2, "m": 4}, overrides={"sparsity": 0.6})
+    assert over.job_hash("env") != _job(params=over.params).job_hash("env")
+    assert (_job().setting(), over.setting(), _job().setting(also=["n", "m"])) == ("2:4", "2:4 (sparsity=0.6)", "2:4 (m=4, n=2)")
+
+
 def test_job_hash_stable_across_processes():
     code = (
         "from llmcbench.driver.contract import *\n"

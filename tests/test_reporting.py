@@ -87,10 +87,10 @@ class SyntheticStore:
 
     def method(self, model: ModelRef, method: str, preset: str, params: dict, values: dict, compress_s: float,
                memory_gb: float, profile: str = "paper", calib_sha: str = CALIB_SHA, nsamples: int = 128,
-               image_digest: str | None = None, tracks: tuple = (1, 4)) -> tuple[Path, Path]:
+               image_digest: str | None = None, tracks: tuple = (1, 4), overrides: dict | None = None) -> tuple[Path, Path]:
         cell = cell_name(method, preset, model.name)
-        comp_job = Job(kind="compress", method=method, preset=preset, params=params, model=model, profile=profile, device="cuda",
-                       calibration=Calibration(nsamples=nsamples, seqlen=2048, seed=0))
+        comp_job = Job(kind="compress", method=method, preset=preset, params=params, overrides=overrides, model=model,
+                       profile=profile, device="cuda", calibration=Calibration(nsamples=nsamples, seqlen=2048, seed=0))
         declaration = Compression(method=method, preset=preset, sparsity_pattern="unstructured", measured_sparsity=0.5)
         comp = self._write(cell, comp_job, {"track3": {"compress_s": compress_s, "compress_peak_rss_bytes": int(3e9),
                                                        "compress_peak_gpu_bytes": int(memory_gb * 1e9), "device": "cuda"}},
@@ -186,6 +186,60 @@ def test_compare_with_paper_matches_nothing_it_should_not(tmp_path):
     assert quick and all(r.verdict == "n/a" and "not comparable" in r.tolerance for r in quick)
     assert not [r for r in report.paper if r.setting == "4:8"]
     assert any("llama-2-7b-hf (profile paper) is the paper's LLaMA-2-7B, but none" in n for n in report.paper_notes)
+
+
+def test_a_param_set_over_the_preset_is_named_and_never_compared_with_the_paper(tmp_path):
+    """`--sparsity 0.6` on Wanda's unstructured-50, alone in the store: its label says so, and
+    the paper's 50% row is not its reference (the run beside it at the preset's own 50% is)."""
+    s = SyntheticStore(tmp_path / "runs")
+    s.dense(LLAMA2, PAPER_DENSE)
+    s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.6}, wanda_values(), 60.0, 14.0,
+             overrides={"sparsity": 0.6})
+    s.method(LLAMA2, "wanda", "2:4", {"pattern": "n:m", "n": 2, "m": 4, "sparsity": 0.5}, PAPER_WANDA, 30.0, 20.0)
+    report = build_store_report(tmp_path / "runs")
+    (group,) = report.groups
+    assert sorted(c.setting for c in group.cells) == ["2:4", "unstructured-50 (sparsity=0.6)"]
+    assert {r.setting for r in report.paper if r.method == "wanda"} == {"2:4"}
+    # the same run at the preset's own sparsity, beside it: only that one meets the paper's row
+    s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, wanda_values(), 60.0, 14.0)
+    report = build_store_report(tmp_path / "runs")
+    assert sorted(c.setting for c in report.groups[0].cells) == ["2:4", "unstructured-50", "unstructured-50 (sparsity=0.6)"]
+    assert {r.setting for r in report.paper if r.method == "wanda"} == {"2:4", "unstructured-50"}
+    assert _row(report, "wanda", "unstructured-50", "mmlu").delta == pytest.approx(WANDA_OFFSET["mmlu"])
+
+
+def test_runs_of_a_store_that_recorded_no_overrides_are_told_apart_by_their_params(tmp_path):
+    s = SyntheticStore(tmp_path / "runs")
+    s.dense(LLAMA2, PAPER_DENSE)
+    for sparsity in (0.5, 0.6):
+        s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": sparsity}, wanda_values(), 60.0, 14.0)
+    report = build_store_report(tmp_path / "runs")
+    assert sorted(c.setting for c in report.groups[0].cells) == ["unstructured-50 (sparsity=0.5)", "unstructured-50 (sparsity=0.6)"]
+    assert not report.paper or {r.method for r in report.paper} == {"dense"}
+
+
+def test_bench_with_sparsity_set_records_and_shows_it(tmp_path, tiny_llama_dir, run_cli):
+    """The real command: `--sparsity 60%` prunes 60%, the job records it as set over the preset,
+    the table names it; `--sparsity 50%` is the preset itself (the same job, a cache hit)."""
+    runs = tmp_path / "runs"
+    common = ["bench", "-m", "wanda", "--model", str(tiny_llama_dir), "--tracks", "3", "--device", "cpu", "--runs-dir", str(runs)]
+    first = run_cli(*common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "wanda unstructured-50 on" in first.stdout and "sparsity=" not in first.stdout
+    proc = run_cli(*common, "--sparsity", "60%")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wanda unstructured-50 (sparsity=0.6) on" in proc.stdout
+    jobs = {json.dumps(j.overrides): j for j in (Job.model_validate_json(p.read_text()) for p in runs.glob("wanda-*/*/job.json"))}
+    assert set(jobs) == {"null", '{"sparsity": 0.6}'} and jobs['{"sparsity": 0.6}'].params["sparsity"] == 0.6
+    (model_dir,) = [p.parent.parent for p in runs.glob("wanda-*/*/model/compression.json")
+                    if Job.model_validate_json((p.parent.parent / "job.json").read_text()).overrides]
+    declared = Compression.model_validate_json((model_dir / "model" / "compression.json").read_text())
+    assert declared.measured_sparsity == pytest.approx(0.6, abs=0.01)
+    (group,) = build_store_report(runs).groups
+    assert sorted(c.setting for c in group.cells) == ["unstructured-50", "unstructured-50 (sparsity=0.6)"]
+    again = run_cli(*common, "--sparsity", "50%")
+    assert again.returncode == 0 and "sparsity=" not in again.stdout and "cached" in again.stdout
+    assert len(list(runs.glob("wanda-*/*/job.json"))) == 2
 
 
 # ---------------------------------------------------------------- scores and fairness

@@ -141,14 +141,14 @@ def _newer(a: StoredRun, b: StoredRun) -> bool:
 
 
 def _settings_labels(members: list[StoredRun]) -> list[str]:
-    """The preset, plus `key=value` for the params that tell apart two runs of the same preset."""
+    """`Job.setting` (the preset, plus `key=value` for the params set over it), and where two
+    runs would still read the same (a store written before jobs recorded what was set), the
+    params that tell them apart. Only a bare preset name is compared with the paper."""
     labels = []
     for r in members:
-        twins = [o for o in members if (o.job.method, o.job.preset, o.job.engine) == (r.job.method, r.job.preset, r.job.engine)]
-        label = r.job.preset or "-"
-        if len(twins) > 1:
-            differing = sorted(k for k in r.job.params if any(o.job.params.get(k) != r.job.params[k] for o in twins))
-            label += " (" + ", ".join(f"{k}={r.job.params[k]}" for k in differing) + ")"
+        twins = [o for o in members if (o.job.method, o.job.setting(), o.job.engine) == (r.job.method, r.job.setting(), r.job.engine)]
+        differing = [k for k in r.job.params if any(o.job.params.get(k) != r.job.params[k] for o in twins)]
+        label = r.job.setting(also=differing)
         if r.job.engine != "reference":
             label += f" [{r.job.engine}]"
         labels.append(label)
