@@ -648,6 +648,22 @@ def test_cli_errors_are_one_line(tmp_path, run_cli):
     assert not (tmp_path / "nope").exists()
 
 
+def test_report_and_bundle_take_the_store_as_bench_does(tmp_path, run_cli):
+    """`--runs-dir`, as bench and matrix take it, or the argument, or runs/ in the working dir."""
+    write_llama_store(tmp_path / "runs")
+    pages = []
+    for args in (["runs"], ["--runs-dir", "runs"], []):
+        proc = run_cli("report", *args, "-o", f"out{len(pages)}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        pages.append((tmp_path / f"out{len(pages)}" / "report.md").read_text())
+    assert pages[0] == pages[1] == pages[2] and "unstructured-50" in pages[0]
+    proc = run_cli("bundle", "--runs-dir", "runs", "-o", "b.tar.gz", cwd=tmp_path)
+    assert proc.returncode == 0 and "bundle: b.tar.gz (5 runs)" in proc.stdout, proc.stderr
+    for verb in ("report", "bundle"):
+        proc = run_cli(verb, "runs", "--runs-dir", "elsewhere", cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.strip() == "error: two stores given (runs and --runs-dir elsewhere): pass one"
+
+
 def test_bundle_and_verify_refuse_what_is_not_there(tmp_path):
     from llmcbench.driver.reporting.bundle import BundleError
 

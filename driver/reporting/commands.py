@@ -25,11 +25,24 @@ def _fail(ctx: typer.Context, message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _store(ctx: typer.Context, positional: Optional[Path], option: Optional[Path]) -> Path:
+    """The store, as the other verbs take it (`--runs-dir`) or as an argument; runs/ by default."""
+    if positional is not None and option is not None and positional != option:
+        _fail(ctx, f"two stores given ({positional} and --runs-dir {option}): pass one")
+    return positional or option or Path("runs")
+
+
+RUNS_DIR_ARGUMENT = typer.Argument(None, metavar="RUNS_DIR", show_default=False,
+                                   help="the result store: the --runs-dir of your benches (default runs/; also --runs-dir)")
+RUNS_DIR_OPTION = typer.Option(None, "--runs-dir", show_default=False, help="the result store, as bench and matrix take it")
+
+
 def report(
     ctx: typer.Context,
-    runs_dir: Path = typer.Argument(..., help="the result store (the --runs-dir of your benches)"),
+    runs_dir_arg: Optional[Path] = RUNS_DIR_ARGUMENT,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write report.html, report.md, report.json (default: RUNS_DIR/report)"),
     screenshot: Optional[Path] = typer.Option(None, "--screenshot", help="also save a PNG of the page (needs chromium)"),
+    runs_dir_opt: Optional[Path] = RUNS_DIR_OPTION,
 ):
     """Build the store's report: markdown + one self-contained HTML page, every number linked to its result.json.
 
@@ -40,6 +53,7 @@ def report(
 
     from .write import write_store_report
 
+    runs_dir = _store(ctx, runs_dir_arg, runs_dir_opt)
     if not runs_dir.is_dir():
         _fail(ctx, f"store {runs_dir} does not exist: pass the --runs-dir of your benches (default runs/)")
     out = out_dir or runs_dir / "report"
@@ -75,14 +89,15 @@ def report(
 
 def bundle(
     ctx: typer.Context,
-    runs_dir: Path = typer.Argument(..., help="the result store"),
+    runs_dir_arg: Optional[Path] = RUNS_DIR_ARGUMENT,
     out: Path = typer.Option(Path("bundle.tar.gz"), "--out", "-o", help="the bundle to write"),
+    runs_dir_opt: Optional[Path] = RUNS_DIR_OPTION,
 ):
     """Pack results, provenance, the report, a sha256 manifest and reproduce.sh for a reviewer."""
     from .bundle import BundleError, make_bundle
 
     try:
-        digest, warnings, n = make_bundle(runs_dir, out)
+        digest, warnings, n = make_bundle(_store(ctx, runs_dir_arg, runs_dir_opt), out)
     except BundleError as e:
         _fail(ctx, str(e))
     for w in warnings:
