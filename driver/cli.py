@@ -122,7 +122,7 @@ def deploy(
     backend: str = typer.Option("torch_native", "--backend", help="deploy backend(s), comma-separated: torch_native, vllm (tensorrt_llm, mlc_llm planned)"),
     model: Optional[str] = typer.Option(None, "--model", help="model (default: embedded SmolLM2-135M)"),
     profile: str = typer.Option("quick", "--profile", help="quick (32 new tokens, 3 runs) or paper (256 new tokens, 5 runs)"),
-    runner: str = typer.Option("local", "--runner", help="local or slurm"),
+    runner: str = typer.Option("local", "--runner", help="local, docker (the eval image, or the backend's deploy image) or slurm"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
