@@ -144,9 +144,10 @@ def _settings_labels(members: list[StoredRun]) -> list[str]:
     """`Job.setting` (the preset, plus `key=value` for the params set over it), and where two
     runs would still read the same (a store written before jobs recorded what was set), the
     params that tell them apart. Only a bare preset name is compared with the paper."""
+    keys = [(r.job.method, r.job.setting(), r.job.engine) for r in members]
     labels = []
-    for r in members:
-        twins = [o for o in members if (o.job.method, o.job.setting(), o.job.engine) == (r.job.method, r.job.setting(), r.job.engine)]
+    for r, key in zip(members, keys):
+        twins = [o for o, k in zip(members, keys) if k == key]
         differing = [k for k in r.job.params if any(o.job.params.get(k) != r.job.params[k] for o in twins)]
         label = r.job.setting(also=differing)
         if r.job.engine != "reference":
