@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import shutil
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from filelock import Timeout
 
 from .contract import Calibration, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result, setting_label
 from .data import resolve_data
@@ -289,6 +292,25 @@ def _run_dir_lock(run_dir: Path) -> threading.Lock:
         return _RUN_DIR_LOCKS.setdefault(run_dir, threading.Lock())
 
 
+@contextmanager
+def _job_lock(store: Store, p: PlannedJob, on_job: Callable | None):
+    """Hold the job's inter-process lock. When another process holds it (it runs this job),
+    say so on the job's progress line and wait; yields that line's callback if one was opened."""
+    lock = store.lock(p.run_dir)
+    on_line = None
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_job:
+            on_line = on_job(p.key, p.job, None)
+            on_line(f"waiting: another llmcbench process runs this job ({lock.lock_file})")
+        lock.acquire()
+    try:
+        yield on_line
+    finally:
+        lock.release()
+
+
 def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None, runner=None) -> BenchPlan:
     """Run (or find cached) the compress job and the dense and compressed evaluations; fills `plan.runs`."""
     runner = runner or get_runner(plan.runner_name, plan.gpus, slurm=plan.slurm, device=plan.device)
@@ -296,7 +318,7 @@ def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = No
     # The environment (what enters a job's hash) may differ per job kind (the docker runner's
     # method and eval images); planning asks for each, which checks the runner can run every job.
     for p in planned_jobs(plan, runner):
-        with _run_dir_lock(p.run_dir):
+        with _run_dir_lock(p.run_dir), _job_lock(store, p, on_job) as on_line:
             if force and p.run_dir.exists():
                 shutil.rmtree(p.run_dir)
             cached = store.cached(p.run_dir)
@@ -304,7 +326,8 @@ def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = No
                 run = JobRun(p.job, p.job_hash, p.run_dir, cached, True)
             else:
                 store.prepare(p.run_dir, p.job)
-                on_line = on_job(p.key, p.job, None) if on_job else None
+                if on_line is None and on_job:
+                    on_line = on_job(p.key, p.job, None)
                 result = runner.run(p.job, p.job_hash, p.run_dir, p.model_path, plan.data_dir, on_line=on_line)
                 run = JobRun(p.job, p.job_hash, p.run_dir, result, False)
         if on_job:

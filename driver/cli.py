@@ -45,8 +45,9 @@ def _progress_callback(progress):
             return lambda line: progress.update(tasks[key], status=line[-90:])
         status = "[green]cached[/green]" if run.cached else (
             "[green]done[/green]" if run.result.status == "ok" else "[red]failed[/red]")
-        if key in tasks:
-            progress.update(tasks[key], status=f"{status} in {run.result.wall_s:.0f} s", total=1, completed=1)
+        if key in tasks:  # ran here, or waited for another process that ran it
+            took = f"({run.job_hash[:12]})" if run.cached else f"in {run.result.wall_s:.0f} s"
+            progress.update(tasks[key], status=f"{status} {took}", total=1, completed=1)
         else:
             task = progress.add_task(f"{key}: {job.method} {job.preset or ''}", total=1, status=f"{status} ({run.job_hash[:12]})")
             progress.update(task, completed=1)

@@ -7,6 +7,12 @@ A run directory is the job's `/out` plus its `job.json`: `job.json`, `log.txt`,
 - no `result.json`: an interrupted job, run again from scratch;
 - `result.json` unreadable, edited, or outputs that no longer match: never trusted — an
   error that names the file (`--force` recomputes it).
+
+Several `llmcbench` processes may share a store (two terminals, a matrix beside a bench):
+a job is checked, prepared and run under `runs/.locks/<job hash>.lock` (an OS file lock,
+released when its process dies), so a job shared by two benches, such as the dense
+evaluation, runs once while the other waits for its cached result, and no process wipes
+a run dir that another is writing.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+
+from filelock import FileLock
 
 from .contract import ContractError, Job, Result, read_record
 from .errors import StoreError
@@ -52,6 +60,12 @@ class Store:
             if not f.is_file() or sha256_file(f) != digest:
                 raise StoreError(f"corrupted artifact in the store: {f} is missing or does not match its recorded sha256; rerun with --force")
         return result
+
+    def lock(self, run_dir: Path) -> FileLock:
+        """The inter-process lock of one job (held while it is checked, prepared and run)."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(locks / f"{run_dir.name}.lock")
 
     def prepare(self, run_dir: Path, job: Job) -> None:
         """Start a fresh run dir holding only job.json (a previous failed/partial attempt is replaced)."""
