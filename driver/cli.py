@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,16 @@ def _fail(exc: Exception, code: int) -> None:
         err_console.print_exception()
     err_console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _job_progress():
+    """A live list of a bench's jobs; yields the `on_job` callback that `run_bench` reports to."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  TextColumn("[dim]{task.fields[status]}"), console=console, transient=False) as progress:
+        yield _progress_callback(progress)
 
 
 def _progress_callback(progress):
@@ -87,8 +98,6 @@ def bench(
     force: bool = typer.Option(False, "--force", help="recompute even if cached (also replaces corrupted results)"),
 ):
     """Compress a model with METHOD, evaluate dense and compressed on the tracks, print the table."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from .bench import plan_bench, run_bench
     from .report import build_report, render_rich, write_report
 
@@ -104,9 +113,8 @@ def bench(
                           gpus=gpus, slurm=slurm, judge=judge_config(judge_url, judge_model, judge_key_env))
         console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.setting} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      TextColumn("[dim]{task.fields[status]}"), console=console, transient=False) as progress:
-            run_bench(plan, force=force, on_job=_progress_callback(progress))
+        with _job_progress() as on_job:
+            run_bench(plan, force=force, on_job=on_job)
         rep = build_report(plan)
     except UserError as e:
         _fail(e, e.exit_code)
@@ -154,16 +162,14 @@ def parity(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
 ):
     """Reference vs upstream engine on the same model: WikiText-2 ppl and mask/weight agreement."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .parity import run_parity
 
     t0 = time.perf_counter()
     try:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      TextColumn("[dim]{task.fields[status]}"), console=console, transient=False) as progress:
-            rec = run_parity(method, preset, model, profile, runner, runs_dir, data_dir, device, on_job=_progress_callback(progress))
+        with _job_progress() as on_job:
+            rec = run_parity(method, preset, model, profile, runner, runs_dir, data_dir, device, on_job=on_job)
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
     t = Table(title=f"Parity: {rec.method} {rec.preset} on {rec.model} (dense WikiText-2 ppl {_fmt(rec.dense_wikitext2_ppl)})")
