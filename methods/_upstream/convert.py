@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmcbench.driver.contract import LayerCompression
+
+from .._engine.blockwise import decoder_blocks, find_linears
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 
@@ -98,3 +102,25 @@ def distinct_levels(weight: torch.Tensor, group_size: int | None) -> int:
         w = w.reshape(-1, group_size)
     ordered = torch.sort(w, dim=-1).values
     return int(((ordered[:, 1:] != ordered[:, :-1]).sum(-1) + 1).max())
+
+
+def quantized_layers(model: nn.Module, bits: int, group_size: int | None, *, levels: int | None = None,
+                     grid: str | None = None, check: bool = True) -> dict[str, LayerCompression]:
+    """The per-layer record (`compression.json`) of a model upstream fake-quantized, after checking
+    that every decoder linear is on the declared grid: at most `levels` (default 2**bits) distinct
+    values per group (per row when `group_size` is None or <= 0). A layer with more is not the
+    method's output, and the conversion stops. `check=False` where the groups cannot be seen in
+    the saved weights (GPTQ's act-order permutes the columns they were formed over)."""
+    prefix, blocks = decoder_blocks(model)
+    group = group_size if group_size and group_size > 0 else None
+    limit = levels or 2 ** bits
+    layers = {}
+    for index, block in enumerate(blocks):
+        for name, linear in find_linears(block).items():
+            full = f"{prefix}.{index}.{name}"
+            n = distinct_levels(linear.weight, group) if check else 0
+            if n > limit:
+                raise ConversionError(f"upstream's {full} has {n} distinct values in a {'group' if group else 'row'}, "
+                                      f"more than a {grid or f'{bits}-bit'} grid allows ({limit} levels)")
+            layers[full] = LayerCompression(weight_bits=bits, shape=list(linear.weight.shape))
+    return layers

@@ -27,11 +27,10 @@ from __future__ import annotations
 import re
 import shutil
 
-from llmcbench.driver.contract import Compression, LayerCompression
+from llmcbench.driver.contract import Compression
 
-from .._engine.blockwise import decoder_blocks, find_linears
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
-from .._upstream.convert import ConversionError, distinct_levels, hf_dir_from_upstream, require
+from .._upstream.convert import hf_dir_from_upstream, quantized_layers, require
 from .reference import AWQSettings
 
 ENTRY = "awq/entry.py"
@@ -71,13 +70,7 @@ class AWQUpstream(UpstreamAdapter):
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = settings_for(ctx.params)
         model = hf_dir_from_upstream(ctx.work / "fake", ctx.model_dir, ctx.model_out)
-        prefix, blocks = decoder_blocks(model)
-        layers = {}
-        for index, block in enumerate(blocks):
-            for name, linear in find_linears(block).items():
-                if distinct_levels(linear.weight, s.group_size if s.group_size > 0 else None) > 2 ** s.weight_bits:
-                    raise ConversionError(f"upstream's {prefix}.{index}.{name} is not on a {s.weight_bits}-bit grid per group")
-                layers[f"{prefix}.{index}.{name}"] = LayerCompression(weight_bits=s.weight_bits, shape=list(linear.weight.shape))
+        layers = quantized_layers(model, s.weight_bits, s.group_size)
         packed_format = None
         if s.weight_bits == 4:
             packed = require(ctx.work / "quant-v2.pt", "real-quantized state dict (--dump_quant, renamed *-v2.pt upstream)")

@@ -19,11 +19,10 @@
 
 from __future__ import annotations
 
-from llmcbench.driver.contract import Compression, LayerCompression
+from llmcbench.driver.contract import Compression
 
-from .._engine.blockwise import decoder_blocks, find_linears
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext, switch
-from .._upstream.convert import ConversionError, distinct_levels, hf_dir_from_upstream
+from .._upstream.convert import hf_dir_from_upstream, quantized_layers
 from .reference import GPTQSettings
 
 UPSTREAM_BITS = (2, 3, 4, 8)
@@ -57,17 +56,9 @@ class GPTQUpstream(UpstreamAdapter):
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = settings_for(ctx.params)
         model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
-        prefix, blocks = decoder_blocks(model)
         # groups are contiguous columns unless act-order permutes them (without static groups)
         checkable = s.group_size == -1 or s.static_groups or not s.act_order
-        layers = {}
-        for index, block in enumerate(blocks):
-            for name, linear in find_linears(block).items():
-                levels = distinct_levels(linear.weight, s.group_size if s.group_size > 0 else None) if checkable else 0
-                if levels > 2 ** s.weight_bits:
-                    raise ConversionError(f"upstream's {prefix}.{index}.{name} has {levels} distinct values in a group, "
-                                          f"more than a {s.weight_bits}-bit grid allows: not GPTQ output")
-                layers[f"{prefix}.{index}.{name}"] = LayerCompression(weight_bits=s.weight_bits, shape=list(linear.weight.shape))
+        layers = quantized_layers(model, s.weight_bits, s.group_size, check=checkable)
         notes = [f"upstream IST-DASLab/gptq llama.py {ctx.calibration.dataset} --wbits {s.weight_bits} groupsize {s.group_size}, "
                  f"{'symmetric' if s.sym else 'asymmetric'}, act-order {s.act_order}, static groups {s.static_groups}, "
                  f"true-sequential {s.true_sequential}; calibration windows of 2048 tokens (upstream's model.seqlen)",

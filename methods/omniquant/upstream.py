@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import json
 
-from llmcbench.driver.contract import Compression, LayerCompression
+from llmcbench.driver.contract import Compression
 
-from .._engine.blockwise import decoder_blocks, find_linears
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext, switch
-from .._upstream.convert import ConversionError, distinct_levels, hf_dir_from_upstream
+from .._upstream.convert import hf_dir_from_upstream, quantized_layers
 from .reference import OmniQuantSettings
 
 NET_CHOICES = ("opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b", "llama-7b", "llama-13b",
@@ -84,13 +83,7 @@ class OmniQuantUpstream(UpstreamAdapter):
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = OmniQuantSettings.from_params(ctx.params)
         model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
-        prefix, blocks = decoder_blocks(model)
-        layers = {}
-        for index, block in enumerate(blocks):
-            for name, linear in find_linears(block).items():
-                if distinct_levels(linear.weight, s.group_size if s.group_size > 0 else None) > 2 ** s.weight_bits:
-                    raise ConversionError(f"upstream's {prefix}.{index}.{name} is not on a {s.weight_bits}-bit grid")
-                layers[f"{prefix}.{index}.{name}"] = LayerCompression(weight_bits=s.weight_bits, shape=list(linear.weight.shape))
+        layers = quantized_layers(model, s.weight_bits, s.group_size)
         notes = [f"upstream OpenGVLab/OmniQuant main.py --net {net_label(ctx)} --wbits {s.weight_bits} --abits {s.act_bits} "
                  f"group {s.group_size} lwc {s.lwc} let {s.let} epochs {s.epochs}; calibration: {ctx.calibration.dataset}, "
                  "2048-token windows (upstream's seqlen)",

@@ -21,11 +21,10 @@
 
 from __future__ import annotations
 
-from llmcbench.driver.contract import Compression, LayerCompression
+from llmcbench.driver.contract import Compression
 
-from .._engine.blockwise import decoder_blocks, find_linears
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext, switch
-from .._upstream.convert import ConversionError, distinct_levels, hf_dir_from_upstream
+from .._upstream.convert import hf_dir_from_upstream, quantized_layers
 from .reference import SmoothQuantSettings
 
 
@@ -69,13 +68,7 @@ class SmoothQuantUpstream(UpstreamAdapter):
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = settings_for(ctx.params)
         model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
-        prefix, blocks = decoder_blocks(model)
-        layers = {}
-        for index, block in enumerate(blocks):
-            for name, linear in find_linears(block).items():
-                if distinct_levels(linear.weight, None) > 2 ** 8 - 1:  # symmetric abs-max INT8: -127..127
-                    raise ConversionError(f"upstream's {prefix}.{index}.{name} is not on a per-channel INT8 grid")
-                layers[f"{prefix}.{index}.{name}"] = LayerCompression(weight_bits=8, shape=list(linear.weight.shape))
+        layers = quantized_layers(model, 8, None, levels=2 ** 8 - 1, grid="per-channel INT8")  # symmetric abs-max: -127..127
         notes = [f"upstream mit-han-lab/smoothquant: generate_act_scales.py then ppl_eval.py --alpha {s.alpha} "
                  f"{'--smooth ' if s.smooth else ''}--quantize; calibration: the job's {ctx.calibration.dataset} documents "
                  "in place of the Pile validation file",
