@@ -382,15 +382,16 @@ README_STUB = "llmcbench, as installed in a container image: see the project's R
 
 
 def project_files(method: str | None) -> list[tuple[str, Path]]:
-    """The project files an image gets: driver/, tracks/, methods/ with only `method`'s folder
-    (none for the eval image), setup.py and pyproject.toml.
+    """The project files an image gets: driver/, tracks/, methods/ with the shared engine code
+    (`_engine`; `_upstream`, the upstream adapters' runner, in method images) and only `method`'s
+    folder (none for the eval image), setup.py and pyproject.toml.
 
     So a method image changes only with its own method's code (and the shared code), and the
     eval image not at all with a method's: the dense baseline's evaluation stays cached while
     methods are edited. The README is a stub in images (pyproject needs one to build).
     """
     files = [(name, PROJECT_ROOT / name) for name in ("setup.py", "pyproject.toml")]
-    keep_methods = {"__init__.py", "_engine"} | ({method} if method else set())
+    keep_methods = {"__init__.py", "_engine"} | ({method, "_upstream"} if method else set())
     for d in PROJECT_DIRS:
         for p in sorted((PROJECT_ROOT / d).rglob("*")):
             rel = p.relative_to(PROJECT_ROOT)

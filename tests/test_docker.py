@@ -125,6 +125,25 @@ def test_bench_cli_compresses_in_the_method_image(client, built_images, model_di
 
 @needs_docker
 @pytest.mark.docker
+def test_upstream_engine_loads_in_the_method_image(built_images, model_dir, tmp_path):
+    """The upstream engine's adapter and the shared `methods/_upstream` code are in the method
+    image: the job gets as far as looking for the upstream checkout. Offline (CI) the image holds
+    none, which is the job's one-line error; with one fetched, the job runs."""
+    proc = run_cli("bench", "--method", "wanda", "--engine", "upstream", "--model", str(model_dir), "--tracks", "3",
+                   "--runner", "docker", "--runs-dir", str(tmp_path / "runs"))
+    out = proc.stdout + proc.stderr
+    assert "ModuleNotFound" not in out and "No module named" not in out, out[-3000:]
+    if built_images["wanda"].labels["org.llmcbench.upstream.fetched"] == "true":
+        assert proc.returncode == 0, out[-3000:]
+    else:
+        assert proc.returncode != 0
+        assert "no upstream checkout of wanda (looked in /opt/llmcbench/upstream/wanda)" in out, out[-3000:]
+        [log] = (tmp_path / "runs").glob("wanda-unstructured-50-*/*/log.txt")
+        assert "UpstreamUnavailable" in log.read_text()
+
+
+@needs_docker
+@pytest.mark.docker
 def test_docker_and_local_give_the_same_metrics(built_images, model_dir, runs, tmp_path):
     from llmcbench.driver.bench import run_bench
 

@@ -136,3 +136,32 @@ def test_deploy_images_pin_their_backend(monkeypatch):
         images.deploy_image_name("mlc_llm", "cpu")
     with pytest.raises(images.UserError, match="unknown deploy image"):
         images.deploy_spec(None, "deploy-triton", ev)
+
+
+
+def test_a_method_image_holds_every_module_its_engines_import(tmp_path, monkeypatch):
+    """A method image installs this project as the wheel `images.project_wheel(method)` builds from
+    a filtered copy of it. Each engine of each method is imported in a fresh interpreter, with the
+    job runner, and every `llmcbench` module that this loads must be in that wheel, or the engine
+    fails in its container with a ModuleNotFoundError. (The upstream adapters' shared
+    `methods/_upstream` was once in no method image: left out of the copy, and, having no
+    `__init__.py`, out of every wheel of the project.)"""
+    import json
+    import sys
+    import zipfile
+
+    monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    code = ("import importlib, json, sys\n"
+            "for m in sys.argv[1:]: importlib.import_module(m)\n"
+            "print(json.dumps([[n, getattr(m, '__file__', None) or ''] for n, m in sys.modules.items() if n.startswith('llmcbench.')]))")
+    for spec in discover().values():
+        modules = ["llmcbench.driver.jobrun"] + [f"llmcbench.methods.{spec.name}.{cfg.get('module', engine)}"
+                                                for engine, cfg in spec.engines.items()]
+        proc = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        loaded = {"/".join(name.split(".")) + ("/__init__.py" if file.endswith("__init__.py") else ".py")
+                  for name, file in json.loads(proc.stdout.splitlines()[-1]) if file}
+        assert f"llmcbench/methods/{spec.name}/upstream.py" in loaded or "upstream" not in spec.engines
+        with zipfile.ZipFile(images.project_wheel(spec.name, log=lambda _m: None)) as wheel:
+            in_image = set(wheel.namelist())
+        assert loaded - in_image == set(), f"method image {spec.name} lacks {sorted(loaded - in_image)}"
