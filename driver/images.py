@@ -706,13 +706,19 @@ def _has_python(client, image: str, python: str) -> bool:
 
 
 def build_image(client, spec: ImageSpec, force: bool = False, upstream: bool = True, log: Log = print) -> BuiltImage:
-    """Build `spec` (its parent must exist), unless an image with its tag exists already."""
+    """Build `spec` (its parent must exist), unless an image with its tag exists already, and
+    holds its upstream checkout where one can be fetched now (a method image built offline is
+    rebuilt once GitHub answers, instead of staying reference-only under the same tag)."""
     if spec.role == "base":
         _ensure_base_image(client, spec, log)
     existing = None if force else _image_id(client, spec.tag)
     if existing:
         img = client.images.get(spec.tag)
-        return BuiltImage(spec, img.id, img.attrs.get("Size", 0), 0.0, True, _upstream_from_labels(img))
+        up = _upstream_from_labels(img)
+        if not (spec.role == "method" and upstream and up and not up["fetched"] and fetch_upstream(spec, True, log)[0]):
+            return BuiltImage(spec, img.id, img.attrs.get("Size", 0), 0.0, True, up)
+        # built where upstream could not be fetched (offline); now it can: the image is incomplete
+        log(f"{spec.tag} was built without its upstream checkout, which is fetched now: rebuilding it")
     t0 = time.perf_counter()
     network = "default" if spec.role == "deploy" and DEPLOY_IMAGES[spec.name].get("network") else "none"
     if spec.role == "base":

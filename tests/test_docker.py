@@ -144,6 +144,48 @@ def test_upstream_engine_loads_in_the_method_image(built_images, model_dir, tmp_
 
 @needs_docker
 @pytest.mark.docker
+def test_a_method_image_built_offline_is_rebuilt_once_upstream_can_be_fetched(client, built_images, tmp_path, monkeypatch):
+    """`images build` reuses an image whose inputs are unchanged, but a method image built where
+    GitHub did not answer lacks its upstream checkout: once the repository can be fetched, the
+    same build rebuilds it with the checkout, and after that reuses it. A local git repository
+    stands in for GitHub (the wanda image with its pin replaced by that repository's commit, no
+    upstream stack, so it builds in seconds under a tag of its own)."""
+    import shutil
+
+    monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=origin, check=True,
+                                    capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (origin / "main.py").write_text("print('upstream')\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "v1")
+    spec = images.method_spec(client, "wanda")
+    spec.upstream, spec.upstream_image = {"repo": str(origin), "commit": git("rev-parse", "HEAD")}, None
+    hidden = tmp_path / "away"
+    origin.rename(hidden)  # GitHub does not answer
+    try:
+        first = images.build_image(client, spec, log=lambda _m: None)
+        assert not first.cached and first.upstream["fetched"] is False
+        hidden.rename(origin)  # now it does
+        second = images.build_image(client, spec, log=lambda _m: None)
+        assert not second.cached and second.upstream["fetched"] is True and second.id != first.id
+        assert client.images.get(spec.tag).labels["org.llmcbench.upstream.fetched"] == "true"
+        listing = client.containers.run(spec.tag, ["ls", "/opt/llmcbench/upstream/wanda"], network_mode="none", remove=True,
+                                        entrypoint="").decode()
+        assert "main.py" in listing.split()
+        third = images.build_image(client, spec, log=lambda _m: None)
+        assert third.cached and third.id == second.id
+    finally:
+        with contextlib.suppress(Exception):
+            client.images.remove(spec.tag, force=True)
+        if hidden.exists():
+            shutil.rmtree(hidden)
+
+
+@needs_docker
+@pytest.mark.docker
 def test_docker_and_local_give_the_same_metrics(built_images, model_dir, runs, tmp_path):
     from llmcbench.driver.bench import run_bench
 
