@@ -128,17 +128,19 @@ def test_bench_cli_compresses_in_the_method_image(client, built_images, model_di
 def test_upstream_engine_loads_in_the_method_image(built_images, model_dir, tmp_path):
     """The upstream engine's adapter and the shared `methods/_upstream` code are in the method
     image: the job gets as far as looking for the upstream checkout. Offline (CI) the image holds
-    none, which is the job's one-line error; with one fetched, the job runs."""
+    none, which is the job's one-line error; with one fetched (a build host with GitHub), the job
+    starts upstream's own command (whether the image's GPU stack then runs on this CPU is not
+    this test's question: torch 2.1.2 has no fp16 matmul on the CPU)."""
     proc = run_cli("bench", "--method", "wanda", "--engine", "upstream", "--model", str(model_dir), "--tracks", "3",
                    "--runner", "docker", "--runs-dir", str(tmp_path / "runs"))
     out = proc.stdout + proc.stderr
     assert "ModuleNotFound" not in out and "No module named" not in out, out[-3000:]
+    [log] = (tmp_path / "runs").glob("wanda-unstructured-50-*/*/log.txt")
     if built_images["wanda"].labels["org.llmcbench.upstream.fetched"] == "true":
-        assert proc.returncode == 0, out[-3000:]
+        assert "upstream step prune:" in log.read_text(), out[-3000:]
     else:
         assert proc.returncode != 0
         assert "no upstream checkout of wanda (looked in /opt/llmcbench/upstream/wanda)" in out, out[-3000:]
-        [log] = (tmp_path / "runs").glob("wanda-unstructured-50-*/*/log.txt")
         assert "UpstreamUnavailable" in log.read_text()
 
 
