@@ -93,6 +93,12 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
     assert upstream["commit"] == get_method("wanda").upstream.commit
     assert upstream["cuda_mapped_to_cpu"] is True  # the stand-in hard-codes cuda:0, as upstream does
     assert "--sparsity_type 2:4" in upstream["commands"][0]
+    # the input model (transformers 5's format) went to upstream as a copy its 4.x stack reads
+    # (test_upstream_model_staging.py); the artifact keeps the input's own tokenizer files
+    assert f"--model {out / '.upstream-work' / 'input' / tiny_llama_dir.name} " in upstream["commands"][0]
+    assert any(c.startswith("tokenizer.json: ") and "merges" in c for c in upstream["staged_model"]), upstream["staged_model"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / "model" / name).read_bytes() == (tiny_llama_dir / name).read_bytes(), name
     track3 = result.metrics["track3"]
     assert track3["timed"] == ["prune: lib.prune:prune_wanda"]
     assert 0 < result.compress_s < upstream["step_wall_s"]["prune"] < wall  # loading and upstream's eval excluded

@@ -44,15 +44,22 @@ class UpstreamContext:
     params: dict[str, Any]
     repo: Path  # the upstream checkout at the pinned commit
     python: str  # the interpreter with upstream's pinned dependencies
-    model_dir: Path  # the input HF model directory (under /models)
+    model_dir: Path  # the input model as upstream is given it (staging.stage_model: a copy its stack reads)
     work: Path  # scratch space for upstream's own outputs (under /out, removed after conversion)
     model_out: Path  # where `convert` writes the HF directory (renamed into place by the runner)
     staged: StagedData
     device: str = "cpu"
+    source_model_dir: Path | None = None  # the input HF model directory (under /models), when model_dir is a staged copy
 
     @property
     def calibration(self):
         return self.job.calibration
+
+    @property
+    def input_model(self) -> Path:
+        """The input model's own files: the artifact takes its tokenizer and config from here,
+        never from the copy staged for upstream's older stack."""
+        return self.source_model_dir or self.model_dir
 
 
 @dataclass

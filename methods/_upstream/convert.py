@@ -20,7 +20,7 @@ from llmcbench.driver.contract import LayerCompression
 from .._engine.blockwise import decoder_blocks, find_linears
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 class ConversionError(RuntimeError):
@@ -36,8 +36,8 @@ def require(path: Path, what: str) -> Path:
 
 
 def copy_tokenizer(source_model: Path, dst: Path) -> list[str]:
-    """Copy the input model's tokenizer files that upstream did not save (AWQ `--dump_fake`,
-    SparseGPT `--save` and the shim's save hook write weights and config only)."""
+    """Copy the input model's tokenizer files into the artifact (where `dst` has none of that name:
+    `save_pretrained` already wrote the model's generation config)."""
     copied = []
     for name in TOKENIZER_FILES:
         src = source_model / name
@@ -56,15 +56,16 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 def hf_dir_from_upstream(upstream_dir: Path, source_model: Path, dst: Path, dtype: torch.dtype = torch.float16) -> nn.Module:
     """An HF directory upstream saved -> `dst`, re-saved by this transformers (safetensors,
     only the model's own parameters: quantizer buffers that old upstream classes leave in the
-    state dict are dropped by the load) with the tokenizer of the input model where missing.
+    state dict are dropped by the load) with the input model's own tokenizer.
+
+    A tokenizer upstream saved (Wanda's `--save_model`, OmniQuant's `--save_dir`) is left out:
+    its older stack re-saves it differently (LLaMA-2's slow tokenizer with that version's
+    `legacy` flags, the rewritten files of the copy staged for it), and the compressed model
+    must tokenize exactly as the dense one it is compared with.
     Returns the model as loaded (float32, for measuring the declaration)."""
     require(upstream_dir / "config.json", "HF model directory")
     model = load_hf(upstream_dir)
     save_model(model, source_model, dst, dtype)
-    for name in TOKENIZER_FILES:
-        if (upstream_dir / name).is_file():
-            shutil.copy2(upstream_dir / name, dst / name)
-    copy_tokenizer(source_model, dst)
     return model
 
 

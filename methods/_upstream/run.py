@@ -29,7 +29,7 @@ from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
 
 from .adapter import SHIM, Step, UpstreamAdapter, UpstreamContext
 from .shim import EXIT_NOT_STAGED, EXIT_PDB
-from .staging import checkout_commit, dataset_rules, stage_data, upstream_python, upstream_repo
+from .staging import checkout_commit, dataset_rules, stage_data, stage_model, upstream_python, upstream_repo
 
 DEADLINE_MARGIN_S = 10  # leave the job this long to write its failed result before the runner's own kill
 LOG_TAIL_LINES = 20
@@ -128,8 +128,12 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
         shutil.rmtree(d, ignore_errors=True)
     logs_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir()
+    model_dir = (paths.models / job.model.name).resolve()
+    upstream_model, rewritten = stage_model(model_dir, work / "input")
+    if rewritten:
+        _log(f"input model staged for upstream's transformers 4.x stack: {'; '.join(rewritten)}")
     ctx = UpstreamContext(job=job, params=dict(job.params), repo=repo, python=upstream_python(),
-                          model_dir=(paths.models / job.model.name).resolve(), work=work, model_out=model_out,
+                          model_dir=upstream_model, source_model_dir=model_dir, work=work, model_out=model_out,
                           staged=stage_data(paths.data, offline=offline), device=job.device)
     steps = adapter.steps(ctx)
     deadline = t_start + max(1, job.limits.time_limit_s - DEADLINE_MARGIN_S)
@@ -185,6 +189,8 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
             "step_wall_s": walls,
             "checkout": str(repo), "commit": commit or "unknown (not a git checkout)",
             "python": ctx.python, "offline_data": offline,
+            # what the copy of the input model given to upstream rewrote (staging.stage_model)
+            "staged_model": rewritten,
             # on a CPU job the shim ran upstream's hard-coded CUDA calls on the CPU
             "cuda_mapped_to_cpu": ctx.device == "cpu",
         },

@@ -9,6 +9,7 @@ without the latter the job's own interpreter runs upstream (recorded in result.j
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,76 @@ def dataset_rules(staged: StagedData, *, unused_splits: list[str] = ()) -> list[
         files = {"test": wt, **{s: wt for s in unused.get("wikitext", [])}}
         rules.append({"match": ["wikitext", "Salesforce/wikitext"], "configs": ["wikitext-2-raw-v1"], "files": files})
     return rules
+
+
+def stage_model(model_dir: Path, root: Path) -> tuple[Path, list[str]]:
+    """The input model as the upstream stacks (transformers 4.31-4.46, tokenizers < 0.20) read it.
+
+    A model saved by transformers >= 5 (the embedded SmolLM2, any model this harness wrote)
+    differs from the format those versions read in three files:
+    - tokenizer.json stores the BPE merges as pairs, which tokenizers < 0.20 cannot parse
+      ("data did not match any variant of untagged enum ModelWrapper");
+    - tokenizer_config.json names the class `TokenizersBackend`, unknown to 4.x;
+    - config.json nests `rope_theta` in `rope_parameters` and says `dtype`: 4.x reads neither
+      and would run a model trained with rope_theta 100000 (SmolLM2) at 10000, silently.
+    The copy is `root/<model name>` (the same name: OmniQuant derives its net label from it)
+    with those files rewritten and every other file linked, not copied (a 7B model stays
+    where it is). A model already in the old format (the hub's LLaMA-2) is used as it is.
+    Returns the directory upstream is given and what was rewritten (result.json records it).
+    """
+    rewritten: dict[str, dict] = {}
+    changes: list[str] = []
+    for name, rewrite in (("config.json", _legacy_config), ("tokenizer.json", _legacy_tokenizer),
+                          ("tokenizer_config.json", _legacy_tokenizer_config)):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        done = rewrite(data)
+        if done:
+            rewritten[name] = data
+            changes += [f"{name}: {c}" for c in done]
+    if not rewritten:
+        return model_dir, []
+    staged = root / model_dir.name
+    staged.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.name not in rewritten:
+            (staged / item.name).symlink_to(item.resolve())
+    for name, data in rewritten.items():
+        (staged / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return staged, changes
+
+
+def _legacy_config(config: dict) -> list[str]:
+    changes = []
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        changes.append(f"rope_theta {rope['rope_theta']:g} from rope_parameters")
+        kind = rope.get("rope_type", "default")
+        if kind != "default" and config.get("rope_scaling") is None:
+            config["rope_scaling"] = {"type": kind, **{k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")}}
+            changes.append(f"rope_scaling {kind} from rope_parameters")
+    if "dtype" in config and "torch_dtype" not in config:
+        config["torch_dtype"] = config["dtype"]
+        changes.append(f"torch_dtype {config['dtype']} from dtype")
+    return changes
+
+
+def _legacy_tokenizer(tokenizer: dict) -> list[str]:
+    model = tokenizer.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or not isinstance(merges[0], list):
+        return []
+    if any(" " in part for pair in merges for part in pair):
+        return []  # a merge part with a space has no string form; tokenizers < 0.20 cannot read this model at all
+    model["merges"] = [" ".join(pair) for pair in merges]
+    return [f"{len(merges)} BPE merges as 'a b' strings"]
+
+
+def _legacy_tokenizer_config(config: dict) -> list[str]:
+    if config.get("tokenizer_class") != "TokenizersBackend":
+        return []
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return ["tokenizer_class PreTrainedTokenizerFast (was TokenizersBackend)"]

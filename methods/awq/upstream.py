@@ -69,7 +69,7 @@ class AWQUpstream(UpstreamAdapter):
 
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = settings_for(ctx.params)
-        model = hf_dir_from_upstream(ctx.work / "fake", ctx.model_dir, ctx.model_out)
+        model = hf_dir_from_upstream(ctx.work / "fake", ctx.input_model, ctx.model_out)
         layers = quantized_layers(model, s.weight_bits, s.group_size)
         packed_format = None
         if s.weight_bits == 4:

@@ -55,7 +55,7 @@ class GPTQUpstream(UpstreamAdapter):
 
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = settings_for(ctx.params)
-        model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
+        model = hf_dir_from_upstream(ctx.work / "model", ctx.input_model, ctx.model_out)
         # groups are contiguous columns unless act-order permutes them (without static groups)
         checkable = s.group_size == -1 or s.static_groups or not s.act_order
         layers = quantized_layers(model, s.weight_bits, s.group_size, check=checkable)

@@ -19,7 +19,21 @@ from llmcbench.driver.registry import get_method
 from llmcbench.methods._engine.structured import load_structured_pruned
 from llmcbench.methods._upstream.convert import ConversionError
 from llmcbench.methods._upstream.testing import built_commands, context_for, job_for, recorded_commands
-from llmcbench.methods.llm_pruner.upstream import ADAPTER, EXPORT, merge_lora
+from llmcbench.methods._engine.blockwise import UnsupportedModelError
+from llmcbench.methods.llm_pruner.upstream import ADAPTER, EXPORT, check_model, merge_lora
+
+
+@pytest.fixture
+def llama2_shaped_dir(tmp_path, tiny_llama_dir):
+    """The tiny LLaMA's config as LLaMA-2 has it (multi-head attention, rope_theta 10000) next to a
+    `tokenizer.model` (an empty stand-in: only hf_prune.py's LlamaTokenizer would read it)."""
+    d = tmp_path / "llama2-shaped"
+    d.mkdir()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    config.update(num_key_value_heads=config["num_attention_heads"], rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "tokenizer.model").write_bytes(b"")
+    return d
 
 
 @pytest.mark.parametrize("preset", list(get_method("llm_pruner").presets))
@@ -27,8 +41,8 @@ def test_every_preset_builds_the_recorded_commands(tmp_path, preset):
     assert built_commands(context_for(job_for("llm_pruner", preset), tmp_path)) == recorded_commands("llm_pruner", preset)
 
 
-def test_layer_range_scales_with_depth_and_lora_needs_hub_data(tmp_path, tiny_llama_dir):
-    ctx = context_for(job_for("llm_pruner", "block-50"), tmp_path, model_dir=tiny_llama_dir)
+def test_layer_range_scales_with_depth_and_lora_needs_hub_data(tmp_path, llama2_shaped_dir):
+    ctx = context_for(job_for("llm_pruner", "block-50"), tmp_path, model_dir=llama2_shaped_dir)
     prune = ADAPTER.steps(ctx)[0].argv
     assert prune[prune.index("--block_mlp_layer_start") + 1] == "0" and prune[prune.index("--block_mlp_layer_end") + 1] == "2"
     assert [s.name for s in ADAPTER.steps(ctx)] == ["prune", "export"]  # offline: no alpaca, no LoRA step
@@ -38,6 +52,25 @@ def test_layer_range_scales_with_depth_and_lora_needs_hub_data(tmp_path, tiny_ll
     with pytest.raises(ValueError, match="64 tokens"):
         ADAPTER.steps(context_for(job_for("llm_pruner", "block-50", example_seqlen=128), tmp_path))
 
+
+
+def test_models_upstream_cannot_run_as_they_are_are_refused_up_front(tmp_path, llama2_shaped_dir, embedded_model_dir):
+    """hf_prune.py's LLaMA copy has no GQA and a fixed rotary base, and it loads LlamaTokenizer:
+    the embedded SmolLM2 is refused before upstream starts, naming each reason, and so is each
+    single deviation from the LLaMA-2 shape, which itself passes."""
+    check_model(llama2_shaped_dir)
+    with pytest.raises(UnsupportedModelError) as refused:
+        ADAPTER.steps(context_for(job_for("llm_pruner", "block-50"), tmp_path, model_dir=embedded_model_dir))
+    message = str(refused.value)
+    assert "\n" not in message and message.endswith("use --engine reference")
+    for reason in ("grouped-query attention (9 query heads, 3 KV heads)", "rope_theta 100000", "no sentencepiece tokenizer.model"):
+        assert reason in message
+    config = json.loads((llama2_shaped_dir / "config.json").read_text())
+    for change, reason in ((dict(num_key_value_heads=1), "grouped-query"), (dict(rope_parameters={"rope_theta": 5e5}), "rope_theta 500000"),
+                           (dict(model_type="mistral"), "model_type mistral")):
+        (llama2_shaped_dir / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UnsupportedModelError, match=reason):
+            check_model(llama2_shaped_dir)
 
 def _prune_layer(model, i: int) -> None:
     """Remove one KV group (2 query heads + 1 KV head of 16 dims) and half the MLP channels of layer i,

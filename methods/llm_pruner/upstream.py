@@ -30,6 +30,11 @@
   (`adapter_model.bin`, vendored peft): merged here, W += B A * lora_alpha / r.
   patches/001-lora-bf16.patch trains in bf16 instead of upstream's fp16, which goes NaN on
   LLaMA-2 (issue #13).
+- Models: hf_prune.py builds its own copy of transformers 4.28's LLaMA (multi-head attention,
+  rotary base 10000, head_dim = hidden / heads) and loads `LlamaTokenizer` (sentencepiece
+  `tokenizer.model`): LLaMA-1/2, the paper's models. Anything else (the embedded SmolLM2: GQA,
+  rope_theta 100000, a BPE tokenizer) is refused before upstream starts (`check_model`), not
+  left to fail deep inside it or, with another rope_theta, to run as a different model.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 from llmcbench.driver.contract import Compression, LayerCompression
 
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
+from .._engine.blockwise import UnsupportedModelError
 from .._upstream.convert import ConversionError, copy_tokenizer, require
 from .reference import PrunerSettings, layer_ranges
 
@@ -55,6 +61,30 @@ def settings_for(params: dict) -> PrunerSettings:
         raise ValueError("llm_pruner upstream: the Taylor examples are 64 tokens (hard-coded in hf_prune.py) and this "
                          "adapter runs --pruner_type taylor")
     return s
+
+
+def check_model(model_dir: Path) -> None:
+    """Refuse, in one line, a model hf_prune.py's own LLaMA copy and LlamaTokenizer cannot run as it is."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        return  # upstream's loader says what is missing
+    c = json.loads(config_path.read_text())
+    rope = c.get("rope_parameters") or {}
+    heads, kv_heads, hidden = c.get("num_attention_heads"), c.get("num_key_value_heads"), c.get("hidden_size")
+    theta = float(c.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    problems = [
+        c.get("model_type") != "llama" and f"model_type {c.get('model_type')}",
+        kv_heads not in (None, heads) and f"grouped-query attention ({heads} query heads, {kv_heads} KV heads)",
+        c.get("head_dim") not in (None, hidden // heads if heads else None) and f"head_dim {c.get('head_dim')}",
+        theta != 10000.0 and f"rope_theta {theta:g}",
+        (c.get("rope_scaling") or rope.get("rope_type", "default") != "default") and "rope scaling",
+        not (model_dir / "tokenizer.model").is_file() and "no sentencepiece tokenizer.model",
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise UnsupportedModelError(
+            f"llm_pruner upstream runs LLaMA-1/2-shaped models (hf_prune.py's own LLaMA copy: multi-head attention, "
+            f"rotary base 10000; LlamaTokenizer), not {model_dir.name}: {'; '.join(problems)}; use --engine reference")
 
 
 def depth(model_dir: Path) -> int:
@@ -71,6 +101,7 @@ class LLMPrunerUpstream(UpstreamAdapter):
 
     def steps(self, ctx: UpstreamContext) -> list[Step]:
         s = settings_for(ctx.params)
+        check_model(ctx.input_model)
         attention, mlp = layer_ranges(s, depth(ctx.model_dir))
         device = "cuda" if ctx.device.startswith("cuda") else "cpu"
         prune = ["--base_model", str(ctx.model_dir), "--pruning_ratio", str(s.pruning_ratio), "--block_wise",
@@ -112,7 +143,7 @@ class LLMPrunerUpstream(UpstreamAdapter):
         elif s.lora_steps > 0:
             notes.append("no LoRA recovery: upstream's post_training.py trains on yahma/alpaca-cleaned, which is not staged "
                          "offline (the reference engine's LoRA runs on the calibration windows)")
-        dense = dense_shapes(ctx.model_dir)
+        dense = dense_shapes(ctx.input_model)
         declared, removed, total = {}, 0, 0
         for name, shape in sorted(shapes.items()):
             if name not in dense:
@@ -125,8 +156,8 @@ class LLMPrunerUpstream(UpstreamAdapter):
         ctx.model_out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, ctx.model_out / "model.safetensors",
                   metadata={"format": "pt"})
-        (ctx.model_out / "config.json").write_text((ctx.model_dir / "config.json").read_text())
-        copy_tokenizer(ctx.model_dir, ctx.model_out)
+        (ctx.model_out / "config.json").write_text((ctx.input_model / "config.json").read_text())
+        copy_tokenizer(ctx.input_model, ctx.model_out)
         return Compression(method="llm_pruner", engine="upstream", sparsity_pattern="structured",
                            target_sparsity=s.pruning_ratio, measured_sparsity=removed / total if total else 0.0,
                            layers=declared, notes=notes)

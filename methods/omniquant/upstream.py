@@ -82,7 +82,7 @@ class OmniQuantUpstream(UpstreamAdapter):
 
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = OmniQuantSettings.from_params(ctx.params)
-        model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
+        model = hf_dir_from_upstream(ctx.work / "model", ctx.input_model, ctx.model_out)
         layers = quantized_layers(model, s.weight_bits, s.group_size)
         notes = [f"upstream OpenGVLab/OmniQuant main.py --net {net_label(ctx)} --wbits {s.weight_bits} --abits {s.act_bits} "
                  f"group {s.group_size} lwc {s.lwc} let {s.let} epochs {s.epochs}; calibration: {ctx.calibration.dataset}, "

@@ -67,7 +67,7 @@ class SmoothQuantUpstream(UpstreamAdapter):
 
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = settings_for(ctx.params)
-        model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
+        model = hf_dir_from_upstream(ctx.work / "model", ctx.input_model, ctx.model_out)
         layers = quantized_layers(model, 8, None, levels=2 ** 8 - 1, grid="per-channel INT8")  # symmetric abs-max: -127..127
         notes = [f"upstream mit-han-lab/smoothquant: generate_act_scales.py then ppl_eval.py --alpha {s.alpha} "
                  f"{'--smooth ' if s.smooth else ''}--quantize; calibration: the job's {ctx.calibration.dataset} documents "

@@ -42,7 +42,7 @@ class SparseGPTUpstream(UpstreamAdapter):
 
     def convert(self, ctx: UpstreamContext) -> Compression:
         s = SparseGPTSettings.from_params(ctx.params)
-        model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
+        model = hf_dir_from_upstream(ctx.work / "model", ctx.input_model, ctx.model_out)
         notes = [f"upstream IST-DASLab/sparsegpt llama.py {ctx.calibration.dataset} "
                  f"{'--prunen %d --prunem %d' % (s.n, s.m) if s.pattern == 'n:m' else '--sparsity %s' % s.sparsity}; "
                  "calibration windows of 2048 tokens (upstream's hard-coded model.seqlen), not the job's seqlen"]

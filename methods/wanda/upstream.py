@@ -44,7 +44,7 @@ class WandaUpstream(UpstreamAdapter):
 
     def convert(self, ctx: UpstreamContext) -> Compression:
         settings = WandaSettings.from_params(ctx.params)
-        model = hf_dir_from_upstream(ctx.work / "model", ctx.model_dir, ctx.model_out)
+        model = hf_dir_from_upstream(ctx.work / "model", ctx.input_model, ctx.model_out)
         notes = ["upstream locuslab/wanda main.py --prune_method wanda "
                  f"--sparsity_type {sparsity_type(settings)}; calibration seqlen = the model's max_position_embeddings "
                  "(upstream's model.seqlen), not the job's"]
