@@ -92,6 +92,7 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
     assert 1 < upstream["reported"]["wikitext_ppl"] < float("inf")  # parsed from `wikitext perplexity <x>`
     assert upstream["commit"] == get_method("wanda").upstream.commit
     assert upstream["cuda_mapped_to_cpu"] is True  # the stand-in hard-codes cuda:0, as upstream does
+    assert upstream["fp16_as_fp32_on_cpu"] is False  # this torch has fp16 matmul on the CPU
     assert "--sparsity_type 2:4" in upstream["commands"][0]
     # the input model (transformers 5's format) went to upstream as a copy its 4.x stack reads
     # (test_upstream_model_staging.py); the artifact keeps the input's own tokenizer files
@@ -149,6 +150,44 @@ def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "events-True.jsonl").read_text().splitlines()[0])["event"] == "cuda_to_cpu"
     if not torch.cuda.is_available():
         assert run[1].returncode != 0 and "CUDA" in run[1].stderr, run[1].stdout[-1000:]
+
+
+HALF_SCRIPT = """
+import torch
+from torch import nn
+torch.set_default_dtype(torch.float16)
+built = nn.Linear(8, 4)  # as transformers' from_pretrained(torch_dtype=torch.float16) builds a model
+torch.set_default_dtype(torch.float32)
+lin = nn.Linear(8, 4).half().cuda()
+x = torch.randn(2, 8, dtype=torch.float16, device="cuda")
+y = torch.randn(2, 8).to(torch.float16).half().to("cuda", torch.float16).to(dtype=torch.half)
+with torch.cuda.amp.autocast():
+    z = lin(x) + lin(y) + built(x)
+print("dtypes", built.weight.dtype, lin.weight.dtype, x.dtype, y.dtype, z.dtype, "default", torch.get_default_dtype())
+"""
+
+
+@pytest.mark.parametrize("half_to_float", [True, None])
+def test_cpu_without_fp16_matmul_runs_upstream_fp16_as_fp32(tmp_path, half_to_float):
+    """The images' torch 2.1 has no fp16 matmul on the CPU, and upstream loads and runs in fp16:
+    on a CPU job the shim then makes every fp16 request fp32 (`dtype=`, `.half()`, `.to()`, the
+    default dtype, fp16 autocast), and says so in its event. Forced here (this torch has the
+    matmul) and left to the shim's probe, which must keep fp16 where the CPU can run it."""
+    from llmcbench.methods._upstream.adapter import SHIM
+    from llmcbench.methods._upstream.shim import cpu_has_half_matmul
+
+    (tmp_path / "script.py").write_text(HALF_SCRIPT)
+    hooks = {"script": str(tmp_path / "script.py"), "cuda_to_cpu": True, "half_to_float": half_to_float,
+             "events": str(tmp_path / "events.jsonl")}
+    (tmp_path / "hooks.json").write_text(json.dumps(hooks))
+    run = subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    expected = half_to_float if half_to_float is not None else not cpu_has_half_matmul()
+    event = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[0])
+    assert event["event"] == "cuda_to_cpu" and event["half_to_float"] is expected
+    dtype = "torch.float32" if expected else "torch.float16"
+    assert f"dtypes {dtype} {dtype} {dtype} {dtype} {dtype} default torch.float32" in run.stdout, run.stdout
 
 
 C4_TWICE = """

@@ -138,12 +138,13 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     steps = adapter.steps(ctx)
     deadline = t_start + max(1, job.limits.time_limit_s - DEADLINE_MARGIN_S)
 
-    compress_s, timing, texts, walls = 0.0, [], [], {}
+    compress_s, timing, texts, walls, half_as_float = 0.0, [], [], {}, False
     t_run = time.perf_counter()
     for step in steps:
         text, events, wall = run_step(ctx, step, logs_dir, deadline)
         texts.append(text)
         walls[step.name] = wall
+        half_as_float |= any(e.get("event") == "cuda_to_cpu" and e.get("half_to_float") for e in events)
         timed = [e for e in events if e.get("event") == "timed"]
         if timed:
             compress_s += sum(e["seconds"] for e in timed)
@@ -193,6 +194,8 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
             "staged_model": rewritten,
             # on a CPU job the shim ran upstream's hard-coded CUDA calls on the CPU
             "cuda_mapped_to_cpu": ctx.device == "cpu",
+            # ... and its fp16 as fp32, where that CPU torch has no fp16 matmul (torch 2.1 in the images)
+            "fp16_as_fp32_on_cpu": half_as_float,
         },
     }
     _log(f"upstream {job.method}/{job.preset}: compression {compress_s:.1f} s of {upstream_s:.1f} s upstream "

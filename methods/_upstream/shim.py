@@ -30,8 +30,12 @@ would otherwise apply to upstream source:
   machine without a GPU they stop at their first CUDA call. A torch function mode maps every
   CUDA device a torch call names to the CPU (`.cuda()`, `.to("cuda")`, `device=` of factories),
   `torch.cuda` housekeeping (synchronize, empty_cache, memory counters) becomes a no-op, and
-  `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. The algorithm's own code
-  is untouched; the result records that it ran this way.
+  `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. Where the CPU has no
+  half-precision matmul (torch 2.1, the images' stack: "addmm_impl_cpu_ not implemented for
+  'Half'"), fp16 runs as fp32 instead: `dtype=float16`, `.half()`, `.to(float16)`,
+  `set_default_dtype(float16)` and fp16 autocast all give fp32 (`half_to_float`; the hooks'
+  `half_to_float: true|false` forces it). The algorithm's own code is untouched; the result
+  records that it ran this way.
 
 Targets are `module:function` (or `module:Class.method`). For `__main__:function` the script is split at its
 top-level `if __name__ == "__main__":` guard: the definitions run first, the hooks wrap
@@ -267,12 +271,25 @@ def _is_cuda(device) -> bool:
     return str(device).partition(":")[0] == "cuda"
 
 
-def cuda_to_cpu(hooks: Hooks) -> None:
-    """Enter, for the rest of the process, a torch function mode that runs upstream's CUDA calls on the CPU."""
+def cpu_has_half_matmul() -> bool:
+    import torch
+
+    try:
+        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+        return True
+    except RuntimeError:
+        return False
+
+
+def cuda_to_cpu(hooks: Hooks, half_to_float: bool | None = None) -> None:
+    """Enter, for the rest of the process, a torch function mode that runs upstream's CUDA calls on the CPU
+    (and its fp16 as fp32 where this CPU build has no fp16 matmul; `half_to_float` None: find out)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
-    cpu = torch.device("cpu")
+    cpu, half, full = torch.device("cpu"), torch.float16, torch.float32
+    if half_to_float is None:
+        half_to_float = not cpu_has_half_matmul()
     to_methods = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones,
                   torch.Tensor.new_full, torch.Tensor.new_tensor}
     identity = {torch.Tensor.cuda, torch.Tensor.pin_memory}
@@ -286,6 +303,13 @@ def cuda_to_cpu(hooks: Hooks) -> None:
                 kwargs = {**kwargs, "device": cpu}
             if func in to_methods and any(_is_cuda(a) for a in args[1:]):
                 args = tuple(cpu if _is_cuda(a) else a for a in args)
+            if half_to_float:
+                if func is torch.Tensor.half:
+                    return args[0].float()
+                if kwargs.get("dtype") is half:
+                    kwargs = {**kwargs, "dtype": full}
+                if func in to_methods:
+                    args = (args[0], *(full if a is half else a for a in args[1:]))
             return func(*args, **kwargs)
 
     def constant(name, value):
@@ -303,11 +327,21 @@ def cuda_to_cpu(hooks: Hooks) -> None:
 
     def autocast(enabled=True, dtype=torch.float16, cache_enabled=True):
         # upstream trains under CUDA fp16 autocast (OmniQuant); CPU autocast at the same dtype keeps its dtype mix legal
+        if half_to_float and dtype is half:
+            enabled = False  # everything is fp32 already
         return torch.autocast("cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
     torch.cuda.amp.autocast = autocast
+    if half_to_float:
+        set_default_dtype = torch.set_default_dtype
+
+        def set_default(dtype):
+            # transformers' from_pretrained(torch_dtype=float16) builds the model under this default
+            return set_default_dtype(full if dtype is half else dtype)
+
+        torch.set_default_dtype = set_default
     CudaToCpu().__enter__()
-    hooks.event(event="cuda_to_cpu", torch=torch.__version__)
+    hooks.event(event="cuda_to_cpu", torch=torch.__version__, half_to_float=half_to_float)
 
 
 # ----------------------------------------------------------------------------- the script
@@ -356,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.get("no_pdb"):
         no_pdb()
     if cfg.get("cuda_to_cpu"):
-        cuda_to_cpu(hooks)
+        cuda_to_cpu(hooks, cfg.get("half_to_float"))
     try:
         patch_modules(hooks)
         run_script(hooks, cfg["script"], list(cfg.get("argv") or []))
