@@ -168,8 +168,10 @@ def run_parity(method: str, preset: str | None, model: str | None, profile: str,
     if figures["shapes_agree"] < 1:
         notes.append(f"{1 - figures['shapes_agree']:.0%} of the block linears have different shapes (structured pruning chose "
                      "other heads/channels); elementwise figures cover the rest")
-    if up.runs["compress"].result.metrics.get("upstream", {}).get("cuda_mapped_to_cpu"):
-        notes.append("upstream ran on the CPU: the shim mapped its hard-coded CUDA calls to the CPU (methods/_upstream/shim.py)")
+    upstream_run = up.runs["compress"].result.metrics.get("upstream", {})
+    if upstream_run.get("cuda_mapped_to_cpu"):
+        notes.append("upstream ran on the CPU: the shim mapped its hard-coded CUDA calls to the CPU (methods/_upstream/shim.py)"
+                     + ("; its fp16 ran as fp32 (that torch has no fp16 matmul on the CPU)" if upstream_run.get("fp16_as_fp32_on_cpu") else ""))
     if sides["upstream"].upstream_reported:
         notes.append("upstream_reported: what upstream printed about its own artifact (its evaluation settings, not ours)")
     record = ParityRecord(method=ref.method.name, preset=ref.preset, model=ref.model.name,

@@ -31,6 +31,22 @@ def test_job_settings_and_hooks(tmp_path):
         ADAPTER.steps(context_for(job_for("sparsegpt", "unstructured-50", sparsity=1.5), tmp_path))
 
 
+def test_sentencepiece_tokenizer_is_required_where_upstream_picks_it_by_path(tmp_path, tiny_llama_dir):
+    """llama.py picks LlamaTokenizer by the model path: one containing "llama" needs tokenizer.model
+    (this test's own tmp_path must not contain it, hence its name)."""
+    from llmcbench.methods._engine.blockwise import UnsupportedModelError
+
+    for name in ("tiny-llama", "tiny-model"):
+        (tmp_path / name).mkdir()
+        for f in tiny_llama_dir.iterdir():
+            (tmp_path / name / f.name).symlink_to(f)
+    with pytest.raises(UnsupportedModelError, match="LlamaTokenizer .* no tokenizer.model"):
+        ADAPTER.steps(context_for(job_for("sparsegpt", "2:4"), tmp_path / "a", model_dir=tmp_path / "tiny-llama"))
+    assert ADAPTER.steps(context_for(job_for("sparsegpt", "2:4"), tmp_path / "b", model_dir=tmp_path / "tiny-model"))
+    (tmp_path / "tiny-llama" / "tokenizer.model").write_bytes(b"")  # present: upstream's LlamaTokenizer reads it
+    assert ADAPTER.steps(context_for(job_for("sparsegpt", "2:4"), tmp_path / "c", model_dir=tmp_path / "tiny-llama"))
+
+
 def test_parse_metrics_reads_upstream_print():
     # llama.py: print("Dataset:", dataset) ... llama_eval: print(f"Perplexity: {ppl.item():3f}")
     log = "Dataset: wikitext2\nEvaluating ...\n0\n1\nPerplexity: 6.512300\n[llmcbench-shim] model saved; stopping\n"

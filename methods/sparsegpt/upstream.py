@@ -14,6 +14,10 @@
 - For N:M, `--sparsity` is not passed: upstream prunes when `args.sparsity or args.prunen`
   and ignores the ratio when `prunen` is set.
 - Upstream prints `Dataset: wikitext2` then `Perplexity: <x>` (llama.py `llama_eval`).
+- Tokenizer: `datautils.get_tokenizer` loads the sentencepiece `LlamaTokenizer` for any model
+  path containing "llama" (`AutoTokenizer` otherwise): such a model without `tokenizer.model`
+  (LLaMA-3's BPE) would stop inside sentencepiece ("TypeError: not a string"); it is refused
+  in one line before upstream starts (`check_tokenizer`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,19 @@ from __future__ import annotations
 from llmcbench.driver.contract import Compression
 
 from .._engine.sparsity import sparsity_declaration
+from .._engine.blockwise import UnsupportedModelError
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext, switch
 from .._upstream.convert import hf_dir_from_upstream
 from .reference import SparseGPTSettings
+
+
+def check_tokenizer(ctx: UpstreamContext) -> None:
+    if "llama" in str(ctx.model_dir).lower() and (ctx.input_model / "config.json").is_file() \
+            and not (ctx.input_model / "tokenizer.model").is_file():
+        raise UnsupportedModelError(
+            f"sparsegpt upstream loads the sentencepiece LlamaTokenizer for a model path containing 'llama' ({ctx.model_dir}) "
+            f"and {ctx.input_model.name} has no tokenizer.model: give the model a directory name without 'llama' "
+            "(upstream then uses AutoTokenizer) or use --engine reference")
 
 
 class SparseGPTUpstream(UpstreamAdapter):
@@ -32,6 +46,7 @@ class SparseGPTUpstream(UpstreamAdapter):
 
     def steps(self, ctx: UpstreamContext) -> list[Step]:
         s = SparseGPTSettings.from_params(ctx.params)
+        check_tokenizer(ctx)
         cal = ctx.calibration
         pattern = ["--prunen", str(s.n), "--prunem", str(s.m)] if s.pattern == "n:m" else ["--sparsity", str(s.sparsity)]
         argv = [str(ctx.model_dir), cal.dataset, "--nsamples", str(cal.nsamples), "--seed", str(cal.seed),
