@@ -1,7 +1,8 @@
 """SparseGPT's upstream adapter: the command line per preset (against method.toml's recorded
 commands), upstream's log lines, and the conversion of the model the shim saves after
 `llama_sequential`. The whole job through the shim is exercised with Wanda's stand-in
-(tests/test_upstream_engine.py); SparseGPT's own code cannot run without GitHub and CUDA."""
+(tests/test_upstream_engine.py); SparseGPT's own code needs GitHub (it ran in its image with a
+mirror in GitHub's place: docs/upstream.md)."""
 
 from __future__ import annotations
 
