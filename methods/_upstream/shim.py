@@ -22,8 +22,6 @@ would otherwise apply to upstream source:
   for repositories that keep the compressed weights only in memory (GPTQ, SmoothQuant,
   SparseGPT saves only after its mandatory evaluation); or `torch.save` an object
   (`"torch_save": path`) that upstream keeps in memory only (GPTQ's quantizer grids).
-- always: `transformers.TokenizersBackend`, the name transformers >= 5 saves a fast tokenizer
-  under, is made the `PreTrainedTokenizerFast` of an upstream stack's transformers 4.x.
 - `no_pdb`: `pdb.set_trace()` (OmniQuant on a NaN loss) fails the job instead of waiting
   for a terminal that a container does not have.
 - `cuda_to_cpu` (jobs with `device: cpu` only): the repositories hard-code `cuda:0`, so on a
@@ -252,20 +250,6 @@ def no_pdb() -> None:
 
 # ----------------------------------------------------------------------------- cuda on cpu
 
-def tokenizers_backend_alias() -> None:
-    """A model saved by transformers >= 5 names its fast tokenizer `TokenizersBackend` in
-    tokenizer_config.json. transformers 4.x (every upstream stack) calls that class
-    `PreTrainedTokenizerFast` and, without this alias, stops at `AutoTokenizer.from_pretrained`
-    ("Tokenizer class TokenizersBackend does not exist"). 4.x looks a class it has no mapping
-    for up on the `transformers` module, which is where the alias goes."""
-    try:
-        import transformers
-    except ImportError:
-        return
-    if not hasattr(transformers, "TokenizersBackend") and hasattr(transformers, "PreTrainedTokenizerFast"):
-        transformers.TokenizersBackend = transformers.PreTrainedTokenizerFast
-
-
 def _is_cuda(device) -> bool:
     # "cuda", "cuda:0" and torch.device("cuda", 0) all print as cuda[:N]
     return str(device).partition(":")[0] == "cuda"
@@ -386,7 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     hooks = Hooks(cfg)
     # upstream's own packages (lib/, smoothquant/, awq/, LLMPruner/) come from PYTHONPATH (the checkout)
     patch_datasets(hooks)
-    tokenizers_backend_alias()
     if cfg.get("no_pdb"):
         no_pdb()
     if cfg.get("cuda_to_cpu"):

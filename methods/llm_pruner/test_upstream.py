@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcbench.driver.contract import Compression
 from llmcbench.driver.fsio import write_record
 from llmcbench.driver.registry import get_method
+from llmcbench.methods._engine.blockwise import UnsupportedModelError
 from llmcbench.methods._engine.structured import load_structured_pruned
 from llmcbench.methods._upstream.convert import ConversionError
 from llmcbench.methods._upstream.testing import built_commands, context_for, job_for, recorded_commands
-from llmcbench.methods._engine.blockwise import UnsupportedModelError
 from llmcbench.methods.llm_pruner.upstream import ADAPTER, EXPORT, check_model, merge_lora
 
 
@@ -53,7 +53,6 @@ def test_layer_range_scales_with_depth_and_lora_needs_hub_data(tmp_path, llama2_
         ADAPTER.steps(context_for(job_for("llm_pruner", "block-50", example_seqlen=128), tmp_path))
 
 
-
 def test_models_upstream_cannot_run_as_they_are_are_refused_up_front(tmp_path, llama2_shaped_dir, embedded_model_dir):
     """hf_prune.py's LLaMA copy has no GQA and a fixed rotary base, and it loads LlamaTokenizer:
     the embedded SmolLM2 is refused before upstream starts, naming each reason, and so is each
@@ -71,6 +70,7 @@ def test_models_upstream_cannot_run_as_they_are_are_refused_up_front(tmp_path, l
         (llama2_shaped_dir / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(UnsupportedModelError, match=reason):
             check_model(llama2_shaped_dir)
+
 
 def _prune_layer(model, i: int) -> None:
     """Remove one KV group (2 query heads + 1 KV head of 16 dims) and half the MLP channels of layer i,

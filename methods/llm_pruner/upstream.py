@@ -46,8 +46,8 @@ import torch
 
 from llmcbench.driver.contract import Compression, LayerCompression
 
-from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
 from .._engine.blockwise import UnsupportedModelError
+from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
 from .._upstream.convert import ConversionError, copy_tokenizer, require
 from .reference import PrunerSettings, layer_ranges
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from llmcbench.driver.contract import Compression
 
-from .._engine.sparsity import sparsity_declaration
 from .._engine.blockwise import UnsupportedModelError
+from .._engine.sparsity import sparsity_declaration
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext, switch
 from .._upstream.convert import hf_dir_from_upstream
 from .reference import SparseGPTSettings
