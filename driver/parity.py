@@ -173,7 +173,10 @@ def run_parity(method: str, preset: str | None, model: str | None, profile: str,
         notes.append("upstream ran on the CPU: the shim mapped its hard-coded CUDA calls to the CPU (methods/_upstream/shim.py)"
                      + ("; its fp16 ran as fp32 (that torch has no fp16 matmul on the CPU)" if upstream_run.get("fp16_as_fp32_on_cpu") else ""))
     if sides["upstream"].upstream_reported:
-        notes.append("upstream_reported: what upstream printed about its own artifact (its evaluation settings, not ours)")
+        own_text = upstream_run.get("own_eval_text") or {}
+        notes.append("upstream_reported: what upstream printed about its own artifact (its evaluation settings, not ours)"
+                     + (f"; on WikiText-2's first {own_text['rows']} of {own_text['rows_total']} test rows ({own_text['tokens']} "
+                        f"tokens; {own_text['why']})" if own_text.get("cut") else ""))
     record = ParityRecord(method=ref.method.name, preset=ref.preset, model=ref.model.name,
                           dense_wikitext2_ppl=_ppl(ref.runs.get("dense eval")), engines=sides, notes=notes, **figures)
     out = Path(runs_dir) / "parity" / f"{ref.cell}.json"

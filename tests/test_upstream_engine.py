@@ -108,6 +108,10 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
 
     log = (out / "upstream" / "prune.log").read_text()
     assert "pruning starts" in log and "wikitext perplexity" in log
+    # quick profile: upstream's own evaluation was served the quick text, not the whole split
+    own = upstream["own_eval_text"]
+    assert own["cut"] and own["tokens"] >= own["tokens_wanted"] == 4096 and own["rows"] < own["rows_total"]
+    assert f"wikitext test rows {own['rows']}\n" in log
     events = [json.loads(line) for line in (out / "upstream" / "prune.events.jsonl").read_text().splitlines()]
     served = [e for e in events if e["event"] == "dataset"]
     assert {tuple(e["requested"][:2]) for e in served} >= {("allenai/c4", "allenai--c4"), ("wikitext", "wikitext-2-raw-v1")}
@@ -224,6 +228,51 @@ def test_unused_c4_split_is_served_for_calibration_only(tmp_path, data_dir):
     assert "upstream's own evaluation" in events[-1]["reason"]
 
 
+def test_quick_profile_serves_upstream_own_eval_the_quick_text(tmp_path, embedded_model_dir, data_dir):
+    """Upstream's own perplexity reads the whole WikiText-2 test split (148 windows of 2048 on
+    SmolLM2: an hour on the images' CPU torch, past the quick profile's time limit). On quick it
+    is served the shortest prefix of test rows that holds the text our quick figure scores (8
+    windows of 512, the same token ids) and one window of upstream's own length; on paper the
+    whole split, untouched. Real SmolLM2 tokenizer, real slice."""
+    from transformers import AutoTokenizer
+
+    from llmcbench.driver.profiles import PROFILES
+    from llmcbench.methods._upstream.run import cut_own_eval_text
+    from llmcbench.methods._upstream.staging import cut_wikitext_test, stage_data
+    from llmcbench.methods._upstream.testing import context_for
+    from llmcbench.methods.wanda.upstream import ADAPTER
+    from llmcbench.tracks.performance.perplexity import encode_joined, load_texts
+    from llmcbench.tracks.performance.task_table import WIKITEXT2
+
+    quick = PROFILES["quick"]
+    wanted = quick.ppl_max_windows * quick.ppl_seqlen
+    source = stage_data(data_dir, offline=True).wikitext_test
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    served = cut_wikitext_test(source, tmp_path / "cut.jsonl", embedded_model_dir, wanted)
+    lines, cut = source.read_text().splitlines(), (tmp_path / "cut.jsonl").read_text().splitlines()
+    assert served["cut"] and cut == lines[:served["rows"]] and served["rows"] < served["rows_total"] == len(lines)
+    texts = [json.loads(line)["text"] for line in cut]
+    ids = encode_joined(tok, texts)
+    assert ids.numel() == served["tokens"] >= wanted > encode_joined(tok, texts[:-1]).numel()  # the shortest such prefix
+    ours = encode_joined(tok, load_texts(WIKITEXT2, data_dir)[0])
+    assert torch.equal(ids[0, :wanted], ours[0, :wanted])  # our quick windows, token for token
+    assert cut_wikitext_test(source, tmp_path / "all.jsonl", embedded_model_dir, ours.numel() + 1)["cut"] is False
+    assert not (tmp_path / "all.jsonl").exists()
+
+    for profile in ("paper", "quick"):
+        ctx = context_for(job_for("wanda", "unstructured-50", profile=profile, device="cpu"), tmp_path / profile,
+                          model_dir=embedded_model_dir, data_dir=data_dir)
+        record = cut_own_eval_text(ctx.job, ctx, ADAPTER)
+        if profile == "paper":
+            assert record["cut"] is False and ctx.staged.wikitext_test == source
+            continue
+        # Wanda's window is the model's context (8192 for SmolLM2): longer than the quick text
+        context = json.loads((embedded_model_dir / "config.json").read_text())["max_position_embeddings"]
+        assert ADAPTER.own_eval_window(ctx) == max(2048, context) and record["tokens_wanted"] == max(wanted, context)
+        assert record["cut"] and record["tokens"] >= record["tokens_wanted"]
+        assert ctx.staged.wikitext_test.read_text().splitlines() == lines[:record["rows"]]
+
+
 @pytest.mark.parametrize("mode, error_type, needle", [
     ("exit", "crash", "illegal memory access"),
     ("no_output", "crash", "upstream left no HF model directory"),
@@ -283,6 +332,7 @@ def test_parity_command_compares_both_engines(tmp_path, tiny_llama_dir, upstream
     for side in rec.engines.values():
         assert side.measured_sparsity == pytest.approx(0.5) and 1 < side.wikitext2_ppl < float("inf")
     assert rec.engines["upstream"].upstream_reported["wikitext_ppl"] > 1
+    assert any(n.startswith("upstream_reported:") and "WikiText-2's first" in n and "quick profile" in n for n in rec.notes)
     assert any("mapped its hard-coded CUDA calls to the CPU" in n for n in rec.notes)
 
     dirs = {e: next((tmp_path / "runs").glob(f"*/{s.compress_job}")) / "model" for e, s in rec.engines.items()}

@@ -19,6 +19,7 @@ classes, atomic output), so an adapter has no I/O policy of its own.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,13 @@ class UpstreamAdapter:
 
     def convert(self, ctx: UpstreamContext) -> Compression:
         raise NotImplementedError
+
+    def own_eval_window(self, ctx: UpstreamContext) -> int:
+        """The longest window upstream's own WikiText-2 perplexity uses: 2048 tokens (GPTQ,
+        SparseGPT, AWQ, SmoothQuant, OmniQuant hard-code it) or the model's context (Wanda's
+        `model.seqlen = max_position_embeddings`). A cut test text keeps at least this many."""
+        config = json.loads((ctx.input_model / "config.json").read_text()) if (ctx.input_model / "config.json").is_file() else {}
+        return max(2048, int(config.get("max_position_embeddings") or 0))
 
     def parse_metrics(self, log: str) -> dict[str, float]:
         """Upstream's own figures from its log, e.g. {"wikitext2_ppl": 5.68}; the last one wins."""

@@ -29,7 +29,7 @@ from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
 
 from .adapter import SHIM, Step, UpstreamAdapter, UpstreamContext
 from .shim import EXIT_NOT_STAGED, EXIT_PDB
-from .staging import checkout_commit, dataset_rules, stage_data, stage_model, upstream_python, upstream_repo
+from .staging import checkout_commit, cut_wikitext_test, dataset_rules, stage_data, stage_model, upstream_python, upstream_repo
 
 DEADLINE_MARGIN_S = 10  # leave the job this long to write its failed result before the runner's own kill
 LOG_TAIL_LINES = 20
@@ -114,6 +114,28 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
     return text, events, wall
 
 
+def cut_own_eval_text(job: Job, ctx: UpstreamContext, adapter: UpstreamAdapter) -> dict | None:
+    """On a profile whose own perplexity scores only the first windows (quick), serve upstream's own
+    evaluation the same prefix of WikiText-2 test (staging.cut_wikitext_test), never less than one
+    window of upstream's sequence length; on `paper` the whole split, as upstream reads it."""
+    from llmcbench.driver.profiles import PROFILES
+
+    profile = PROFILES.get(job.profile)
+    source = ctx.staged.wikitext_test
+    if source is None or not ctx.staged.offline:
+        return None
+    if profile is None or profile.ppl_max_windows is None:
+        return {"cut": False, "why": f"{job.profile} profile: the whole test split, as upstream reads it"}
+    tokens = max(profile.ppl_max_windows * profile.ppl_seqlen, adapter.own_eval_window(ctx))
+    served = cut_wikitext_test(source, ctx.work / "data" / "wikitext-2-raw-v1-test.jsonl", ctx.input_model, tokens)
+    if served["cut"]:
+        ctx.staged.wikitext_test = ctx.work / "data" / "wikitext-2-raw-v1-test.jsonl"
+        _log(f"{job.profile} profile: upstream's own WikiText-2 perplexity is served the first {served['rows']} of "
+             f"{served['rows_total']} test rows ({served['tokens']} tokens; at least {tokens})")
+    return {**served, "why": f"{job.profile} profile: our perplexity scores {profile.ppl_max_windows} windows of "
+                             f"{profile.ppl_seqlen}; upstream's needs one window of {adapter.own_eval_window(ctx)}"}
+
+
 def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned_commit: str) -> None:
     """The upstream counterpart of jobrun.run_compress; fills `result` the same way."""
     t_start = time.monotonic()
@@ -135,6 +157,7 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     ctx = UpstreamContext(job=job, params=dict(job.params), repo=repo, python=upstream_python(),
                           model_dir=upstream_model, source_model_dir=model_dir, work=work, model_out=model_out,
                           staged=stage_data(paths.data, offline=offline), device=job.device)
+    own_eval_text = cut_own_eval_text(job, ctx, adapter)
     steps = adapter.steps(ctx)
     deadline = t_start + max(1, job.limits.time_limit_s - DEADLINE_MARGIN_S)
 
@@ -192,6 +215,8 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
             "python": ctx.python, "offline_data": offline,
             # what the copy of the input model given to upstream rewrote (staging.stage_model)
             "staged_model": rewritten,
+            # the WikiText-2 test text upstream's own perplexity was served (a prefix on the quick profile)
+            "own_eval_text": own_eval_text,
             # on a CPU job the shim ran upstream's hard-coded CUDA calls on the CPU
             "cuda_mapped_to_cpu": ctx.device == "cpu",
             # ... and its fp16 as fp32, where that CPU torch has no fp16 matmul (torch 2.1 in the images)

@@ -106,6 +106,44 @@ def dataset_rules(staged: StagedData, *, unused_splits: list[str] = ()) -> list[
     return rules
 
 
+def cut_wikitext_test(source: Path, dest: Path, tokenizer_dir: Path, tokens: int) -> dict:
+    """The shortest prefix of the WikiText-2 test rows whose joined text has at least `tokens` tokens.
+
+    Upstream's own perplexity always runs over the whole test split (about 300k tokens: 148
+    windows of 2048 for SmolLM2, an hour under the images' CPU torch), while the quick
+    profile's own perplexity scores only its first windows. On quick, upstream is served this
+    prefix instead: the text our quick figure is computed on, and at least one window of
+    upstream's own sequence length, so that its loop (`numel // seqlen` windows) still runs.
+    The rows are joined with "\n\n" and tokenized as every upstream script does, with the
+    input model's tokenizer (the staged copy tokenizes identically). Returns what was served
+    (result.json keeps it next to upstream's figure).
+    """
+    from transformers import AutoTokenizer
+
+    rows = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [json.loads(line)["text"] for line in rows]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    encoded = tokenizer("\n\n".join(texts), return_offsets_mapping=True)
+    total = len(encoded["input_ids"])
+    if total <= tokens:
+        return {"rows": len(rows), "rows_total": len(rows), "tokens": total, "tokens_wanted": tokens, "cut": False}
+    # the row holding the `tokens`-th token's last character, then as many more as the prefix's own tokenization needs
+    end_char, ends, pos = encoded["offset_mapping"][tokens - 1][1], [], 0
+    for text in texts:
+        pos += len(text)
+        ends.append(pos)
+        pos += 2
+    k = next(i + 1 for i, e in enumerate(ends) if e >= end_char)
+    while k < len(texts) and len(tokenizer("\n\n".join(texts[:k]))["input_ids"]) < tokens:
+        k += 1
+    while k > 1 and len(tokenizer("\n\n".join(texts[:k - 1]))["input_ids"]) >= tokens:
+        k -= 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("".join(line + "\n" for line in rows[:k]), encoding="utf-8")
+    served = len(tokenizer("\n\n".join(texts[:k]))["input_ids"])
+    return {"rows": k, "rows_total": len(rows), "tokens": served, "tokens_wanted": tokens, "cut": True}
+
+
 def stage_model(model_dir: Path, root: Path) -> tuple[Path, list[str]]:
     """The input model as the upstream stacks (transformers 4.31-4.46, tokenizers < 0.20) read it.
 
