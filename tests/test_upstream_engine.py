@@ -167,7 +167,13 @@ x = torch.randn(2, 8, dtype=torch.float16, device="cuda")
 y = torch.randn(2, 8).to(torch.float16).half().to("cuda", torch.float16).to(dtype=torch.half)
 with torch.cuda.amp.autocast():
     z = lin(x) + lin(y) + built(x)
+    # torch 2.1 refuses a CPU autocast at float16, even a disabled one (OmniQuant's training loop)
+    cpu_autocast = (torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype())
 print("dtypes", built.weight.dtype, lin.weight.dtype, x.dtype, y.dtype, z.dtype, "default", torch.get_default_dtype())
+@torch.cuda.amp.autocast()
+def decorated():
+    return lin(x).dtype
+print("cpu autocast", *cpu_autocast, "decorated", decorated())
 """
 
 
@@ -192,6 +198,9 @@ def test_cpu_without_fp16_matmul_runs_upstream_fp16_as_fp32(tmp_path, half_to_fl
     assert event["event"] == "cuda_to_cpu" and event["half_to_float"] is expected
     dtype = "torch.float32" if expected else "torch.float16"
     assert f"dtypes {dtype} {dtype} {dtype} {dtype} {dtype} default torch.float32" in run.stdout, run.stdout
+    # fp16 autocast: off when everything is fp32 (CPU autocast untouched, at its bfloat16 default); else CPU autocast at fp16
+    autocast = "False torch.bfloat16" if expected else "True torch.float16"
+    assert f"cpu autocast {autocast} decorated {dtype}" in run.stdout, run.stdout
 
 
 C4_TWICE = """

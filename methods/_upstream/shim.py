@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import importlib
 import json
@@ -265,6 +266,16 @@ def cpu_has_half_matmul() -> bool:
         return False
 
 
+class NoAutocast(contextlib.ContextDecorator):
+    """What a disabled `torch.cuda.amp.autocast()` is on the CPU: nothing, as a `with` or a decorator."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def cuda_to_cpu(hooks: Hooks, half_to_float: bool | None = None) -> None:
     """Enter, for the rest of the process, a torch function mode that runs upstream's CUDA calls on the CPU
     (and its fp16 as fp32 where this CPU build has no fp16 matmul; `half_to_float` None: find out)."""
@@ -313,6 +324,10 @@ def cuda_to_cpu(hooks: Hooks, half_to_float: bool | None = None) -> None:
         # upstream trains under CUDA fp16 autocast (OmniQuant); CPU autocast at the same dtype keeps its dtype mix legal
         if half_to_float and dtype is half:
             enabled = False  # everything is fp32 already
+        if not enabled:
+            # not a disabled torch.autocast: torch 2.1's CPU autocast refuses a float16 dtype even when disabled
+            # ("AutocastCPU only support Bfloat16", found running OmniQuant's image)
+            return NoAutocast()
         return torch.autocast("cpu", dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
     torch.cuda.amp.autocast = autocast
