@@ -30,6 +30,24 @@ def test_quick_profile_and_hooks(tmp_path):
     assert len(ADAPTER.steps(context_for(job_for("omniquant", "w4a16-g128"), tmp_path))) == 1  # no LET: no act scales
 
 
+def test_let_on_grouped_query_attention_is_refused_up_front(tmp_path, tiny_llama_dir, embedded_model_dir):
+    """Upstream's LET folds v_proj into o_proj channel for channel and stops at the first block of
+    a GQA model: a LET preset on one is refused in one line before upstream starts; the preset
+    without LET, and LET on multi-head attention, are not."""
+    from llmcbench.methods._engine.blockwise import UnsupportedModelError
+
+    for model, heads in ((tiny_llama_dir, "4 query heads, 2 KV heads"), (embedded_model_dir, "9 query heads, 3 KV heads")):
+        with pytest.raises(UnsupportedModelError) as refused:
+            ADAPTER.steps(context_for(job_for("omniquant", "w8a8"), tmp_path, model_dir=model))
+        assert f"grouped-query attention ({heads})" in str(refused.value) and "\n" not in str(refused.value)
+    assert len(ADAPTER.steps(context_for(job_for("omniquant", "w4a16-g128"), tmp_path, model_dir=tiny_llama_dir))) == 1
+    mha = tmp_path / "mha"
+    mha.mkdir()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (mha / "config.json").write_text(json.dumps({**config, "num_key_value_heads": config["num_attention_heads"]}))
+    assert len(ADAPTER.steps(context_for(job_for("omniquant", "w8a8"), tmp_path, model_dir=mha))) == 2
+
+
 def test_net_label_follows_the_model_family(tmp_path):
     model = tmp_path / "smollm"
     model.mkdir()

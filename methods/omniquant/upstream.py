@@ -21,6 +21,8 @@
   granularity, which our evaluation applies. The directory is written before upstream's
   WikiText-2/C4 evaluation (`--eval_ppl`), which offline stops at C4 (not staged).
 - `pdb.set_trace()` on a NaN loss (quantize/omniquant.py) fails the job (the shim).
+- LET presets on a model with grouped-query attention (SmolLM2, LLaMA-3) are refused up front:
+  upstream's LET folds assume as many KV heads as query heads (`check_let_attention`).
 - Upstream logs `wikitext2 : <ppl>` and `c4 : <ppl>`.
 """
 
@@ -30,6 +32,7 @@ import json
 
 from llmcbench.driver.contract import Compression
 
+from .._engine.blockwise import UnsupportedModelError
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext, switch
 from .._upstream.convert import hf_dir_from_upstream, quantized_layers
 from .reference import OmniQuantSettings
@@ -51,12 +54,30 @@ def net_label(ctx: UpstreamContext) -> str:
     return FAMILY_LABEL[family]
 
 
+def check_let_attention(ctx: UpstreamContext, s: OmniQuantSettings) -> None:
+    """Upstream's LET smooths v_proj into o_proj and q_proj into k_proj channel for channel
+    (quantize/utils.py `smooth_and_quant_temporary`): with grouped-query attention those have
+    different widths and upstream stops at its first block ("The size of tensor a (64) must
+    match the size of tensor b (128)", found running its image). Refused before it starts."""
+    config = ctx.input_model / "config.json"
+    if not s.let or not config.is_file():
+        return
+    c = json.loads(config.read_text())
+    heads, kv_heads = c.get("num_attention_heads"), c.get("num_key_value_heads") or c.get("num_attention_heads")
+    if heads and kv_heads != heads:
+        raise UnsupportedModelError(
+            f"omniquant upstream's LET (--let) folds v_proj into o_proj and q_proj into k_proj channel for channel, which "
+            f"needs as many KV heads as query heads; {ctx.input_model.name} has grouped-query attention ({heads} query heads, "
+            f"{kv_heads} KV heads): use a preset without LET (w4a16-g128) or --engine reference")
+
+
 class OmniQuantUpstream(UpstreamAdapter):
     method = "omniquant"
     metric_patterns = (r"(?P<key>wikitext2|c4|ptb) : (?P<value>[0-9.eE+-]+|nan|inf)\s*$",)
 
     def steps(self, ctx: UpstreamContext) -> list[Step]:
         s = OmniQuantSettings.from_params(ctx.params)
+        check_let_attention(ctx, s)
         cal = ctx.calibration
         scales, shifts = ctx.work / "act_scales", ctx.work / "act_shifts"
         basename = ctx.model_dir.name
