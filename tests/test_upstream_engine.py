@@ -131,6 +131,12 @@ with torch.cuda.amp.autocast():
 out = mixed.float() + y.cuda() + torch.ones(4).to(dev, torch.float32)
 torch.cuda.synchronize()
 torch.cuda.empty_cache()
+# as on a GPU, a move is a new tensor: a Parameter held as a buffer becomes a plain one (OmniQuant reassigns it)
+holder = nn.Module()
+holder.register_buffer("w", nn.Parameter(torch.ones(2), requires_grad=False))
+holder.to(dev)
+t = torch.ones(2)
+print("moves", type(holder.w).__name__, t.to(dev) is t, t.cuda() is t, t.to("cpu") is t)
 print("devices", lin.weight.device, x.device, y.device, out.device, "autocast", mixed.dtype,
       "peak", torch.cuda.max_memory_allocated())
 """
@@ -151,6 +157,7 @@ def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
                           text=True, timeout=300) for on in (True, False)]
     assert run[0].returncode == 0, run[0].stderr[-2000:]
     assert "devices cpu cpu cpu cpu autocast torch.float16 peak 0" in run[0].stdout
+    assert "moves Tensor False False True" in run[0].stdout, run[0].stdout
     assert json.loads((tmp_path / "events-True.jsonl").read_text().splitlines()[0])["event"] == "cuda_to_cpu"
     if not torch.cuda.is_available():
         assert run[1].returncode != 0 and "CUDA" in run[1].stderr, run[1].stdout[-1000:]

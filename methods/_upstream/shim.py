@@ -26,7 +26,8 @@ would otherwise apply to upstream source:
   for a terminal that a container does not have.
 - `cuda_to_cpu` (jobs with `device: cpu` only): the repositories hard-code `cuda:0`, so on a
   machine without a GPU they stop at their first CUDA call. A torch function mode maps every
-  CUDA device a torch call names to the CPU (`.cuda()`, `.to("cuda")`, `device=` of factories),
+  CUDA device a torch call names to the CPU (`.cuda()`, `.to("cuda")`, `device=` of factories;
+  a move returns a new tensor, as it does on a GPU, where a Parameter's copy is a plain tensor),
   `torch.cuda` housekeeping (synchronize, empty_cache, memory counters) becomes a no-op, and
   `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. Where the CPU has no
   half-precision matmul (torch 2.1, the images' stack: "addmm_impl_cpu_ not implemented for
@@ -287,13 +288,16 @@ def cuda_to_cpu(hooks: Hooks, half_to_float: bool | None = None) -> None:
         half_to_float = not cpu_has_half_matmul()
     to_methods = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones,
                   torch.Tensor.new_full, torch.Tensor.new_tensor}
-    identity = {torch.Tensor.cuda, torch.Tensor.pin_memory}
+    identity = {torch.Tensor.pin_memory}
 
     class CudaToCpu(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func in identity:
                 return args[0]
+            if func is torch.Tensor.cuda:
+                return _moved(args[0])
+            moved = func is torch.Tensor.to and (_is_cuda(kwargs.get("device")) or any(_is_cuda(a) for a in args[1:]))
             if _is_cuda(kwargs.get("device")):
                 kwargs = {**kwargs, "device": cpu}
             if func in to_methods and any(_is_cuda(a) for a in args[1:]):
@@ -305,7 +309,13 @@ def cuda_to_cpu(hooks: Hooks, half_to_float: bool | None = None) -> None:
                     kwargs = {**kwargs, "dtype": full}
                 if func in to_methods:
                     args = (args[0], *(full if a is half else a for a in args[1:]))
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            return _moved(result) if moved and result is args[0] else result
+
+    def _moved(tensor):
+        # on a GPU, moving a CPU tensor to CUDA makes a new tensor, and a Parameter's is a plain one: OmniQuant keeps
+        # weights as buffers holding Parameters and relies on `.to(dev)` making them plain tensors it can reassign
+        return tensor.clone()
 
     def constant(name, value):
         # one function object per name: torch._dynamo indexes torch.cuda's functions by identity
