@@ -181,6 +181,11 @@ print("dtypes", built.weight.dtype, lin.weight.dtype, x.dtype, y.dtype, z.dtype,
 def decorated():
     return lin(x).dtype
 print("cpu autocast", *cpu_autocast, "decorated", decorated())
+# a module holding an fp16 Parameter as a buffer (OmniQuant's QuantLinear): .float() makes it a plain fp32 tensor
+holder = nn.Module()
+holder.register_buffer("w", nn.Parameter(torch.ones(2, dtype=torch.float16), requires_grad=False))
+holder.float()
+print("cast", type(holder.w).__name__, holder.w.dtype)
 """
 
 
@@ -208,6 +213,7 @@ def test_cpu_without_fp16_matmul_runs_upstream_fp16_as_fp32(tmp_path, half_to_fl
     # fp16 autocast: off when everything is fp32 (CPU autocast untouched, at its bfloat16 default); else CPU autocast at fp16
     autocast = "False torch.bfloat16" if expected else "True torch.float16"
     assert f"cpu autocast {autocast} decorated {dtype}" in run.stdout, run.stdout
+    assert "cast Tensor torch.float32" in run.stdout, run.stdout
 
 
 C4_TWICE = """

@@ -32,7 +32,8 @@ would otherwise apply to upstream source:
   `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. Where the CPU has no
   half-precision matmul (torch 2.1, the images' stack: "addmm_impl_cpu_ not implemented for
   'Half'"), fp16 runs as fp32 instead: `dtype=float16`, `.half()`, `.to(float16)`,
-  `set_default_dtype(float16)` and fp16 autocast all give fp32 (`half_to_float`; the hooks'
+  `set_default_dtype(float16)` and fp16 autocast all give fp32, and a Parameter's cast to fp32 is
+  a new plain tensor, as it is from fp16 on a GPU (`half_to_float`; the hooks'
   `half_to_float: true|false` forces it). The algorithm's own code is untouched; the result
   records that it ran this way.
 
@@ -304,13 +305,22 @@ def cuda_to_cpu(hooks: Hooks, half_to_float: bool | None = None) -> None:
                 args = tuple(cpu if _is_cuda(a) else a for a in args)
             if half_to_float:
                 if func is torch.Tensor.half:
-                    return args[0].float()
+                    func, args, kwargs = torch.Tensor.float, args[:1], {}
                 if kwargs.get("dtype") is half:
                     kwargs = {**kwargs, "dtype": full}
                 if func in to_methods:
                     args = (args[0], *(full if a is half else a for a in args[1:]))
             result = func(*args, **kwargs)
-            return _moved(result) if moved and result is args[0] else result
+            recast = half_to_float and isinstance(result, torch.nn.Parameter) and _casts(func, args, kwargs)
+            if args and result is args[0] and (moved or recast):
+                # upstream's fp16 Parameter, fp32 here: its cast to fp32 would have been a new plain tensor on a GPU
+                # (OmniQuant's `qlayer.float()` before training, which then reassigns the weights it holds as buffers)
+                return _moved(result)
+            return result
+
+    def _casts(func, args, kwargs) -> bool:
+        return func is torch.Tensor.float or func is torch.Tensor.to and (
+            kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in args[1:]))
 
     def _moved(tensor):
         # on a GPU, moving a CPU tensor to CUDA makes a new tensor, and a Parameter's is a plain one: OmniQuant keeps
