@@ -66,7 +66,7 @@ def test_models_upstream_cannot_run_as_they_are_are_refused_up_front(tmp_path, l
         assert reason in message
     config = json.loads((llama2_shaped_dir / "config.json").read_text())
     for change, reason in ((dict(num_key_value_heads=1), "grouped-query"), (dict(rope_parameters={"rope_theta": 5e5}), "rope_theta 500000"),
-                           (dict(model_type="mistral"), "model_type mistral")):
+                           (dict(model_type="mistral"), "model_type mistral"), (dict(vocab_size=4000), "a vocabulary of 4000")):
         (llama2_shaped_dir / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(UnsupportedModelError, match=reason):
             check_model(llama2_shaped_dir)

@@ -63,6 +63,9 @@ def settings_for(params: dict) -> PrunerSettings:
     return s
 
 
+MAX_TRACE_TOKEN_ID = 29892  # hf_prune.py's `forward_prompts`, "any input will be fine", in LLaMA's vocabulary
+
+
 def check_model(model_dir: Path) -> None:
     """Refuse, in one line, a model hf_prune.py's own LLaMA copy and LlamaTokenizer cannot run as it is."""
     config_path = model_dir / "config.json"
@@ -79,6 +82,9 @@ def check_model(model_dir: Path) -> None:
         theta != 10000.0 and f"rope_theta {theta:g}",
         (c.get("rope_scaling") or rope.get("rope_type", "default") != "default") and "rope scaling",
         not (model_dir / "tokenizer.model").is_file() and "no sentencepiece tokenizer.model",
+        # hf_prune.py traces the dependency graph on hard-coded LLaMA token ids (up to 29892)
+        int(c.get("vocab_size") or 0) <= MAX_TRACE_TOKEN_ID and f"a vocabulary of {c.get('vocab_size')} (hf_prune.py's "
+                                                                 f"tracing input has LLaMA token ids up to {MAX_TRACE_TOKEN_ID})",
     ]
     problems = [p for p in problems if p]
     if problems:
