@@ -126,14 +126,15 @@ def cut_own_eval_text(job: Job, ctx: UpstreamContext, adapter: UpstreamAdapter) 
         return None
     if profile is None or profile.ppl_max_windows is None:
         return {"cut": False, "why": f"{job.profile} profile: the whole test split, as upstream reads it"}
-    tokens = max(profile.ppl_max_windows * profile.ppl_seqlen, adapter.own_eval_window(ctx))
+    window = adapter.own_eval_window(ctx)
+    tokens = max(profile.ppl_max_windows * profile.ppl_seqlen, window)
     served = cut_wikitext_test(source, ctx.work / "data" / "wikitext-2-raw-v1-test.jsonl", ctx.input_model, tokens)
     if served["cut"]:
         ctx.staged.wikitext_test = ctx.work / "data" / "wikitext-2-raw-v1-test.jsonl"
         _log(f"{job.profile} profile: upstream's own WikiText-2 perplexity is served the first {served['rows']} of "
              f"{served['rows_total']} test rows ({served['tokens']} tokens; at least {tokens})")
     return {**served, "why": f"{job.profile} profile: our perplexity scores {profile.ppl_max_windows} windows of "
-                             f"{profile.ppl_seqlen}; upstream's needs one window of {adapter.own_eval_window(ctx)}"}
+                             f"{profile.ppl_seqlen}; upstream's needs one window of {window}"}
 
 
 def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned_commit: str) -> None:

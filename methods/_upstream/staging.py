@@ -118,29 +118,37 @@ def cut_wikitext_test(source: Path, dest: Path, tokenizer_dir: Path, tokens: int
     input model's tokenizer (the staged copy tokenizes identically). Returns what was served
     (result.json keeps it next to upstream's figure).
     """
+    from functools import cache
+
     from transformers import AutoTokenizer
+
+    from llmcbench.tracks.performance.perplexity import encode_joined
 
     rows = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = [json.loads(line)["text"] for line in rows]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    encoded = tokenizer("\n\n".join(texts), return_offsets_mapping=True)
-    total = len(encoded["input_ids"])
-    if total <= tokens:
-        return {"rows": len(rows), "rows_total": len(rows), "tokens": total, "tokens_wanted": tokens, "cut": False}
+
+    @cache
+    def count(k: int) -> int:  # tokens of the first k rows, joined and tokenized as our perplexity and upstream's do
+        return encode_joined(tokenizer, texts[:k]).numel()
+
+    offsets = tokenizer("\n\n".join(texts), return_offsets_mapping=True)["offset_mapping"]  # the whole split, once
+    if len(offsets) <= tokens:
+        return {"rows": len(rows), "rows_total": len(rows), "tokens": len(offsets), "tokens_wanted": tokens, "cut": False}
     # the row holding the `tokens`-th token's last character, then as many more as the prefix's own tokenization needs
-    end_char, ends, pos = encoded["offset_mapping"][tokens - 1][1], [], 0
+    end_char, ends, pos = offsets[tokens - 1][1], [], 0
     for text in texts:
         pos += len(text)
         ends.append(pos)
         pos += 2
     k = next(i + 1 for i, e in enumerate(ends) if e >= end_char)
-    while k < len(texts) and len(tokenizer("\n\n".join(texts[:k]))["input_ids"]) < tokens:
+    while k < len(texts) and count(k) < tokens:
         k += 1
-    while k > 1 and len(tokenizer("\n\n".join(texts[:k - 1]))["input_ids"]) >= tokens:
+    while k > 1 and count(k - 1) >= tokens:
         k -= 1
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("".join(line + "\n" for line in rows[:k]), encoding="utf-8")
-    served = len(tokenizer("\n\n".join(texts[:k]))["input_ids"])
+    served = count(k)
     return {"rows": k, "rows_total": len(rows), "tokens": served, "tokens_wanted": tokens, "cut": True}
 
 
