@@ -64,8 +64,9 @@ if [ -d "$UPWHL" ]; then
   # one interpreter per transformers stack: PYTHONPATH = that stack, the common part, the harness's
   pipi "$UPSITE/common" "$UPWHL"/common/*.whl || exit 3
   # llm-awq imports its compiled kernels even for fake quantization. Unless the awq-kernels part
-  # builds them, a stand-in is importable that fails on first use, so no result can come from it.
-  printf '"""Stand-in from benchmarks/device_check.sh: llm-awq'"'"'s CUDA kernels were not built here."""\n\n\ndef __getattr__(name):\n    raise RuntimeError(f"awq_inference_engine.{name}: llm-awq CUDA kernels not built on this machine (device_check.sh awq-kernels)")\n' > "$UPSITE/common/awq_inference_engine.py"
+  # builds them, the stand-in method images also use is importable: it fails on first use, so no
+  # result can come from it.
+  cp "$ROOT/methods/awq/kernels_standin.py" "$UPSITE/common/awq_inference_engine.py"
   for dir in "$UPWHL"/*/; do
     stack=$(basename "$dir"); [ "$stack" = common ] && continue
     pipi "$UPSITE/$stack" "$dir"*.whl || exit 3

@@ -269,27 +269,33 @@ def upstream_image_config(method_spec) -> dict | None:
     if image is None:
         return None
     cfg = image.model_dump()
-    hashes = {}
-    for rel in image.patches:
-        path = Path(method_spec.folder) / rel
-        if not path.is_file():
-            raise UserError(f"{method_spec.folder}/method.toml: [upstream.image].patches names {rel}, which does not exist")
-        hashes[rel] = _sha(path.read_bytes())
-    cfg["patch_sha256"] = hashes
+    for key, field in (("patch_sha256", "patches"), ("build_file_sha256", "build_files")):
+        hashes = {}
+        for rel in getattr(image, field):
+            path = Path(method_spec.folder) / rel
+            if not path.is_file():
+                raise UserError(f"{method_spec.folder}/method.toml: [upstream.image].{field} names {rel}, which does not exist")
+            hashes[rel] = _sha(path.read_bytes())
+        cfg[key] = hashes
     cfg["folder"] = str(method_spec.folder)  # where the patches are; not part of the image's identity
     return cfg
 
 
 def upstream_layer_files(spec: ImageSpec) -> dict[str, str]:
     """The upstream venv's requirements and build script (images/Dockerfile.method runs them
-    only when the upstream checkout is in the image)."""
+    only when the upstream checkout is in the image), and the method's build files beside them
+    under files/ (the script finds them through LLMCBENCH_BUILD_FILES)."""
     cfg = spec.upstream_image
     reqs = [f"torch=={cfg['torch']}", *cfg["requirements"]]
     if cfg["build"]:
         reqs += ["setuptools<70", "wheel", "ninja"]  # the venv has no build tools of its own
-    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(cfg["env"].items()))
+    env = {**cfg["env"], "LLMCBENCH_BUILD_FILES": "/tmp/upstream-layer/files"} if cfg.get("build_files") else cfg["env"]
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
     build = "set -eux\n" + exports + "".join(c + "\n" for c in cfg["build"])
-    return {"requirements.txt": "".join(r + "\n" for r in reqs), "build.sh": build}
+    files = {"requirements.txt": "".join(r + "\n" for r in reqs), "build.sh": build}
+    for rel in cfg.get("build_files") or []:
+        files[f"files/{Path(rel).name}"] = (Path(cfg["folder"]) / rel).read_text()
+    return files
 
 
 def upstream_wheels(spec: ImageSpec, log: Log) -> Path:
@@ -639,6 +645,7 @@ def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
             shutil.copytree(up_dir, ctx / "upstream" / spec.method, ignore=shutil.ignore_patterns(".complete"))
             if spec.upstream_image:
                 for name, text in upstream_layer_files(spec).items():
+                    (ctx / "upstream-layer" / name).parent.mkdir(parents=True, exist_ok=True)
                     (ctx / "upstream-layer" / name).write_text(text)
                 wheels = upstream_wheels(spec, log)
                 (ctx / "upstream-layer" / "wheels").mkdir()

@@ -30,6 +30,8 @@ class UpstreamImage(BaseModel):
     requirements: list[str] = Field(default_factory=list, description="pinned pip requirements upstream runs with")
     build: list[str] = Field(default_factory=list, description="shell commands run in the checkout after install")
     patches: list[str] = Field(default_factory=list, description="files under the method folder, applied with git apply")
+    build_files: list[str] = Field(default_factory=list, description="files under the method folder the build commands run "
+                                   "(in $LLMCBENCH_BUILD_FILES at build time), e.g. a script too long for one line")
     env: dict[str, str] = Field(default_factory=dict, description="build environment, e.g. TORCH_CUDA_ARCH_LIST")
 
 

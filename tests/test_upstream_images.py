@@ -165,3 +165,28 @@ def test_a_method_image_holds_every_module_its_engines_import(tmp_path, monkeypa
         with zipfile.ZipFile(images.project_wheel(spec.name, log=lambda _m: None)) as wheel:
             in_image = set(wheel.namelist())
         assert loaded - in_image == set(), f"method image {spec.name} lacks {sorted(loaded - in_image)}"
+
+
+def test_build_files_travel_beside_the_build_script(monkeypatch):
+    """[upstream.image].build_files: copied from the method folder into the layer's files/, named
+    to the build by LLMCBENCH_BUILD_FILES; their content is part of the image's identity, and a
+    missing one is a one-line error."""
+    files = images.upstream_layer_files(_spec("awq"))
+    assert files["files/build_kernels.sh"] == (get_method("awq").folder / "build_kernels.sh").read_text()
+    assert "export LLMCBENCH_BUILD_FILES=/tmp/upstream-layer/files" in files["build.sh"]
+    assert files["build.sh"].splitlines()[-1] == 'sh "$LLMCBENCH_BUILD_FILES/build_kernels.sh"'
+    assert "LLMCBENCH_BUILD_FILES" not in images.upstream_layer_files(_spec("wanda"))["build.sh"]
+
+    monkeypatch.setattr(images, "project_digest", lambda method: "digest")
+    parent = images.ImageSpec(role="base", name="base", requirements=[], python=images.python_version(), base_image="x")
+    tags = []
+    for sha in ("a", "b"):
+        spec = _spec("awq", build_file_sha256={"build_kernels.sh": sha, "kernels_standin.py": "c"})
+        spec.parent = parent
+        tags.append(spec.tag)
+    assert tags[0] != tags[1]
+
+    spec = get_method("awq").model_copy(deep=True)
+    spec.upstream.image.build_files = ["missing.sh"]
+    with pytest.raises(images.UserError, match=r"\[upstream.image\].build_files names missing.sh, which does not exist"):
+        images.upstream_image_config(spec)

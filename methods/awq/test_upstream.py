@@ -4,6 +4,8 @@ recorded commands), upstream's log line, and the conversion of `--dump_fake` (+ 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,3 +74,67 @@ def test_unquantized_output_is_refused(tmp_path, tiny_llama_dir):
     AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(ctx.work / "fake")
     with pytest.raises(ConversionError, match="grid"):
         ADAPTER.convert(ctx.__class__(**{**ctx.__dict__, "params": {**ctx.params, "weight_bits": 4}}))
+
+
+def _upstream_venv(tmp_path):
+    """A venv like the image's upstream venv (no pip; the harness's site-packages behind its own,
+    as images/Dockerfile.method's layers are): torch imports, and what the build installs lands
+    in the new venv only."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = tmp_path / "upstream-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (Path(site) / "harness.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    return venv
+
+
+def _build_kernels(venv, checkout, **env):
+    import os
+    import subprocess
+
+    from llmcbench.driver import images
+    from llmcbench.driver.registry import get_method
+
+    spec = get_method("awq")
+    cfg = images.upstream_image_config(spec)
+    files = images.upstream_layer_files(images.ImageSpec(role="method", name="method-awq", requirements=[],
+                                                         python=images.python_version(), method="awq", upstream_image=cfg))
+    layer = checkout.parent / "upstream-layer"
+    for name, text in files.items():
+        (layer / name).parent.mkdir(parents=True, exist_ok=True)
+        (layer / name).write_text(text)
+    # build.sh as images/Dockerfile.method runs it, but with this test's layer folder
+    script = files["build.sh"].replace("/tmp/upstream-layer/files", str(layer / "files"))
+    run_env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", **env}
+    return subprocess.run(["sh", "-c", script], cwd=checkout, env=run_env, capture_output=True, text=True)
+
+
+def test_image_build_installs_the_kernel_stand_in_where_torch_has_no_cuda(tmp_path):
+    """methods/awq/build_kernels.sh run as the image build runs it ([upstream.image].build with its
+    build_files), here with a CPU torch: the kernels cannot be compiled, so the stand-in is what
+    `import awq_inference_engine` finds in the upstream venv, and it refuses any kernel call; with
+    LLMCBENCH_AWQ_KERNELS=build the same machine fails in one line instead."""
+    import subprocess
+
+    venv, checkout = _upstream_venv(tmp_path), tmp_path / "checkout"
+    (checkout / "awq" / "kernels").mkdir(parents=True)
+    forced = _build_kernels(venv, checkout, LLMCBENCH_AWQ_KERNELS="build")
+    assert forced.returncode == 1 and "awq-kernels: cannot build: torch" in forced.stderr and "not a CUDA build" in forced.stderr
+    probe = "import awq_inference_engine as k; print(k.STAND_IN); k.gemm_forward_cuda_new"
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True).returncode == 1
+    assert "ModuleNotFoundError" in subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True).stderr
+
+    built = _build_kernels(venv, checkout)
+    assert built.returncode == 0, built.stderr
+    assert "awq-kernels: not built (torch" in built.stdout
+    used = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True)
+    assert used.stdout.strip() == "True"
+    assert "RuntimeError: awq_inference_engine.gemm_forward_cuda_new: llm-awq's CUDA kernels were not built" in used.stderr
+    # upstream's own import line, and the probes tools make, still work
+    ok = subprocess.run([str(venv / "bin" / "python"), "-c", "import awq_inference_engine as k; print(hasattr(k, '__path__'))"],
+                        capture_output=True, text=True)
+    assert ok.stdout.strip() == "False", ok.stderr

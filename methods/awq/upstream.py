@@ -18,8 +18,10 @@
   in upstream's own format ("llm-awq-v2": WQLinear qweight/scales/scaled_zeros per layer).
 - `--tasks wikitext` makes the second step print upstream's own WikiText-2 perplexity
   (2048-token windows) as a bare number after its progress bar.
-- The compiled `awq_inference_engine` is imported unconditionally, even for fake quantization:
-  the image builds it ([upstream.image].build).
+- The compiled `awq_inference_engine` is imported unconditionally, even for fake quantization,
+  but called only by upstream's real-quant inference, which no step here runs: the image builds it
+  where a CUDA compiler matching torch's is at hand, else installs a stand-in that fails on any
+  call (build_kernels.sh, kernels_standin.py).
 """
 
 from __future__ import annotations
