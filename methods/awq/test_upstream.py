@@ -138,3 +138,32 @@ def test_image_build_installs_the_kernel_stand_in_where_torch_has_no_cuda(tmp_pa
     ok = subprocess.run([str(venv / "bin" / "python"), "-c", "import awq_inference_engine as k; print(hasattr(k, '__path__'))"],
                         capture_output=True, text=True)
     assert ok.stdout.strip() == "False", ok.stderr
+
+
+def test_shapes_upstream_asserts_on_are_refused_up_front(tmp_path, embedded_model_dir):
+    """Upstream asserts that the group size divides every linear's input width and that the
+    clipped linears' output widths are multiples of 64; the embedded SmolLM2 (hidden 576) with
+    group 128 is refused in one line before upstream starts, and so is a narrow v_proj; a model
+    whose widths fit (LLaMA-2's shape, scaled down) is not."""
+    from llmcbench.methods._engine.blockwise import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError) as refused:
+        ADAPTER.steps(context_for(job_for("awq", "w8a16"), tmp_path, model_dir=embedded_model_dir))
+    message = str(refused.value)
+    assert "hidden_size 576 is not a multiple of group_size 128" in message and "intermediate_size" not in message
+    assert "\n" not in message and "--engine reference" in message
+
+    import json
+
+    def model(**config):
+        d = tmp_path / "m{}".format(len(list(tmp_path.glob("m*"))))
+        d.mkdir()
+        base = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
+                "num_key_value_heads": 4}
+        (d / "config.json").write_text(json.dumps({**base, **config}))
+        return d
+
+    assert len(ADAPTER.steps(context_for(job_for("awq", "w4a16-g128"), tmp_path, model_dir=model()))) == 3
+    with pytest.raises(UnsupportedModelError, match=r"v_proj's width \(KV heads x head_dim\) 32 is not a multiple of 64"):
+        ADAPTER.steps(context_for(job_for("awq", "w4a16-g128"), tmp_path, model_dir=model(num_key_value_heads=2, head_dim=16,
+                                                                                          num_attention_heads=16)))

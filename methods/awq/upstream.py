@@ -26,11 +26,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
 from llmcbench.driver.contract import Compression
 
+from .._engine.blockwise import UnsupportedModelError
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
 from .._upstream.convert import hf_dir_from_upstream, quantized_layers, require
 from .reference import AWQSettings
@@ -46,6 +48,32 @@ def settings_for(params: dict) -> AWQSettings:
     return s
 
 
+def check_shapes(ctx: UpstreamContext, s: AWQSettings) -> None:
+    """Upstream asserts what the reference engine handles (a shorter last group): every linear's
+    input width divisible by the group size (`pseudo_quantize_tensor`), and the output width of
+    every linear it clips (all but q/k) divisible by 64 (`auto_clip_layer`'s batches of output
+    channels). A bare AssertionError after the model loads becomes one line before upstream starts
+    (the embedded SmolLM2's hidden size 576 and group 128, say)."""
+    config = ctx.input_model / "config.json"
+    if not config.is_file():
+        return
+    c = json.loads(config.read_text())
+    hidden, inter, heads = c.get("hidden_size"), c.get("intermediate_size"), c.get("num_attention_heads")
+    if not (hidden and inter and heads):
+        return
+    head_dim = c.get("head_dim") or hidden // heads
+    kv = (c.get("num_key_value_heads") or heads) * head_dim
+    inputs = {"hidden_size": hidden, "intermediate_size": inter, "attention width (heads x head_dim)": heads * head_dim}
+    problems = [f"{name} {width} is not a multiple of group_size {s.group_size}" for name, width in inputs.items()
+                if s.group_size > 0 and width % s.group_size]
+    outputs = {"hidden_size": hidden, "intermediate_size": inter, "v_proj's width (KV heads x head_dim)": kv}
+    problems += [f"{name} {width} is not a multiple of 64 (the clip search's batches of output channels)"
+                 for name, width in outputs.items() if width % 64]
+    if problems:
+        raise UnsupportedModelError(f"awq upstream asserts on {ctx.input_model.name}: {'; '.join(problems)}; "
+                                    "use --engine reference (a shorter last group where the group size does not divide)")
+
+
 class AWQUpstream(UpstreamAdapter):
     method = "awq"
 
@@ -56,6 +84,7 @@ class AWQUpstream(UpstreamAdapter):
 
     def steps(self, ctx: UpstreamContext) -> list[Step]:
         s = settings_for(ctx.params)
+        check_shapes(ctx, s)
         base = ["--model_path", str(ctx.model_dir), "--w_bit", str(s.weight_bits), "--q_group_size", str(s.group_size)]
         awq = str(ctx.work / "awq.pt")
         steps = [
