@@ -29,13 +29,14 @@ would otherwise apply to upstream source:
   CUDA device a torch call names to the CPU (`.cuda()`, `.to("cuda")`, `device=` of factories;
   a move returns a new tensor, as it does on a GPU, where a Parameter's copy is a plain tensor),
   `torch.cuda` housekeeping (synchronize, empty_cache, memory counters) becomes a no-op, and
-  `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. Where the CPU has no
-  half-precision matmul (torch 2.1, the images' stack: "addmm_impl_cpu_ not implemented for
-  'Half'"), fp16 runs as fp32 instead: `dtype=float16`, `.half()`, `.to(float16)`,
-  `set_default_dtype(float16)` and fp16 autocast all give fp32, and a Parameter's cast to fp32 is
-  a new plain tensor, as it is from fp16 on a GPU (`half_to_float`; the hooks'
-  `half_to_float: true|false` forces it). The algorithm's own code is untouched; the result
-  records that it ran this way.
+  `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. fp16 runs as fp32 on the
+  CPU: `dtype=float16`, `.half()`, `.to(float16)`, `set_default_dtype(float16)` and fp16
+  autocast all give fp32, and a Parameter's cast to fp32 is a new plain tensor, as it is from
+  fp16 on a GPU (`half_to_float`). Why: the upstream stacks' CPU builds either have no fp16
+  matmul (torch 2.1: "addmm_impl_cpu_ not implemented for 'Half'") or a slow one (torch 2.3 in
+  AWQ's image: 6.3 times slower than fp32, a 4-layer search that did not finish in 15 minutes),
+  and a GPU's fp16 matmul accumulates in fp32 anyway. The hooks' `half_to_float: false` keeps
+  fp16. The algorithm's own code is untouched; the result records that it ran this way.
 
 Targets are `module:function` (or `module:Class.method`). For `__main__:function` the script is split at its
 top-level `if __name__ == "__main__":` guard: the definitions run first, the hooks wrap
@@ -258,16 +259,6 @@ def _is_cuda(device) -> bool:
     return str(device).partition(":")[0] == "cuda"
 
 
-def cpu_has_half_matmul() -> bool:
-    import torch
-
-    try:
-        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
-        return True
-    except RuntimeError:
-        return False
-
-
 class NoAutocast(contextlib.ContextDecorator):
     """What a disabled `torch.cuda.amp.autocast()` is on the CPU: nothing, as a `with` or a decorator."""
 
@@ -278,15 +269,13 @@ class NoAutocast(contextlib.ContextDecorator):
         return False
 
 
-def cuda_to_cpu(hooks: Hooks, half_to_float: bool | None = None) -> None:
+def cuda_to_cpu(hooks: Hooks, half_to_float: bool = True) -> None:
     """Enter, for the rest of the process, a torch function mode that runs upstream's CUDA calls on the CPU
-    (and its fp16 as fp32 where this CPU build has no fp16 matmul; `half_to_float` None: find out)."""
+    (and its fp16 as fp32 unless `half_to_float` is False; the module docstring says why)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
     cpu, half, full = torch.device("cpu"), torch.float16, torch.float32
-    if half_to_float is None:
-        half_to_float = not cpu_has_half_matmul()
     to_methods = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones,
                   torch.Tensor.new_full, torch.Tensor.new_tensor}
     identity = {torch.Tensor.pin_memory}
@@ -408,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.get("no_pdb"):
         no_pdb()
     if cfg.get("cuda_to_cpu"):
-        cuda_to_cpu(hooks, cfg.get("half_to_float"))
+        cuda_to_cpu(hooks, cfg.get("half_to_float", True) is not False)
     try:
         patch_modules(hooks)
         run_script(hooks, cfg["script"], list(cfg.get("argv") or []))
