@@ -171,7 +171,7 @@ def run_parity(method: str, preset: str | None, model: str | None, profile: str,
     upstream_run = up.runs["compress"].result.metrics.get("upstream", {})
     if upstream_run.get("cuda_mapped_to_cpu"):
         notes.append("upstream ran on the CPU: the shim mapped its hard-coded CUDA calls to the CPU (methods/_upstream/shim.py)"
-                     + ("; its fp16 ran as fp32 (that torch has no fp16 matmul on the CPU)" if upstream_run.get("fp16_as_fp32_on_cpu") else ""))
+                     + ("; its fp16 ran as fp32 (the upstream stacks' CPU builds have no fast fp16 matmul)" if upstream_run.get("fp16_as_fp32_on_cpu") else ""))
     if sides["upstream"].upstream_reported:
         own_text = upstream_run.get("own_eval_text") or {}
         notes.append("upstream_reported: what upstream printed about its own artifact (its evaluation settings, not ours)"

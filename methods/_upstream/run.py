@@ -220,7 +220,7 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
             "own_eval_text": own_eval_text,
             # on a CPU job the shim ran upstream's hard-coded CUDA calls on the CPU
             "cuda_mapped_to_cpu": ctx.device == "cpu",
-            # ... and its fp16 as fp32, where that CPU torch has no fp16 matmul (torch 2.1 in the images)
+            # ... and its fp16 as fp32 (the stacks' CPU builds have no fp16 matmul, or a slow one)
             "fp16_as_fp32_on_cpu": half_as_float,
         },
     }
