@@ -304,6 +304,46 @@ def upstream_wheels(spec: ImageSpec, log: Log) -> Path:
                            upstream_layer_files(spec)["requirements.txt"], spec.upstream_image.get("torch_index"), log)
 
 
+def index_answers(url: str, timeout_s: float = 10.0) -> bool:
+    """Whether a pip index answers at all. pip retries an unreachable extra index for every
+    package before it settles for PyPI: about 15 minutes for an upstream stack on a host that
+    reaches PyPI but not download.pytorch.org."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered, if only to refuse a HEAD
+    except (OSError, ValueError):
+        return False
+
+
+def wheel_cuda(wheel: Path) -> str | None:
+    """The CUDA version a torch wheel was built for (its torch/version.py), None for a CPU build."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        text = z.read("torch/version.py").decode()
+    m = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, flags=re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def _check_torch_cuda(wheels: Path, index: str, what: str) -> None:
+    """Without its index, a stack's torch came from PyPI: fine where PyPI's build is the index's
+    CUDA (cu121 for torch 2.1 to 2.3 on Linux), a one-line error where it is not."""
+    m = re.search(r"/cu(\d+)(\d)/?$", index)
+    if not m:
+        return
+    want = f"{m.group(1)}.{m.group(2)}"
+    for wheel in wheels.glob("torch-*.whl"):
+        got = wheel_cuda(wheel)
+        if got != want:
+            raise ImageBuildError(f"{index} does not answer, and PyPI's {wheel.name} for the {what} is built for "
+                                  f"{'CUDA ' + got if got else 'the CPU'}, not CUDA {want}: build where that index answers")
+
+
 def isolated_wheels(what: str, name: str, python: str, requirements: str, index: str | None, log: Log) -> Path:
     """Wheels of a venv that does not share the harness's versions (upstream stacks, deploy
     backends): resolved on their own, not under the lock; downloaded once per requirement set."""
@@ -316,8 +356,15 @@ def isolated_wheels(what: str, name: str, python: str, requirements: str, index:
     tmp.mkdir(parents=True)
     (tmp / ".requirements.txt").write_text(requirements)
     log(f"downloading the {what}: {' '.join(requirements.split())}")
-    extra = ["--extra-index-url", index] if index else []
+    extra = []
+    if index:
+        if index_answers(index):
+            extra = ["--extra-index-url", index]
+        else:
+            log(f"{index} does not answer: the {what} comes from PyPI alone (its torch wheel's CUDA build is checked)")
     _pip(["download", "-q", "-d", str(tmp), *extra, "-r", str(tmp / ".requirements.txt")], f"download the {what}")
+    if index and not extra:
+        _check_torch_cuda(tmp, index, what)
     _sdists_to_wheels(tmp, log)
     (tmp / ".requirements.txt").unlink()
     (tmp / ".complete").write_text(requirements)

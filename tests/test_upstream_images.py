@@ -190,3 +190,75 @@ def test_build_files_travel_beside_the_build_script(monkeypatch):
     spec.upstream.image.build_files = ["missing.sh"]
     with pytest.raises(images.UserError, match=r"\[upstream.image\].build_files names missing.sh, which does not exist"):
         images.upstream_image_config(spec)
+
+
+def _torch_wheel(folder: Path, cuda: str | None) -> Path:
+    """A wheel named and laid out as torch's, whose torch/version.py says `cuda` as torch 2.x writes it."""
+    import zipfile
+
+    path = folder / "torch-2.3.0-cp311-cp311-manylinux1_x86_64.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("torch/version.py", f"__version__ = '2.3.0'\ndebug = False\ncuda: Optional[str] = {cuda!r}\n")
+    return path
+
+
+@pytest.fixture
+def http_index():
+    """A local HTTP server standing in for a pip index that answers (404 to everything)."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/whl/cu121"
+    server.shutdown()
+
+
+def _closed_port_index() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/whl/cu121"  # nothing listens there now: refused at once
+
+
+def test_an_upstream_index_that_does_not_answer_is_left_out_and_torch_cuda_checked(tmp_path, monkeypatch, http_index):
+    """pip retries an unreachable extra index for every package (about 15 minutes per stack
+    here, where download.pytorch.org does not answer): such an index is left out at once, with
+    a line saying so, and the torch wheel PyPI gave must then be the index's CUDA build, else a
+    one-line error. An index that answers is passed to pip as before."""
+    assert images.index_answers(http_index) and not images.index_answers(_closed_port_index())
+    monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    calls, cuda = [], {"v": "12.1"}
+
+    def pip(args, what):  # pip download, standing in for the GBs of a real torch
+        calls.append(args)
+        _torch_wheel(Path(args[args.index("-d") + 1]), cuda["v"])
+        return ""
+
+    monkeypatch.setattr(images, "_pip", pip)
+    lines = []
+    out = images.isolated_wheels("stack", "s1", "3.11", "torch==2.3.0\n", _closed_port_index(), lines.append)
+    assert "--extra-index-url" not in calls[-1] and (out / ".complete").is_file()
+    assert any("does not answer: the stack comes from PyPI alone" in ln for ln in lines)
+
+    cuda["v"] = "11.8"
+    with pytest.raises(images.ImageBuildError, match=r"is built for CUDA 11\.8, not CUDA 12\.1: build where that index answers"):
+        images.isolated_wheels("stack", "s2", "3.11", "torch==2.3.0\n", _closed_port_index(), lines.append)
+    cuda["v"] = None
+    with pytest.raises(images.ImageBuildError, match="is built for the CPU, not CUDA 12.1"):
+        images.isolated_wheels("stack", "s3", "3.11", "torch==2.3.0\n", _closed_port_index(), lines.append)
+
+    images.isolated_wheels("stack", "s4", "3.11", "torch==2.3.0\n", http_index, lines.append)
+    assert calls[-1][calls[-1].index("--extra-index-url") + 1] == http_index
+    assert images.wheel_cuda(_torch_wheel(tmp_path, "12.1")) == "12.1"
