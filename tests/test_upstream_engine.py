@@ -92,7 +92,7 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
     assert 1 < upstream["reported"]["wikitext_ppl"] < float("inf")  # parsed from `wikitext perplexity <x>`
     assert upstream["commit"] == get_method("wanda").upstream.commit
     assert upstream["cuda_mapped_to_cpu"] is True  # the stand-in hard-codes cuda:0, as upstream does
-    assert upstream["fp16_as_fp32_on_cpu"] is False  # this torch has fp16 matmul on the CPU
+    assert upstream["fp16_as_fp32_on_cpu"] is True  # CPU jobs run upstream's fp16 as fp32 (the shim's docstring says why)
     assert "--sparsity_type 2:4" in upstream["commands"][0]
     # the input model (transformers 5's format) went to upstream as a copy its 4.x stack reads
     # (test_upstream_model_staging.py); the artifact keeps the input's own tokenizer files
@@ -145,13 +145,15 @@ print("devices", lin.weight.device, x.device, y.device, out.device, "autocast", 
 def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
     """The repositories hard-code `cuda:0`; on a CPU job the shim's `cuda_to_cpu` hook runs
     such code on the CPU: factories' `device=`, `.to("cuda")`, `.cuda()` of tensors and
-    modules, `torch.cuda` housekeeping, and CUDA fp16 autocast (as CPU autocast, same dtype).
-    Without the hook, a CPU-only torch stops at the first CUDA call."""
+    modules, `torch.cuda` housekeeping, and CUDA fp16 autocast (as CPU autocast, same dtype,
+    where fp16 is kept: `half_to_float: false`). Without the hook, a CPU-only torch stops at the
+    first CUDA call."""
     from llmcbench.methods._upstream.adapter import SHIM
 
     (tmp_path / "script.py").write_text(CUDA_SCRIPT)
     for on in (True, False):
         (tmp_path / f"hooks-{on}.json").write_text(json.dumps({"script": str(tmp_path / "script.py"), "cuda_to_cpu": on,
+                                                                 "half_to_float": False,
                                                                  "events": str(tmp_path / f"events-{on}.jsonl")}))
     run = [subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / f"hooks-{on}.json")], capture_output=True,
                           text=True, timeout=300) for on in (True, False)]
