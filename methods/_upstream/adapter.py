@@ -62,6 +62,13 @@ class UpstreamContext:
         never from the copy staged for upstream's older stack."""
         return self.source_model_dir or self.model_dir
 
+    @property
+    def input_config(self) -> dict[str, Any]:
+        """The input model's config.json ({} without one: upstream's loader then says what is
+        missing), which the adapters' up-front checks read."""
+        config = self.input_model / "config.json"
+        return json.loads(config.read_text()) if config.is_file() else {}
+
 
 @dataclass
 class Step:
@@ -100,8 +107,7 @@ class UpstreamAdapter:
         """The longest window upstream's own WikiText-2 perplexity uses: 2048 tokens (GPTQ,
         SparseGPT, AWQ, SmoothQuant, OmniQuant hard-code it) or the model's context (Wanda's
         `model.seqlen = max_position_embeddings`). A cut test text keeps at least this many."""
-        config = json.loads((ctx.input_model / "config.json").read_text()) if (ctx.input_model / "config.json").is_file() else {}
-        return max(2048, int(config.get("max_position_embeddings") or 0))
+        return max(2048, int(ctx.input_config.get("max_position_embeddings") or 0))
 
     def parse_metrics(self, log: str) -> dict[str, float]:
         """Upstream's own figures from its log, e.g. {"wikitext2_ppl": 5.68}; the last one wins."""

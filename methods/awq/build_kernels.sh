@@ -52,9 +52,10 @@ home=$(find_cuda_home || true)
 apt_updated=
 if [ -z "$home" ]; then
   nvidia_apt_repository || no_compiler "no nvcc for CUDA $CUDA here and no NVIDIA apt repository to install one from"
+  toolkit="cuda-minimal-build-$(echo "$CUDA" | tr . -)"
   apt-get update && apt_updated=1
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "cuda-minimal-build-$(echo "$CUDA" | tr . -)"
-  home=$(find_cuda_home) || { say "cuda-minimal-build-$(echo "$CUDA" | tr . -) gave no nvcc $CUDA" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$toolkit"
+  home=$(find_cuda_home) || { say "$toolkit gave no nvcc $CUDA" >&2; exit 1; }
 fi
 # the host compiler and the interpreter's headers, when the base lacks them
 PYDEV=$(basename "$(readlink -f "$(command -v python)")")-dev

@@ -125,8 +125,8 @@ def test_image_build_installs_the_kernel_stand_in_where_torch_has_no_cuda(tmp_pa
     forced = _build_kernels(venv, checkout, LLMCBENCH_AWQ_KERNELS="build")
     assert forced.returncode == 1 and "awq-kernels: cannot build: torch" in forced.stderr and "not a CUDA build" in forced.stderr
     probe = "import awq_inference_engine as k; print(k.STAND_IN); k.gemm_forward_cuda_new"
-    assert subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True).returncode == 1
-    assert "ModuleNotFoundError" in subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True).stderr
+    before = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True)
+    assert before.returncode == 1 and "ModuleNotFoundError" in before.stderr
 
     built = _build_kernels(venv, checkout)
     assert built.returncode == 0, built.stderr

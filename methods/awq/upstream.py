@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 
@@ -54,10 +53,7 @@ def check_shapes(ctx: UpstreamContext, s: AWQSettings) -> None:
     every linear it clips (all but q/k) divisible by 64 (`auto_clip_layer`'s batches of output
     channels). A bare AssertionError after the model loads becomes one line before upstream starts
     (the embedded SmolLM2's hidden size 576 and group 128, say)."""
-    config = ctx.input_model / "config.json"
-    if not config.is_file():
-        return
-    c = json.loads(config.read_text())
+    c = ctx.input_config
     hidden, inter, heads = c.get("hidden_size"), c.get("intermediate_size"), c.get("num_attention_heads")
     if not (hidden and inter and heads):
         return

@@ -59,10 +59,9 @@ def check_let_attention(ctx: UpstreamContext, s: OmniQuantSettings) -> None:
     (quantize/utils.py `smooth_and_quant_temporary`): with grouped-query attention those have
     different widths and upstream stops at its first block ("The size of tensor a (64) must
     match the size of tensor b (128)", found running its image). Refused before it starts."""
-    config = ctx.input_model / "config.json"
-    if not s.let or not config.is_file():
+    if not s.let:
         return
-    c = json.loads(config.read_text())
+    c = ctx.input_config
     heads, kv_heads = c.get("num_attention_heads"), c.get("num_key_value_heads") or c.get("num_attention_heads")
     if heads and kv_heads != heads:
         raise UnsupportedModelError(
