@@ -18,6 +18,14 @@ here, where the registries are, and `benchmarks/device_check.sh` runs there in o
 
     python benchmarks/device_prepare.py --upstream-git '/work/.mirror/{owner}+{name}/repo'   # local mirrors
     python benchmarks/device_prepare.py --no-upstream        # harness checks only
+    python benchmarks/device_prepare.py --rehearsal /tmp/rehearsal   # + the same wheels for this Python
+
+A rehearsal runs the device check here without a GPU, on this machine's Python, to find
+wiring faults before they cost device minutes (the upstream repositories run on CPU through
+the shim):
+
+    WHL=/tmp/rehearsal/whl UPWHL=/tmp/rehearsal/upwhl DEVICE=cpu PYTHON=<venv>/bin/python \
+        bash benchmarks/device_check.sh tests cost upstream
 
 Without `--upstream-git` each repository is cloned from its URL (needs GitHub). Files a
 mirror lists but does not hold (its largest blobs) and files over 2 MiB are left out and
@@ -84,7 +92,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def download_wheels(requirements: list[str], dest: Path, built: list[str] = ()) -> None:
+def download_wheels(requirements: list[str], dest: Path, built: list[str] = (), python: str = "3.12") -> None:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     if built:
@@ -92,12 +100,13 @@ def download_wheels(requirements: list[str], dest: Path, built: list[str] = ()) 
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"error: pip wheel failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python,
            "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(dest), *requirements]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: pip download failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    log(f"{dest.relative_to(ROOT)}: {len(list(dest.glob('*.whl')))} wheels, {_size(dest) / 2**20:.1f} MiB")
+    shown = dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest
+    log(f"{shown} (cp{python.replace('.', '')}): {len(list(dest.glob('*.whl')))} wheels, {_size(dest) / 2**20:.1f} MiB")
 
 
 def _git(repo: Path, *args: str, binary: bool = False):
@@ -196,25 +205,36 @@ def tree_size() -> int:
     return sum((ROOT / f).stat().st_size for f in files if f and (ROOT / f).is_file())
 
 
+def download_all_wheels(dest: Path, python: str, methods: list[str], upstream: bool) -> None:
+    """The harness's wheels in dest/whl, and with `upstream` each stack's in dest/upwhl, for `python`."""
+    download_wheels(HARNESS_WHEELS, dest / "whl", python=python)
+    shutil.rmtree(dest / "upwhl", ignore_errors=True)
+    if upstream:
+        download_wheels(UPSTREAM_COMMON, dest / "upwhl" / "common", UPSTREAM_BUILT, python=python)
+        for stack, requirements in UPSTREAM_STACKS.items():
+            download_wheels(requirements, dest / "upwhl" / stack, python=python)
+        (dest / "upwhl" / "stacks.txt").write_text("".join(f"{m} {STACK_OF.get(m, 'tf436')}\n" for m in methods))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--upstream-git", default=None, help="git dir per repository, with {owner} and {name} (default: clone)")
     ap.add_argument("--no-upstream", action="store_true", help="leave out the upstream checkouts and their stack")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rehearsal", type=Path, default=None,
+                    help="also put the same wheels for this machine's Python in DIR/whl and DIR/upwhl (a CPU rehearsal)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the data slices (default ../shared/data)")
     args = ap.parse_args(argv)
     if not (args.data / "MANIFEST.md").is_file():
         raise SystemExit(f"error: {args.data} is not the data slices folder (no MANIFEST.md)")
     DEVICE_DIR.mkdir(exist_ok=True)
-    download_wheels(HARNESS_WHEELS, DEVICE_DIR / "whl")
-    shutil.rmtree(DEVICE_DIR / "upwhl", ignore_errors=True)
+    methods = args.methods.split(",")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    targets = [(DEVICE_DIR, "3.12")] + ([(args.rehearsal.resolve(), here)] if args.rehearsal else [])
+    for dest, python in targets:
+        download_all_wheels(dest, python, methods, upstream=not args.no_upstream)
     shutil.rmtree(DEVICE_DIR / "upstream", ignore_errors=True)
     if not args.no_upstream:
-        download_wheels(UPSTREAM_COMMON, DEVICE_DIR / "upwhl" / "common", UPSTREAM_BUILT)
-        for stack, requirements in UPSTREAM_STACKS.items():
-            download_wheels(requirements, DEVICE_DIR / "upwhl" / stack)
-        methods = args.methods.split(",")
-        (DEVICE_DIR / "upwhl" / "stacks.txt").write_text("".join(f"{m} {STACK_OF.get(m, 'tf436')}\n" for m in methods))
         for method in methods:
             export_upstream(method, args.upstream_git, DEVICE_DIR / "upstream")
     shutil.rmtree(DEVICE_DIR / "data", ignore_errors=True)
