@@ -1,6 +1,6 @@
-"""Models that ship only a sentencepiece `tokenizer.model` (LLaMA-2 style, as Vicuna v1.5 and
-several track-2 models do, with no `tokenizer.json`) load and run with the project's own
-dependencies.
+"""Models that ship only a sentencepiece `tokenizer.model` (LLaMA-2 style, with no
+`tokenizer.json`, as older hub repositories of LLaMA fine-tunes do) load and run with the
+project's own dependencies.
 
 transformers 5 converts such a tokenizer to its fast form when it loads it. The conversion
 reads the model file with sentencepiece and protobuf, and without them it falls back to a
