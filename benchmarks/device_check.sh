@@ -18,10 +18,13 @@
 # variables below), so one that hangs costs its limit, not the run, and the whole run stops
 # starting work DEADLINE_S after it began (default 560 s, inside the tool's 600 s a call), so
 # what finished is always in $OUT (at most 8 files come back: the log, env.txt and one file
-# per part). A session has 15 device minutes, machine start included: plan two calls,
+# per part). A session has 15 device minutes (900 s), machine start and idle time included, so
+# one full call and the remainder of a second:
 #   1. `bash benchmarks/device_check.sh tests roofline cost`         (timeout_s 600)
-#   2. `bash benchmarks/device_check.sh roofline-compile upstream`   (timeout_s 600; what is left)
+#   2. `DEADLINE_S=<status's budget_left_s - 60> bash benchmarks/device_check.sh roofline-compile upstream`
+#      (timeout_s the same; at once, while the machine is warm, since a fresh start costs a minute or more)
 # and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
+# Rehearse it here first, without a GPU: `benchmarks/device_prepare.py --rehearsal DIR` says how.
 # Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU
 # the upstream repositories run through, their hard-coded CUDA calls mapped to the CPU by the
 # shim (methods/_upstream/shim.py, `cuda_to_cpu`).
