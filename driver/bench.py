@@ -171,7 +171,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     else:
         get_runner(runner, gpus)
         dev = resolve_device(device)
-    backends = list(backends or ["torch_native"])
+    backends = [b.strip().lower().replace("-", "_") for b in backends or ["torch_native"]]  # TensorRT-LLM, as pip spells it
     if 5 in track_list:
         from ..tracks.acceleration import check_backend
 

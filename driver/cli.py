@@ -128,7 +128,7 @@ def bench(
 @app.command()
 def deploy(
     cells: str = typer.Option("wanda,gptq:w8a16,gptq:w4a16-g128", "--cells", help="method[:preset] list (default: unstructured, INT8 and INT4)"),
-    backend: str = typer.Option("torch_native", "--backend", help="deploy backend(s), comma-separated: torch_native, vllm (tensorrt_llm, mlc_llm planned)"),
+    backend: str = typer.Option("torch_native", "--backend", help="deploy backend(s), comma-separated: torch_native, vllm, tensorrt_llm, mlc_llm (the last two on CUDA, in their images)"),
     model: Optional[str] = typer.Option(None, "--model", help="model (default: embedded SmolLM2-135M)"),
     profile: str = typer.Option("quick", "--profile", help="quick (32 new tokens, 3 runs) or paper (256 new tokens, 5 runs)"),
     runner: str = typer.Option("local", "--runner", help="local, docker (the eval image, or the backend's deploy image) or slurm"),

@@ -45,6 +45,7 @@ def run_deploy(cells: list[str], backends: list[str] | str, model: str | None, p
         method, _, preset = cell.partition(":")
         plans.append(plan_bench(method, preset or None, model, [5], profile, "reference", runner, runs_dir, data_dir, device,
                                 backends=backends))
+    backends = plans[0].backends  # as plan_bench spells them (TensorRT-LLM: tensorrt_llm)
     remeasured: set[Path] = set()
     for plan in plans:  # timings of this run only: the deploy jobs run again
         for p in planned_jobs(plan):

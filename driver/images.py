@@ -408,11 +408,15 @@ def specs_for(client, target: str) -> list[ImageSpec]:
         return [base, eval_spec(client, base)]
     if target == "all":
         return [base, eval_spec(client, base)] + [method_spec(client, m, base) for m in discover()]
-    if target in discover():
-        return [base, method_spec(client, target, base)]
-    if target in DEPLOY_IMAGES:
+    # llm-pruner and deploy-tensorrt-llm name the same images as llm_pruner and deploy-tensorrt_llm
+    methods = {m.replace("_", "-"): m for m in discover()}
+    deploys = {d.replace("_", "-"): d for d in DEPLOY_IMAGES}
+    name = target.replace("_", "-")
+    if name in methods:
+        return [base, method_spec(client, methods[name], base)]
+    if name in deploys:
         ev = eval_spec(client, base)
-        return [base, ev, deploy_spec(client, target, ev)]
+        return [base, ev, deploy_spec(client, deploys[name], ev)]
     raise UserError(f"unknown image '{target}': build base, eval, all, a method ({', '.join(discover())}) "
                     f"or a deploy backend ({', '.join(DEPLOY_IMAGES)})")
 

@@ -512,6 +512,21 @@ def test_image_table_is_validated(monkeypatch):
         images.image_config(bad)
 
 
+@needs_docker
+@pytest.mark.docker
+def test_image_names_take_hyphens_or_underscores(client):
+    """`images build llm-pruner` and `deploy-tensorrt-llm` (as pip spells the backend) name the
+    images of the llm_pruner folder and of the tensorrt_llm backend; a near miss is still refused."""
+    def tags(target):
+        return [s.tag for s in images.specs_for(client, target)]
+
+    assert tags("llm-pruner") == tags("llm_pruner") and tags("llm_pruner")[-1].split(":")[0].endswith("llm_pruner")
+    assert tags("deploy-tensorrt-llm") == tags("deploy-tensorrt_llm") != tags("deploy-mlc-llm")
+    assert tags("deploy_vllm_cpu") == tags("deploy-vllm-cpu")
+    with pytest.raises(UserError, match="unknown image 'llm-prune'"):
+        images.specs_for(client, "llm-prune")
+
+
 def test_a_method_pin_overrides_the_lock():
     lock = "# lock\ntorch==2.13.0\nnumpy==2.4.6\n"
     out = images._layer_constraints(lock, ["torch==2.1.2", "scipy"])

@@ -110,6 +110,8 @@ def test_bench_track5_on_tiny_llama(tmp_path, tiny_llama_dir, run_cli):
 def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_line_error):
     base = ["deploy", "--model", str(tiny_llama_dir), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")]
     one_line_error(run_cli(*base, "--backend", "tensorrt_llm"), "tensorrt_llm needs a CUDA GPU")
+    # as pip spells it: the same backend, the same refusal
+    one_line_error(run_cli(*base, "--backend", "TensorRT-LLM"), "tensorrt_llm needs a CUDA GPU")
     one_line_error(run_cli(*base, "--backend", "vllm", env={"LLMCBENCH_VLLM_PYTHON": str(tmp_path / "no-python")}),
                    "LLMCBENCH_VLLM_PYTHON=", "does not exist")
     one_line_error(run_cli(*base, "--backend", "triton"), "unknown deploy backend 'triton'")
@@ -119,6 +121,18 @@ def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_lin
     proc = run_cli("deploy", "--model", str(tiny_llama_dir), "--device", "cpu", "--runs-dir", str(tmp_path / "runs2"),
                    "--backend", "vllm", env={"LLMCBENCH_VLLM_PYTHON": sys.executable})
     one_line_error(proc, "no attention kernel for head_dim 16", "use the torch_native backend")
+
+
+def test_deploy_takes_a_backend_as_pip_spells_it(tmp_path, tiny_llama_dir, run_cli):
+    """`--backend Torch-Native` is torch_native: its jobs, its rows (keyed by the harness's name)."""
+    runs = tmp_path / "runs"
+    proc = run_cli("deploy", "--model", str(tiny_llama_dir), "--cells", "wanda", "--backend", "Torch-Native", "--device", "cpu",
+                   "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = [json.loads(p.read_text()) for p in runs.glob("*/*/job.json")]
+    deploys = [j["deploy"]["backend"] for j in jobs if j["kind"] == "deploy"]
+    assert deploys == ["torch_native", "torch_native"], deploys  # dense and wanda
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("│ torch_native")]) == 2, proc.stdout
 
 
 def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
