@@ -140,12 +140,49 @@ def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
         v(Verdict("docker jobs on GPU", gpu_docker, "NVIDIA runtime and GPUs present" if gpu_docker
                   else ("no NVIDIA container runtime" if not runtime else "no GPU on the host")))
     upstream_methods = [name for name, s in discover().items() if "upstream" in s.engines]
-    if not upstream_methods:
-        v(Verdict("engine upstream", False, "no method declares an upstream engine yet (methods/<name>/method.toml [engines.upstream])"
-                  + ("" if cuda else "; it also needs a CUDA GPU, and none is visible")))
-    else:
-        v(Verdict("engine upstream", cuda, f"{', '.join(upstream_methods)}: " + ("CUDA GPU present" if cuda else "needs a CUDA GPU, none is visible")))
+    v(upstream_verdict(upstream_methods, _upstream_in_images(client, built), cuda))
     return d
+
+
+def _upstream_in_images(client, built) -> set[str]:
+    """The methods whose image, built for the current sources, holds its upstream checkout
+    (an image built offline has none: its label says so)."""
+    from . import images
+
+    held = set()
+    for spec in built:
+        if spec.role == "method":
+            up = images._upstream_from_labels(client.images.get(spec.tag))
+            if up and up["fetched"]:
+                held.add(spec.method)
+    return held
+
+
+def upstream_verdict(methods: list[str], in_images: set[str], cuda: bool) -> Verdict:
+    """Which methods' original code can run here, from where, and on which device. Upstream's
+    code lives in the method image or in a checkout under LLMCBENCH_UPSTREAM_DIR; without a
+    CUDA GPU it still runs with `--device cpu` (the shim maps its hard-coded CUDA calls to the
+    CPU), which is slow and meant for small models: a check, not a paper run."""
+    from ..methods._upstream.staging import UpstreamUnavailable, upstream_repo
+
+    if not methods:
+        return Verdict("engine upstream", False, "no method declares an upstream engine yet (methods/<name>/method.toml [engines.upstream])")
+    where = {}
+    for m in methods:
+        try:
+            where[m] = f"checkout {upstream_repo(m)}"
+        except UpstreamUnavailable:
+            if m in in_images:
+                where[m] = "in its image"
+    missing = [m for m in methods if m not in where]
+    parts = [", ".join(f"{m} ({w})" for m, w in where.items())] if where else []
+    if where:
+        parts.append("on the GPU" if cuda else "no CUDA GPU: --device cpu only (upstream's CUDA calls mapped to the CPU; "
+                                               "slow, for small models)")
+    if missing:
+        parts.append(f"no upstream code for {', '.join(missing)}: `llmcbench images build <method>` where GitHub is "
+                     "reachable, or set LLMCBENCH_UPSTREAM_DIR to a folder of checkouts")
+    return Verdict("engine upstream", bool(where), "; ".join(parts))
 
 
 def _slurm(add) -> tuple[bool, str]:

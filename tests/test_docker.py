@@ -154,6 +154,8 @@ def test_a_method_image_built_offline_is_rebuilt_once_upstream_can_be_fetched(cl
     upstream stack, so it builds in seconds under a tag of its own)."""
     import shutil
 
+    from llmcbench.driver import doctor
+
     monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
     origin = tmp_path / "origin"
     origin.mkdir()
@@ -170,10 +172,12 @@ def test_a_method_image_built_offline_is_rebuilt_once_upstream_can_be_fetched(cl
     try:
         first = images.build_image(client, spec, log=lambda _m: None)
         assert not first.cached and first.upstream["fetched"] is False
+        assert doctor._upstream_in_images(client, [spec]) == set()  # `doctor` does not count it
         hidden.rename(origin)  # now it does
         second = images.build_image(client, spec, log=lambda _m: None)
         assert not second.cached and second.upstream["fetched"] is True and second.id != first.id
         assert client.images.get(spec.tag).labels["org.llmcbench.upstream.fetched"] == "true"
+        assert doctor._upstream_in_images(client, [spec]) == {"wanda"}
         listing = client.containers.run(spec.tag, ["ls", "/opt/llmcbench/upstream/wanda"], network_mode="none", remove=True,
                                         entrypoint="").decode()
         assert "main.py" in listing.split()
