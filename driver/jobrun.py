@@ -73,7 +73,7 @@ def load_model(path: Path, job: Job):
 def run_compress(job: Job, paths: Paths, result: dict) -> None:
     import torch
 
-    from ..methods._engine.calibration import load_calibration
+    from ..methods._engine.calibration import calibration_documents, load_calibration
     from .registry import get_method
 
     spec = get_method(job.method)
@@ -91,13 +91,19 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     cal = job.calibration
     calib_file = None if cal.source == "hub" else paths.data / "hf" / "allenai__c4" / "en" / "train.jsonl"
     calibration_ids, calib_sha = load_calibration(tokenizer, calib_file, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=cal.seed)
+    extra = {}
+    draw_examples = getattr(engine, "draw_examples", None)
+    if draw_examples is not None:  # an engine that draws more from the same documents its own way (LLM-Pruner's Taylor examples)
+        examples = draw_examples(tokenizer, calibration_documents(calib_file)[0], dict(job.params))
+        if examples is not None:
+            extra["examples"] = examples
     result["load_s"] = time.perf_counter() - t0
     _log(f"loaded {job.model.name} and {cal.nsamples}x{cal.seqlen} calibration tokens in {result['load_s']:.1f} s")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    output = engine.compress(model, calibration_ids, dict(job.params), device)
+    output = engine.compress(model, calibration_ids, dict(job.params), device, **extra)
     declaration, export_packed = (output, None) if isinstance(output, Compression) else (output.declaration, output.export_packed)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

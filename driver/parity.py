@@ -12,7 +12,9 @@ the two artifacts weight by weight:
   engines can differ by about their own error while being equally close to the dense model;
 - structured pruning: the share of block linears whose pruned shapes agree, and channel
   agreement, the share of kept rows/columns (heads, MLP channels) that both engines kept
-  (elementwise figures only over the linears of equal shape).
+  (elementwise figures only over the linears of equal shape). Where both engines note the
+  sha256 of the examples their importance was computed on (LLM-Pruner's Taylor examples), a
+  note says whether they were the same tokens.
 
 It also shows the perplexity upstream printed about itself (its own evaluation, often at
 another sequence length), so a reader sees both. The record is written atomically to
@@ -142,6 +144,19 @@ def _declared_pattern(model_dir: Path) -> str | None:
     return read_record(path, Compression).sparsity_pattern if path.is_file() else None
 
 
+def _examples_digest(model_dir: Path) -> str | None:
+    """The `examples sha256 <hex>` an engine noted in compression.json (LLM-Pruner's Taylor
+    examples), None where it noted none."""
+    import re
+
+    from .contract import Compression, read_record
+
+    path = model_dir / "compression.json"
+    notes = read_record(path, Compression).notes if path.is_file() else []
+    found = [m.group(1) for n in notes for m in [re.search(r"examples sha256 ([0-9a-f]{64})", n)] if m]
+    return found[-1] if found else None
+
+
 def _ppl(run) -> float | None:
     t2 = run.result.metrics.get("track2") if run else None
     return t2["wikitext2"]["ppl"] if t2 else None
@@ -168,6 +183,12 @@ def run_parity(method: str, preset: str | None, model: str | None, profile: str,
     if figures["shapes_agree"] < 1:
         notes.append(f"{1 - figures['shapes_agree']:.0%} of the block linears have different shapes (structured pruning chose "
                      "other heads/channels); elementwise figures cover the rest")
+    digests = {e: _examples_digest(plans[e].runs["compress"].run_dir / "model") for e in ENGINES}
+    if all(digests.values()):
+        notes.append("both engines computed their importance on the same example tokens (sha256 "
+                     f"{digests['reference'][:16]}...)" if digests["reference"] == digests["upstream"] else
+                     f"the engines' importance examples differ (sha256 {digests['reference'][:16]}... vs "
+                     f"{digests['upstream'][:16]}...): their choices differ by the data as well as by the algorithm")
     upstream_run = up.runs["compress"].result.metrics.get("upstream", {})
     if upstream_run.get("cuda_mapped_to_cpu"):
         notes.append("upstream ran on the CPU: the shim mapped its hard-coded CUDA calls to the CPU (methods/_upstream/shim.py)"

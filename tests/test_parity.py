@@ -95,3 +95,20 @@ def test_channel_agreement_of_structured_pruning(tmp_path, tiny_llama_dir):
     same = _structured(tiny_llama_dir, tmp_path / "same", ref_channels, noise=0.0)
     assert compare_artifacts(ref, same, tiny_llama_dir)["channel_agreement"] == 1.0
     assert compare_artifacts(tiny_llama_dir, tiny_llama_dir, tiny_llama_dir)["channel_agreement"] is None
+
+
+def test_the_examples_digest_is_read_from_either_engines_notes(tmp_path):
+    """LLM-Pruner's two engines note the sha256 of the Taylor examples in their own words; parity
+    reads it from both (the last one an artifact notes), and nothing from an artifact without one."""
+    from llmcbench.driver.parity import _examples_digest
+
+    digest, other = "ab" * 32, "cd" * 32
+    notes = {"ref": [f"taylor (param_first): loss 9.1 on 10 x 64 tokens drawn as upstream's get_examples (seed 42); examples sha256 {digest}"],
+             "up": ["upstream hf_prune.py ...", f"taylor: 10 x 64 tokens from upstream's get_examples; examples sha256 {other}",
+                    f"taylor: again; examples sha256 {digest}"],
+             "none": ["calibration: 16 x 128 tokens", "examples sha256 deadbeef"]}
+    for name, lines in notes.items():
+        (tmp_path / name).mkdir()
+        write_record(tmp_path / name / "compression.json", Compression(method="llm_pruner", notes=lines))
+    assert _examples_digest(tmp_path / "ref") == _examples_digest(tmp_path / "up") == digest
+    assert _examples_digest(tmp_path / "none") is None and _examples_digest(tmp_path / "missing") is None

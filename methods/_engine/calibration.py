@@ -121,18 +121,53 @@ def sample_windows(documents: Sequence[str], tokenizer, *, nsamples: int, seqlen
     return torch.cat(windows, dim=0).long()
 
 
+def sample_distinct_windows(documents: Sequence[str], tokenizer, *, nsamples: int, seqlen: int, seed: int,
+                            source: str = "documents") -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens from distinct random documents of at least `seqlen`
+    tokens: LLM-Pruner's draw of its Taylor examples (`get_examples` in horseee/LLM-Pruner
+    `LLMPruner/datasets/example_samples.py`, the same loop for its C4 and BookCorpus). It
+    differs from `sample_windows` in three places: a document may have exactly `seqlen` tokens
+    (`>=`), none is drawn twice, and the window starts anywhere in `0 .. len - seqlen` (on long
+    documents the two mostly agree: `randint` draws the same bits for both ranges unless their
+    bit lengths differ). With the generator seeded as `hf_prune.py` seeds `random` (its
+    `--seed`, before any other draw), the same documents and tokenizer give upstream's
+    examples, so the two engines' Taylor importances see the same tokens."""
+    if nsamples < 1 or seqlen < 1:
+        raise CalibrationError(f"examples need nsamples >= 1 and seqlen >= 1, got {nsamples} x {seqlen}")
+    rng = random.Random(seed)
+    lengths: dict[int, int] = {}
+    history: list[int] = []
+    windows = []
+    for _ in range(nsamples):
+        while True:
+            i = rng.randint(0, len(documents) - 1)
+            tokens = tokenizer(documents[i], return_tensors="pt").input_ids
+            lengths[i] = tokens.shape[1]
+            if tokens.shape[1] >= seqlen and i not in history:
+                history.append(i)
+                break
+            usable = [j for j, n in lengths.items() if n >= seqlen and j not in history]
+            if len(lengths) == len(documents) and not usable:  # upstream would loop forever
+                raise CalibrationError(f"{source} has no more distinct documents of at least {seqlen} tokens "
+                                       f"({len(history)} drawn of {nsamples}): lower the examples' count or length")
+        start = rng.randint(0, tokens.shape[1] - seqlen)
+        windows.append(tokens[:, start:start + seqlen])
+    return torch.cat(windows, dim=0).long()
+
+
+def calibration_documents(data_file: Path | str | None) -> tuple[Sequence[str], str, str | None]:
+    """(documents, source, sha256 of the local file or None): a local JSON-lines file, or the
+    hub's C4 shard when `data_file` is None."""
+    if data_file is None:
+        return hub_c4_documents(), f"hub:{C4_HUB_ID}/{C4_HUB_TRAIN_FILE}", None
+    data_file = Path(data_file)
+    return local_documents(data_file), str(data_file), file_sha256(data_file)
+
+
 def sample_calibration(tokenizer, *, nsamples: int, seqlen: int, seed: int = 0,
                        data_file: Path | str | None = None) -> CalibrationSet:
     """C4 calibration windows from a local JSON-lines file, or from the hub when `data_file` is None."""
-    if data_file is None:
-        documents = hub_c4_documents()
-        source = f"hub:{C4_HUB_ID}/{C4_HUB_TRAIN_FILE}"
-        sha = None
-    else:
-        data_file = Path(data_file)
-        documents = local_documents(data_file)
-        source = str(data_file)
-        sha = file_sha256(data_file)
+    documents, source, sha = calibration_documents(data_file)
     ids = sample_windows(documents, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed, source=source)
     return CalibrationSet(ids, source, sha)
 

@@ -42,12 +42,18 @@ artifact is a plain model. Departures, both because a job has only its C4 calibr
 windows: upstream trains 2 epochs of Alpaca-cleaned (50k instructions, cutoff 256) with a
 100-step warmup; here `lora_steps` steps at a constant lr on the calibration windows,
 `lora_batch_size` windows a step, cycling through them in a seeded shuffled order.
-Upstream's Taylor pass uses 10 BookCorpus windows of 64 tokens; here the first
-`num_examples` calibration windows cut to `example_seqlen` tokens.
+Taylor examples: upstream draws 10 windows of 64 tokens from distinct random BookCorpus
+documents (`get_examples`, seeded by `--seed`); the job draws `num_examples` windows of
+`example_seqlen` tokens the same way from its calibration documents (`draw_examples`, C4:
+the documents the upstream engine is served for BookCorpus offline), so both engines score
+the same tokens and a parity run compares the algorithms, not two samples of the data. Their
+sha256 is in the notes. Called without them (`compress` alone), the first `num_examples`
+calibration windows cut to `example_seqlen` tokens serve.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -61,6 +67,7 @@ from torch import nn
 from llmcbench.driver.contract import Compression, LayerCompression
 
 from .._engine.blockwise import UnsupportedModelError, decoder_blocks, find_linears, module_device
+from .._engine.calibration import sample_distinct_windows
 
 log = logging.getLogger(__name__)
 
@@ -379,10 +386,26 @@ def lora_recover(model: nn.Module, windows: torch.Tensor, settings: PrunerSettin
 
 # ----------------------------------------------------------------------------- engine
 
+def draw_examples(tokenizer, documents, params: dict[str, Any]) -> torch.Tensor | None:
+    """The Taylor examples as upstream's `get_examples` draws them (None for the other pruner types)."""
+    settings = PrunerSettings.from_params(params)
+    if settings.pruner_type != "taylor":
+        return None
+    return sample_distinct_windows(documents, tokenizer, nsamples=settings.num_examples, seqlen=settings.example_seqlen,
+                                   seed=settings.seed, source="the calibration documents")
+
+
+def examples_digest(examples: torch.Tensor) -> str:
+    """sha256 of the example token ids (int64, row-major): the same figure for both engines'
+    notes, so that a parity run can say whether they scored the same tokens."""
+    return hashlib.sha256(examples.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, Any],
-             device: torch.device) -> Compression:
+             device: torch.device, examples: torch.Tensor | None = None) -> Compression:
     """Prune `model` in place (block-wise, coupled groups, Taylor importance), recover with
-    LoRA, and declare every linear's new shape. The caller fills in `preset`."""
+    LoRA, and declare every linear's new shape. The caller fills in `preset`. `examples`:
+    the Taylor pass's windows (`draw_examples`); by default the calibration windows, cut."""
     settings = PrunerSettings.from_params(params)
     prefix, layers = check_model(model)
     if calibration_ids.ndim != 2 or calibration_ids.shape[0] == 0 or calibration_ids.shape[1] < 2:
@@ -405,9 +428,13 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
                   [getattr(layers[i].mlp, n) for i in mlp_range for n in MLP]
         generator = None
         if settings.pruner_type == "taylor":
-            examples = calibration_ids[:settings.num_examples, :settings.example_seqlen].to(device)
-            loss = taylor_gradients(model, targets, examples, settings)
-            notes.append(f"taylor ({settings.taylor}): loss {loss:.4f} on {examples.shape[0]} x {examples.shape[1]} tokens")
+            drawn = examples is not None
+            if not drawn:
+                examples = calibration_ids[:settings.num_examples, :settings.example_seqlen]
+            loss = taylor_gradients(model, targets, examples.to(device), settings)
+            notes.append(f"taylor ({settings.taylor}): loss {loss:.4f} on {examples.shape[0]} x {examples.shape[1]} tokens "
+                         + (f"drawn as upstream's get_examples (seed {settings.seed})" if drawn else "of the calibration windows")
+                         + f"; examples sha256 {examples_digest(examples)}")
         elif settings.pruner_type == "random":
             generator = torch.Generator().manual_seed(settings.seed)
         with torch.no_grad():

@@ -275,3 +275,71 @@ def test_presets_pass_validation_and_the_registry():
     assert spec.engine_module("reference").compress is compress
     pins = [r for r in declared["image"]["requirements"] if r.startswith("peft==")]
     assert len(pins) == 1
+
+
+def _upstream_get_examples(traindata, tokenizer, n_samples, seq_len):
+    """horseee/LLM-Pruner `LLMPruner/datasets/example_samples.py` (`get_bookcorpus`, and
+    `get_c4` alike) at 128a07d, transcribed as the specification of the draw: the global
+    `random` that hf_prune.py seeds with `--seed` first thing."""
+    import random
+
+    tokenized_samples, history = [], []
+    for _ in range(n_samples):
+        while True:
+            i = random.randint(0, len(traindata) - 1)
+            tokenized_sample = tokenizer(traindata[i]["text"], return_tensors="pt")
+            if tokenized_sample.input_ids.shape[1] >= seq_len and i not in history:
+                history.append(i)
+                break
+        i = random.randint(0, tokenized_sample.input_ids.shape[1] - seq_len)
+        tokenized_samples.append(tokenized_sample.input_ids[:, i:i + seq_len])
+    return torch.cat(tokenized_samples, dim=0)
+
+
+def test_taylor_examples_are_drawn_as_upstream_draws_them(embedded_model_dir, data_dir):
+    """`draw_examples` gives exactly the windows upstream's `get_examples` draws from the same
+    documents with the same seed (so the parity of the two engines compares their algorithms on
+    the same tokens), not the calibration windows cut to 64 tokens."""
+    import random
+
+    from llmcbench.methods._engine.calibration import CalibrationError, local_documents, sample_distinct_windows, sample_windows
+    from llmcbench.methods.llm_pruner.reference import draw_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    documents = local_documents(c4_file(data_dir))
+    params = {"pruning_ratio": 0.5}  # the defaults: 10 examples of 64 tokens, seed 42, as hf_prune.py
+    state = random.getstate()
+    try:
+        random.seed(42)
+        expected = _upstream_get_examples([{"text": d} for d in documents], tokenizer, 10, 64)
+    finally:
+        random.setstate(state)
+    drawn = draw_examples(tokenizer, documents, params)
+    assert drawn.shape == (10, 64) and torch.equal(drawn, expected)
+    # not what the engine took before: the quick profile's 128-token calibration windows, cut to 64
+    assert not torch.equal(drawn, sample_windows(documents, tokenizer, nsamples=10, seqlen=128, seed=42)[:, :64])
+    assert not torch.equal(drawn, draw_examples(tokenizer, documents, {**params, "seed": 43}))
+    assert draw_examples(tokenizer, documents, {**params, "pruner_type": "l2"}) is None  # no gradients, no examples
+    # where upstream would loop forever (too few distinct documents), one line instead
+    with pytest.raises(CalibrationError, match="no more distinct documents of at least 64 tokens"):
+        sample_distinct_windows(documents[:3], tokenizer, nsamples=4, seqlen=64, seed=42)
+
+
+def test_the_compress_job_prunes_on_the_drawn_examples(tiny_llama_dir, data_dir, tmp_path, run_cli):
+    """The job process hands the engine its drawn examples: the artifact's notes name the draw
+    and the examples' sha256, which is what a parity run compares with upstream's."""
+    import json
+
+    from llmcbench.methods._engine.calibration import local_documents
+    from llmcbench.methods.llm_pruner.reference import draw_examples, examples_digest
+
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "llm_pruner", "--model", str(tiny_llama_dir), "--tracks", "3", "--device", "cpu",
+                   "--runs-dir", str(runs))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_dir = next(p.parent for p in runs.glob("llm_pruner-*/*/job.json") if json.loads(p.read_text())["kind"] == "compress")
+    params = json.loads((job_dir / "job.json").read_text())["params"]
+    notes = json.loads((job_dir / "model" / "compression.json").read_text())["notes"]
+    taylor = next(n for n in notes if n.startswith("taylor"))
+    expected = draw_examples(AutoTokenizer.from_pretrained(tiny_llama_dir), local_documents(c4_file(data_dir)), params)
+    assert "drawn as upstream's get_examples (seed 42)" in taylor and f"examples sha256 {examples_digest(expected)}" in taylor

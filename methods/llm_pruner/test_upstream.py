@@ -20,6 +20,7 @@ from llmcbench.methods._engine.blockwise import UnsupportedModelError
 from llmcbench.methods._engine.structured import load_structured_pruned
 from llmcbench.methods._upstream.convert import ConversionError
 from llmcbench.methods._upstream.testing import built_commands, context_for, job_for, recorded_commands
+from llmcbench.methods.llm_pruner.reference import examples_digest
 from llmcbench.methods.llm_pruner.upstream import ADAPTER, EXPORT, check_model, merge_lora
 
 
@@ -46,6 +47,9 @@ def test_layer_range_scales_with_depth_and_lora_needs_hub_data(tmp_path, llama2_
     prune = ADAPTER.steps(ctx)[0].argv
     assert prune[prune.index("--block_mlp_layer_start") + 1] == "0" and prune[prune.index("--block_mlp_layer_end") + 1] == "2"
     assert [s.name for s in ADAPTER.steps(ctx)] == ["prune", "export"]  # offline: no alpaca, no LoRA step
+    # the Taylor examples upstream drew are kept, for parity with the reference engine's
+    assert ADAPTER.steps(ctx)[0].save == [{"after": "LLMPruner.datasets.example_samples:get_examples", "model": "return",
+                                           "torch_save": str(ctx.work / "taylor_examples.pt")}]
     ctx.staged.offline = False
     lora = ADAPTER.steps(ctx)[-1]
     assert lora.name == "lora" and "--data_path" in lora.argv and lora.time == ["transformers.trainer:Trainer.train"]
@@ -121,7 +125,11 @@ def test_export_merge_and_convert(tmp_path, tiny_llama_dir, data_dir):
     torch.save({"base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": a,
                 "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": b}, ctx.work / "tune_log" / "adapter_model.bin")
     (ctx.work / "tune_log" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    examples = torch.randint(0, 100, (10, 64))  # what the shim's torch_save hook keeps of get_examples' return
+    torch.save(examples, ADAPTER.examples_file(ctx))
     declaration = ADAPTER.convert(ctx)
+    assert any(n.startswith("taylor: 10 x 64 tokens from upstream's get_examples") and n.endswith(examples_digest(examples))
+               for n in declaration.notes), declaration.notes
     assert declaration.sparsity_pattern == "structured" and declaration.layers["model.layers.1.mlp.down_proj"].shape == [64, 64]
     assert declaration.layers["model.layers.1.mlp.down_proj"].sparsity == pytest.approx(0.5)
     assert 0 < declaration.measured_sparsity < 0.5 and any("merged into 1 linears" in n for n in declaration.notes)

@@ -15,7 +15,9 @@
   measured sparsity is computed from the shapes. Layers: upstream's 4..30 of 32, scaled to the
   model's depth (the reference engine's rule); `uniform` prunes every layer.
 - Taylor examples: upstream's `get_examples('bookcorpus', ..., seq_len=64)`; offline the shim
-  serves the staged C4 documents for BookCorpus (recorded). Timed: the backward passes that
+  serves the staged C4 documents for BookCorpus (recorded), which the reference engine draws
+  from the same way; a save hook keeps what `get_examples` returned, and the notes give its
+  sha256 next to the reference's (parity says whether they match). Timed: the backward passes that
   give the Taylor importance its gradients and `MetaPruner.step` (the importance and the
   removal). Their forward passes are not in the figure: the model's forward is also what
   upstream's evaluation after the save calls. (Timing `MetaPruner.step` alone gave 0.013 s of
@@ -49,9 +51,10 @@ from llmcbench.driver.contract import Compression, LayerCompression
 from .._engine.blockwise import UnsupportedModelError
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
 from .._upstream.convert import ConversionError, copy_tokenizer, require
-from .reference import PrunerSettings, layer_ranges
+from .reference import PrunerSettings, examples_digest, layer_ranges
 
 LOG_NAME = "llmcbench"
+EXAMPLES_TARGET = "LLMPruner.datasets.example_samples:get_examples"
 EXPORT = Path(__file__).with_name("upstream_export.py")
 
 
@@ -105,6 +108,10 @@ class LLMPrunerUpstream(UpstreamAdapter):
     def checkpoint(self, ctx: UpstreamContext) -> Path:
         return ctx.work / "prune_log" / LOG_NAME / "pytorch_model.bin"
 
+    def examples_file(self, ctx: UpstreamContext) -> Path:
+        """The Taylor examples upstream's `get_examples` returned (kept by a shim save hook)."""
+        return ctx.work / "taylor_examples.pt"
+
     def steps(self, ctx: UpstreamContext) -> list[Step]:
         s = settings_for(ctx.params)
         check_model(ctx.input_model)
@@ -119,6 +126,7 @@ class LLMPrunerUpstream(UpstreamAdapter):
         steps = [
             Step("prune", "hf_prune.py", prune, time=["torch._tensor:Tensor.backward",
                                                       "LLMPruner.torch_pruning.pruner.algorithms.metapruner:MetaPruner.step"],
+                 save=[{"after": EXAMPLES_TARGET, "model": "return", "torch_save": str(self.examples_file(ctx))}],
                  outputs=[str(self.checkpoint(ctx))]),
             Step("export", str(EXPORT), ["--checkpoint", str(self.checkpoint(ctx)), "--out", str(ctx.work / "pruned")],
                  helper=True),
@@ -141,6 +149,10 @@ class LLMPrunerUpstream(UpstreamAdapter):
         shapes = json.loads(require(pruned / "shapes.json", "per-layer shapes (upstream_export.py)").read_text())["linears"]
         notes = [f"upstream horseee/LLM-Pruner hf_prune.py --block_wise --pruning_ratio {s.pruning_ratio} --taylor {s.taylor}; "
                  "Taylor examples: 64-token windows of the staged C4 documents in place of BookCorpus offline"]
+        if self.examples_file(ctx).is_file():
+            examples = torch.load(self.examples_file(ctx), map_location="cpu", weights_only=True)
+            notes.append(f"taylor: {examples.shape[0]} x {examples.shape[1]} tokens from upstream's get_examples; "
+                         f"examples sha256 {examples_digest(examples)}")
         adapter = ctx.work / "tune_log" / "adapter_model.bin"
         if adapter.is_file():
             merged = merge_lora(state, torch.load(adapter, map_location="cpu", weights_only=True),
