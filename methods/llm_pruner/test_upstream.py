@@ -53,6 +53,10 @@ def test_layer_range_scales_with_depth_and_lora_needs_hub_data(tmp_path, llama2_
     ctx.staged.offline = False
     lora = ADAPTER.steps(ctx)[-1]
     assert lora.name == "lora" and "--data_path" in lora.argv and lora.time == ["transformers.trainer:Trainer.train"]
+    # a ratio that removes less than one of the 4 heads: upstream fails on an empty torch.cat, so refused up front
+    with pytest.raises(UnsupportedModelError, match=r"--pruning_ratio 0.2 removes \d+ of the 64 query channels .* at least 0.25 "):
+        ADAPTER.steps(context_for(job_for("llm_pruner", "block-50", pruning_ratio=0.2), tmp_path, model_dir=llama2_shaped_dir))
+    assert ADAPTER.steps(context_for(job_for("llm_pruner", "block-20"), tmp_path, model_dir=llama2_shaped_dir))  # 0.25: one head
     with pytest.raises(ValueError, match="64 tokens"):
         ADAPTER.steps(context_for(job_for("llm_pruner", "block-50", example_seqlen=128), tmp_path))
 

@@ -96,6 +96,24 @@ def check_model(model_dir: Path) -> None:
             f"rotary base 10000; LlamaTokenizer), not {model_dir.name}: {'; '.join(problems)}; use --engine reference")
 
 
+def check_ratio(config: dict, ratio: float) -> None:
+    """Refuse, in one line, a ratio that removes less than one attention head per pruned layer:
+    upstream's MetaPruner counts channels (`n = C - int(C * (1 - ratio))` of q_proj's C = heads x
+    head_dim) and removes `n // head_dim` whole heads, and with none it fails on `torch.cat` of
+    an empty list (seen on a 2-head model at block-20's 0.25)."""
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if not heads or not hidden or ratio <= 0:
+        return
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    channels = heads * head_dim
+    removed = channels - int(channels * (1 - ratio))
+    if removed > 0 and removed // head_dim == 0:
+        raise UnsupportedModelError(
+            f"llm_pruner upstream: --pruning_ratio {ratio} removes {removed} of the {channels} query channels of a pruned "
+            f"layer, less than one head of {head_dim}, and hf_prune.py then fails (torch.cat of no heads): use a ratio of "
+            f"at least {1 / heads:g} on this {heads}-head model, or --engine reference")
+
+
 def depth(model_dir: Path) -> int:
     config = model_dir / "config.json"
     return json.loads(config.read_text())["num_hidden_layers"] if config.is_file() else 32
@@ -115,6 +133,7 @@ class LLMPrunerUpstream(UpstreamAdapter):
     def steps(self, ctx: UpstreamContext) -> list[Step]:
         s = settings_for(ctx.params)
         check_model(ctx.input_model)
+        check_ratio(ctx.input_config, s.pruning_ratio)
         attention, mlp = layer_ranges(s, depth(ctx.model_dir))
         device = "cuda" if ctx.device.startswith("cuda") else "cpu"
         prune = ["--base_model", str(ctx.model_dir), "--pruning_ratio", str(s.pruning_ratio), "--block_wise",
