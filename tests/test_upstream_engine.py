@@ -188,6 +188,11 @@ holder = nn.Module()
 holder.register_buffer("w", nn.Parameter(torch.ones(2, dtype=torch.float16), requires_grad=False))
 holder.float()
 print("cast", type(holder.w).__name__, holder.w.dtype)
+# an fp16 checkpoint (the hub's LLaMA-2, written before the shim started) reads back as its bytes say
+import os, safetensors.torch
+read = safetensors.torch.load_file(os.environ["FP16_CHECKPOINT"])["w"]
+raw = torch.frombuffer(bytearray(torch.arange(6, dtype=torch.int16).numpy().tobytes()), dtype=torch.float16)
+print("checkpoint", read.dtype, tuple(read.shape), read.float().sum().item(), "frombuffer", raw.dtype, raw.numel())
 """
 
 
@@ -197,15 +202,19 @@ def test_cpu_jobs_run_upstream_fp16_as_fp32(tmp_path, half_to_float):
     AWQ's torch 2.3 does 6 times slower than fp32: on a CPU job the shim makes every fp16 request
     fp32 (`dtype=`, `.half()`, `.to()`, the default dtype, fp16 autocast), and says so in its
     event. That is the default (None: the driver's hooks say nothing); `half_to_float: false`
-    keeps fp16 (this torch has the matmul)."""
+    keeps fp16 (this torch has the matmul). Bytes are still read as the dtype they hold: an fp16
+    safetensors checkpoint loads (it failed to, as fp32, on an fp16 LLaMA)."""
     from llmcbench.methods._upstream.adapter import SHIM
 
+    from safetensors.torch import save_file
+
     (tmp_path / "script.py").write_text(HALF_SCRIPT)
+    save_file({"w": torch.arange(12, dtype=torch.float16).reshape(3, 4)}, tmp_path / "fp16.safetensors")
     hooks = {"script": str(tmp_path / "script.py"), "cuda_to_cpu": True, "half_to_float": half_to_float,
              "events": str(tmp_path / "events.jsonl")}
     (tmp_path / "hooks.json").write_text(json.dumps(hooks))
     run = subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env={**os.environ, "FP16_CHECKPOINT": str(tmp_path / "fp16.safetensors")})
     assert run.returncode == 0, run.stderr[-2000:]
     expected = half_to_float is not False
     event = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[0])
@@ -216,6 +225,8 @@ def test_cpu_jobs_run_upstream_fp16_as_fp32(tmp_path, half_to_float):
     autocast = "False torch.bfloat16" if expected else "True torch.float16"
     assert f"cpu autocast {autocast} decorated {dtype}" in run.stdout, run.stdout
     assert "cast Tensor torch.float32" in run.stdout, run.stdout
+    # bytes are read as the dtype they hold, whatever the job makes of fp16 afterwards
+    assert "checkpoint torch.float16 (3, 4) 66.0 frombuffer torch.float16 6" in run.stdout, run.stdout
 
 
 C4_TWICE = """

@@ -32,7 +32,8 @@ would otherwise apply to upstream source:
   `torch.cuda.amp.autocast` becomes CPU autocast at the same dtype. fp16 runs as fp32 on the
   CPU: `dtype=float16`, `.half()`, `.to(float16)`, `set_default_dtype(float16)` and fp16
   autocast all give fp32, and a Parameter's cast to fp32 is a new plain tensor, as it is from
-  fp16 on a GPU (`half_to_float`). Why: the upstream stacks' CPU builds either have no fp16
+  fp16 on a GPU (`half_to_float`); raw bytes are still read as the dtype they hold (an fp16
+  checkpoint loads, then converts like any fp16 tensor). Why: the upstream stacks' CPU builds either have no fp16
   matmul (torch 2.1: "addmm_impl_cpu_ not implemented for 'Half'") or a slow one (torch 2.3 in
   AWQ's image: 6.3 times slower than fp32, a 4-layer search that did not finish in 15 minutes),
   and a GPU's fp16 matmul accumulates in fp32 anyway. The hooks' `half_to_float: false` keeps
@@ -279,6 +280,10 @@ def cuda_to_cpu(hooks: Hooks, half_to_float: bool = True) -> None:
     to_methods = {torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros, torch.Tensor.new_ones,
                   torch.Tensor.new_full, torch.Tensor.new_tensor}
     identity = {torch.Tensor.pin_memory}
+    # reinterpretations of raw bytes keep the dtype they name: safetensors reads an fp16 checkpoint as
+    # `asarray(bytes, uint8).view(dtype=float16)` (0.8; older: `frombuffer(dtype=float16)`), which as fp32 would
+    # read half as many values ("shape '[32000, 2048]' is invalid", an fp16 LLaMA on a CPU job)
+    reinterpret = {torch.Tensor.view, torch.frombuffer, torch.from_file}
 
     class CudaToCpu(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -295,7 +300,7 @@ def cuda_to_cpu(hooks: Hooks, half_to_float: bool = True) -> None:
             if half_to_float:
                 if func is torch.Tensor.half:
                     func, args, kwargs = torch.Tensor.float, args[:1], {}
-                if kwargs.get("dtype") is half:
+                if kwargs.get("dtype") is half and func not in reinterpret:
                     kwargs = {**kwargs, "dtype": full}
                 if func in to_methods:
                     args = (args[0], *(full if a is half else a for a in args[1:]))
