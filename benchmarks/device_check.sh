@@ -104,7 +104,8 @@ for part in $PARTS; do
   roofline)
     t=$(limit "$ROOFLINE_S") || { echo "roofline: skipped, past the deadline"; continue; }
     stamp "roofline (limit ${t}s)"
-    args=(); [ "$DEVICE" = cpu ] && args=(--shape tiny --new-tokens 8 --repeats 2 --categories fp16,int8)
+    read -ra args <<< "${ROOFLINE_ARGS:-}"  # e.g. "--new-tokens 128 --repeats 3" to fit a short call
+    [ "$DEVICE" = cpu ] && args=(--shape tiny --new-tokens 8 --repeats 2 --categories fp16,int8)
     timeout -k 10 "$t" "$PY" benchmarks/deploy_roofline.py "${args[@]}" --out "$OUT/deploy_roofline.json" \
       || echo "roofline: exit $?"
     ;;
