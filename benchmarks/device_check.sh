@@ -19,10 +19,14 @@
 # starting work DEADLINE_S after it began (default 560 s, inside the tool's 600 s a call), so
 # what finished is always in $OUT (at most 8 files come back: the log, env.txt and one file
 # per part). A session has 15 device minutes (900 s), machine start and idle time included, so
-# one full call and the remainder of a second:
-#   1. `bash benchmarks/device_check.sh tests roofline cost`         (timeout_s 600)
-#   2. `DEADLINE_S=<status's budget_left_s - 60> bash benchmarks/device_check.sh roofline-compile upstream`
-#      (timeout_s the same; at once, while the machine is warm, since a fresh start costs a minute or more)
+# one full call and the remainder of a second. Measured on the H200 on 2026-12-04 (docs/device-runs/):
+# machine start ~30 s, setup 22 s, tests 37 s, roofline ~35 s per eager category (2:4 > 60 s),
+# cost 12-28 s per method at 2 layers (OmniQuant > 50 s), upstream parity > 80 s per method run
+# one after another (mostly process starts and loads). What is still to measure, in that order:
+#   1. `UPSTREAM_JOBS=7 UPSTREAM_S=480 DEADLINE_S=500 bash benchmarks/device_check.sh upstream`  (timeout_s 560)
+#   2. `ROOFLINE_ARGS="--categories int8,int4,2:4 --new-tokens 128 --repeats 3" COST_METHODS=omniquant COST_S=150
+#       DEADLINE_S=<status's budget_left_s - 40> bash benchmarks/device_check.sh cost roofline`
+#      (timeout_s the same; at once, while the machine is warm: it goes back after 30 s idle)
 # and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
 # Rehearse it here first, without a GPU: `benchmarks/device_prepare.py --rehearsal DIR` says how.
 # Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU
@@ -140,13 +144,34 @@ for part in $PARTS; do
     MODEL=/tmp/upstream-model
     stamp "upstream: random-weights LLaMA at $MODEL"
     "$PY" benchmarks/device_helpers.py model "$MODEL" "$ROOT/.device/tokenizer" $([ "$DEVICE" = cpu ] && echo --small) || exit 3
-    rm -rf /tmp/parity-runs
+    rm -rf /tmp/parity-runs /tmp/parity-logs && mkdir -p /tmp/parity-logs
+    # UPSTREAM_JOBS methods at once: one parity is mostly process starts and loads (2026-12-04 on the
+    # H200: Wanda's took > 80 s, its GPU work 17 s), so several share the GPU, the store's locks
+    # keep a shared job (the dense evaluation) to one run, and each keeps its own time limit
+    parity_one() {  # METHOD LIMIT PROFILE
+      local s0=$SECONDS rc=0
+      LLMCBENCH_UPSTREAM_PYTHON=$(upstream_python "$1") timeout -k 10 "$2" "$PY" -m llmcbench.driver.cli parity "$1" --model "$MODEL" \
+        --device "$DEVICE" --profile "$3" --runs-dir /tmp/parity-runs --data-dir "$DATA" || rc=$?
+      [ "$rc" = 0 ] && echo "upstream $1: done in $(( SECONDS - s0 ))s" || echo "upstream $1: exit $rc after $(( SECONDS - s0 ))s (a timeout is 124)"
+    }
+    pids=()
     for m in $UPSTREAM_METHODS; do
+      while [ "${#pids[@]}" -ge "${UPSTREAM_JOBS:-1}" ]; do  # wait for a free slot
+        alive=(); for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+        pids=("${alive[@]}"); [ "${#pids[@]}" -ge "${UPSTREAM_JOBS:-1}" ] && sleep 1
+      done
       t=$(limit "$UPSTREAM_S") || { echo "upstream $m: skipped, past the deadline"; continue; }
       profile=quick; [[ " $UPSTREAM_PAPER_METHODS " == *" $m "* ]] && profile=paper
       stamp "upstream parity $m, $profile profile (limit ${t}s)"
-      LLMCBENCH_UPSTREAM_PYTHON=$(upstream_python "$m") timeout -k 10 "$t" "$PY" -m llmcbench.driver.cli parity "$m" --model "$MODEL" --device "$DEVICE" --profile "$profile" \
-        --runs-dir /tmp/parity-runs --data-dir "$DATA" || echo "upstream $m: exit $? (a timeout is 124)"
+      if [ "${UPSTREAM_JOBS:-1}" -gt 1 ]; then  # CPU threads shared out, not oversubscribed
+        OMP_NUM_THREADS=$(( $(nproc) / UPSTREAM_JOBS > 0 ? $(nproc) / UPSTREAM_JOBS : 1 )) parity_one "$m" "$t" "$profile" > "/tmp/parity-logs/$m.log" 2>&1 & pids+=("$!")
+      else
+        parity_one "$m" "$t" "$profile"
+      fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+    for m in $UPSTREAM_METHODS; do  # the parallel runs' output, one method after another
+      [ -s "/tmp/parity-logs/$m.log" ] && { echo "-- upstream $m"; tail -c 4000 "/tmp/parity-logs/$m.log"; }
     done
     "$PY" benchmarks/device_helpers.py collect-parity "$OUT/parity.json" /tmp/parity-runs
     tar -C /tmp/parity-runs -czf "$OUT/upstream_runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pth' . 2>/dev/null || true
