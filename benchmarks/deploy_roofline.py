@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,11 +98,16 @@ def main(argv=None) -> int:
     peak = a.peak_gbs or peak_gbs(gpu)
     rows = []
     for cat in a.categories.split(","):
+        t0 = time.perf_counter()
         config = llama_config(a.shape, a.layers)
         config.use_cache = True
         model = build_model(config, device, torch.float16).eval()
         try:
+            t1 = time.perf_counter()
             prepared = prepare(model, cat, device)
+            torch.cuda.synchronize()
+            # where a category's time goes, as it happens: a part cut by its time limit still says
+            print(f"[roofline] {cat}: model built in {t1 - t0:.1f} s, prepared in {time.perf_counter() - t1:.1f} s", flush=True)
             if a.compile:
                 prepared.model.generation_config.cache_implementation = "static"
                 prepared.model.forward = torch.compile(prepared.model.forward, mode="reduce-overhead", fullgraph=True)
@@ -110,6 +116,7 @@ def main(argv=None) -> int:
             rows.append({"category": cat, "kernel": prepared.kernel, "tokens_per_s": figures["tokens_per_s"],
                          "bytes_per_token": nbytes, "roofline_fraction": nbytes * figures["tokens_per_s"] / (peak * 1e9) if peak else None,
                          "peak_memory_gb": figures["peak_memory_bytes"] / 1e9})
+            print(f"[roofline] {cat}: {figures['tokens_per_s']:.1f} tokens/s, {time.perf_counter() - t0:.1f} s in all", flush=True)
         except Exception as e:  # noqa: BLE001 - one category failing leaves the others measured
             rows.append({"category": cat, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
         del model

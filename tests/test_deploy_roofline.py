@@ -1,0 +1,61 @@
+"""benchmarks/deploy_roofline.py's byte count, checked on CPU.
+
+Its roofline fraction is bytes read per decoded token x tokens/s / peak HBM bandwidth, so a
+category's figure is only as true as the bytes counted from its prepared tensors: int8 codes
+plus one scale per output channel, int4 codes two to a byte plus a scale and a zero per group,
+the fp16 LM head, one embedding row. The speeds themselves need the GPU (device_check.sh).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+HIDDEN, INTER, LAYERS, VOCAB = 256, 512, 2, 512
+LINEARS = [(HIDDEN, HIDDEN)] * 4 + [(INTER, HIDDEN)] * 2 + [(HIDDEN, INTER)]  # (out, in) per layer
+
+
+@pytest.fixture
+def roofline():
+    import deploy_roofline
+
+    return deploy_roofline
+
+
+def _model():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=VOCAB, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("category", ["fp16", "int8", "int4"])
+def test_bytes_per_token_are_the_prepared_tensors(roofline, category):
+    import torch
+
+    model = _model()
+    esize = next(model.parameters()).element_size()
+    outside = (VOCAB * HIDDEN + HIDDEN + (2 * LAYERS + 1) * HIDDEN) * esize  # LM head, one embedding row, norms
+    prepared = roofline.prepare(model, category, torch.device("cpu"))
+    decoder = roofline.bytes_per_token(prepared.model) - outside
+
+    if category == "fp16":
+        expected = sum(o * i for o, i in LINEARS) * esize
+    elif category == "int8":
+        expected = sum(o * i + o * esize for o, i in LINEARS)
+    else:  # group 128: codes two to a byte, a scale and a zero per group of 128 input channels
+        expected = sum(o * i // 2 + o * (i // 128) * 2 * esize for o, i in LINEARS)
+    assert decoder == LAYERS * expected, (category, decoder, LAYERS * expected)
+
+    with torch.no_grad():  # and the prepared model still decodes: the counted tensors are the ones it reads
+        logits = prepared.model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()
+
