@@ -40,7 +40,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 PARTS=${*:-tests roofline cost upstream}
 DEVICE=${DEVICE:-cuda}
-TESTS_S=${TESTS_S:-240} ROOFLINE_S=${ROOFLINE_S:-240} COST_S=${COST_S:-90} UPSTREAM_S=${UPSTREAM_S:-150}
+TESTS_S=${TESTS_S:-240} ROOFLINE_S=${ROOFLINE_S:-240} COST_S=${COST_S:-90} UPSTREAM_S=${UPSTREAM_S:-150} UPSTREAM_JOBS=${UPSTREAM_JOBS:-1}
 COST_LAYERS=${COST_LAYERS:-2} COST_METHODS=${COST_METHODS:-wanda sparsegpt gptq smoothquant awq omniquant llm_pruner}
 UPSTREAM_METHODS=${UPSTREAM_METHODS:-wanda sparsegpt gptq smoothquant awq omniquant llm_pruner}
 # parity at the paper profile (128 windows of 2048 tokens: the very windows upstream samples, so
@@ -154,17 +154,17 @@ for part in $PARTS; do
         --device "$DEVICE" --profile "$3" --runs-dir /tmp/parity-runs --data-dir "$DATA" || rc=$?
       [ "$rc" = 0 ] && echo "upstream $1: done in $(( SECONDS - s0 ))s" || echo "upstream $1: exit $rc after $(( SECONDS - s0 ))s (a timeout is 124)"
     }
-    pids=()
+    pids=() threads=$(( $(nproc) / UPSTREAM_JOBS > 0 ? $(nproc) / UPSTREAM_JOBS : 1 ))  # CPU threads shared out, not oversubscribed
     for m in $UPSTREAM_METHODS; do
-      while [ "${#pids[@]}" -ge "${UPSTREAM_JOBS:-1}" ]; do  # wait for a free slot
+      while [ "${#pids[@]}" -ge "$UPSTREAM_JOBS" ]; do  # wait for a free slot
         alive=(); for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
-        pids=("${alive[@]}"); [ "${#pids[@]}" -ge "${UPSTREAM_JOBS:-1}" ] && sleep 1
+        pids=("${alive[@]}"); [ "${#pids[@]}" -ge "$UPSTREAM_JOBS" ] && sleep 1
       done
       t=$(limit "$UPSTREAM_S") || { echo "upstream $m: skipped, past the deadline"; continue; }
       profile=quick; [[ " $UPSTREAM_PAPER_METHODS " == *" $m "* ]] && profile=paper
       stamp "upstream parity $m, $profile profile (limit ${t}s)"
-      if [ "${UPSTREAM_JOBS:-1}" -gt 1 ]; then  # CPU threads shared out, not oversubscribed
-        OMP_NUM_THREADS=$(( $(nproc) / UPSTREAM_JOBS > 0 ? $(nproc) / UPSTREAM_JOBS : 1 )) parity_one "$m" "$t" "$profile" > "/tmp/parity-logs/$m.log" 2>&1 & pids+=("$!")
+      if [ "$UPSTREAM_JOBS" -gt 1 ]; then
+        OMP_NUM_THREADS=$threads parity_one "$m" "$t" "$profile" > "/tmp/parity-logs/$m.log" 2>&1 & pids+=("$!")
       else
         parity_one "$m" "$t" "$profile"
       fi
