@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -41,12 +42,20 @@ def collect_environment() -> Environment:
     )
 
 
-def _nvidia_driver() -> str | None:
-    path = Path("/proc/driver/nvidia/version")
+def _nvidia_driver(path: Path = Path("/proc/driver/nvidia/version")) -> str | None:
     if not path.is_file():
         return None
-    first = path.read_text().splitlines()[0]
-    return first.split("Kernel Module")[-1].split()[0] if "Kernel Module" in first else first.strip()
+    lines = path.read_text().splitlines()
+    return parse_driver_version(lines[0]) if lines else None
+
+
+def parse_driver_version(line: str) -> str | None:
+    """The version number in the kernel module's line, wherever it stands: the proprietary module
+    writes "... x86_64 Kernel Module  535.104.05  Sat Aug ..." and the open one "... Open Kernel
+    Module for x86_64  580.159.04  Release Build ..." (a lent H200 recorded "for" when this was
+    read by position)."""
+    match = re.search(r"(?<![\w.])(\d+\.\d+(?:\.\d+)*)(?![\w.])", line)
+    return match.group(1) if match else (line.strip() or None)
 
 
 def source_digest() -> str:

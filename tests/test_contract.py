@@ -114,3 +114,20 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     assert (tmp_path / "a" / "f.txt").read_text() == "two"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.txt"]
     assert set(sha256_tree(tmp_path)) == {"a/f.txt"}
+
+
+@pytest.mark.parametrize("line, version", [
+    # the open kernel module (a lent H200, 2026-12-04): read by position this gave "for"
+    ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  "
+     "(dvs-builder@U16-I2-C03-12-4)  Thu Oct 30 05:19:27 UTC 2025", "580.159.04"),
+    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023", "535.104.05"),
+    ("NVRM version: NVIDIA UNIX Kernel Module  470.57.02", "470.57.02"),
+])
+def test_driver_version_is_the_number_in_the_kernel_module_line(tmp_path, line, version):
+    from llmcbench.driver.environment import _nvidia_driver, parse_driver_version
+
+    assert parse_driver_version(line) == version
+    proc = tmp_path / "version"
+    proc.write_text(line + "\nGCC version:  gcc version 12.3.0 (Ubuntu 12.3.0-1ubuntu1~22.04)\n")
+    assert _nvidia_driver(proc) == version
+    assert _nvidia_driver(tmp_path / "absent") is None
