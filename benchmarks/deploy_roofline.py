@@ -12,7 +12,7 @@ where the bytes are counted from the prepared tensors themselves (int4 codes, sc
 zeros; 2:4 values and metadata; the fp16 embedding row and LM head). Random weights give
 real shapes and bytes, not real text. Goal (issue 7): fp16 >= 75% of the roofline, int4 >=
 3x fp16, 2:4 > 1.1x fp16. `--compile` decodes with a static KV cache under torch.compile
-(HF's recipe against Python overhead per token).
+(transformers' own recipe against Python overhead per token: protocol.compiled_decode).
 
     python benchmarks/deploy_roofline.py                       # 7b shape, all categories
     python benchmarks/deploy_roofline.py --layers 8 --new-tokens 64 --compile
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     import torch
 
     from engine_cost import build_model, llama_config
-    from llmcbench.tracks.acceleration.protocol import hf_generate, measure
+    from llmcbench.tracks.acceleration.protocol import compiled_decode, hf_generate, measure
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="7b")
@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peak-gbs", type=float, default=None, help="HBM bandwidth in GB/s (default: from the GPU's name)")
-    ap.add_argument("--compile", action="store_true", help="static KV cache + torch.compile(mode='reduce-overhead')")
+    ap.add_argument("--compile", action="store_true",
+                    help="static KV cache; generate compiles the decode step (mode='reduce-overhead', fullgraph)")
+    ap.add_argument("--graph-breaks", action="store_true", help="with --compile: allow graph breaks (not fullgraph)")
     ap.add_argument("--out", default="deploy_roofline.json")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -109,8 +111,7 @@ def main(argv=None) -> int:
             # where a category's time goes, as it happens: a part cut by its time limit still says
             print(f"[roofline] {cat}: model built in {t1 - t0:.1f} s, prepared in {time.perf_counter() - t1:.1f} s", flush=True)
             if a.compile:
-                prepared.model.generation_config.cache_implementation = "static"
-                prepared.model.forward = torch.compile(prepared.model.forward, mode="reduce-overhead", fullgraph=True)
+                compiled_decode(prepared.model, fullgraph=not a.graph_breaks)
             figures = measure(hf_generate(prepared.model), config.vocab_size, device, 128, a.new_tokens, 2, a.repeats, [1])
             nbytes = bytes_per_token(prepared.model)
             rows.append({"category": cat, "kernel": prepared.kernel, "tokens_per_s": figures["tokens_per_s"],

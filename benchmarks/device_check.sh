@@ -22,11 +22,13 @@
 # one full call and the remainder of a second. Measured on the H200 on 2026-12-04 (docs/device-runs/):
 # machine start ~30 s, setup 22 s, tests 37 s, roofline ~35 s per eager category (2:4 > 60 s),
 # cost 12-28 s per method at 2 layers (OmniQuant > 50 s), upstream parity > 80 s per method run
-# one after another (mostly process starts and loads). What is still to measure, in that order:
-#   1. `UPSTREAM_JOBS=7 UPSTREAM_S=480 DEADLINE_S=500 bash benchmarks/device_check.sh upstream`  (timeout_s 560)
-#   2. `ROOFLINE_ARGS="--categories int8,int4,2:4 --new-tokens 128 --repeats 3" COST_METHODS=omniquant COST_S=150
-#       DEADLINE_S=<status's budget_left_s - 40> bash benchmarks/device_check.sh cost roofline`
-#      (timeout_s the same; at once, while the machine is warm: it goes back after 30 s idle)
+# one after another (mostly process starts and loads), all seven side by side (UPSTREAM_JOBS=7) 350 s;
+# OmniQuant's cost 43 s at 2 layers and 1 epoch; roofline-compile's fp16 compiled ~150 s before it
+# failed (the hand-wrapped forward; now protocol.compiled_decode). What is still to measure, in that order:
+#   1. `TESTS_S=100 ROOFLINE_COMPILE_S=400 DEADLINE_S=520 bash benchmarks/device_check.sh tests roofline-compile`
+#      (timeout_s 560; the tests include the fp16 int4 kernel case, the compiled run all four categories)
+#   2. `ROOFLINE_ARGS="--categories int4,int8,2:4 --new-tokens 128 --repeats 3" DEADLINE_S=<status's budget_left_s - 40>
+#       bash benchmarks/device_check.sh roofline`  (eager; at once, while the machine is warm: it goes back after 30 s idle)
 # and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
 # Rehearse it here first, without a GPU: `benchmarks/device_prepare.py --rehearsal DIR` says how.
 # Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU
@@ -116,8 +118,9 @@ for part in $PARTS; do
   roofline-compile)
     t=$(limit "${ROOFLINE_COMPILE_S:-360}") || { echo "roofline-compile: skipped, past the deadline"; continue; }
     stamp "roofline-compile (limit ${t}s)"
+    read -ra args <<< "${ROOFLINE_COMPILE_ARGS:-}"  # e.g. "--graph-breaks" (2:4's sparse tensors do not trace whole)
     timeout -k 10 "$t" "$PY" benchmarks/deploy_roofline.py --compile --categories "${ROOFLINE_COMPILE_CATEGORIES:-fp16,int4,2:4,int8}" \
-      --out "$OUT/deploy_roofline_compile.json" || echo "roofline-compile: exit $?"
+      "${args[@]}" --out "$OUT/deploy_roofline_compile.json" || echo "roofline-compile: exit $?"
     ;;
   cost)
     mkdir -p /tmp/cost && rm -f /tmp/cost/*.json

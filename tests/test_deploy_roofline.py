@@ -59,3 +59,26 @@ def test_bytes_per_token_are_the_prepared_tensors(roofline, category):
         logits = prepared.model(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()
 
+
+@pytest.mark.parametrize("category", ["fp16", "int8", "int4"])
+def test_compiled_decode_compiles_the_decode_step_and_keeps_the_tokens(roofline, category):
+    """--compile's recipe (protocol.compiled_decode) on each prepared category, on CPU through
+    transformers' switch for testing: generate compiles its one-token step over a static cache
+    (the prefill stays eager), the weight-only kernels trace, and greedy decoding gives the
+    eager tokens. The speed needs the GPU."""
+    import torch
+
+    from llmcbench.tracks.acceleration.protocol import compiled_decode
+
+    model = roofline.prepare(_model(), category, torch.device("cpu")).model
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    with torch.inference_mode():
+        eager = model.generate(ids, **kwargs)
+    assert not hasattr(model, "_compiled_call")
+    compiled_decode(model, mode="default", all_devices=True)
+    with torch.inference_mode():
+        compiled = model.generate(ids, **kwargs)
+    assert hasattr(model, "_compiled_call"), "generate did not take the compiled decode step"
+    assert model.generation_config.cache_implementation == "static"
+    assert torch.equal(eager, compiled), (eager, compiled)

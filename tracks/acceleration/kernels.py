@@ -53,26 +53,30 @@ class Int4WeightOnlyLinear(nn.Module):
         lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         q = ((wg - lo) / scale).round().clamp(0, 15)
-        self.max_abs_err = float((q * scale + lo - wg).abs().max())
-        zero = lo + 8 * scale  # tinygemm's convention: w = (q - 8) * scale + zero
         self.group_size, self.in_features, self.out_features = group_size, k, n
         self.cuda_kernel = linear.weight.is_cuda
+        # tinygemm on CUDA takes bfloat16 activations, scales and zeros only (an fp16 model failed
+        # there on a lent H200); its activations are cast at the call, its scales stored so here
+        dtype = torch.bfloat16 if self.cuda_kernel else linear.weight.dtype
+        scale, zero = scale.to(dtype), (lo + 8 * scale).to(dtype)  # tinygemm's convention: w = (q - 8) * scale + zero
+        # the deviation from the artifact's weights with the scales and zeros as stored
+        self.max_abs_err = float(((q - 8) * scale.float() + zero.float() - wg).abs().max())
         codes = q.view(n, k).to(torch.int32)
         if self.cuda_kernel:
             packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        dtype = linear.weight.dtype
         self.register_buffer("weight_int4", packed)
         self.register_buffer("scales_and_zeros", torch.stack([scale.view(n, -1), zero.view(n, -1)], -1)
-                             .transpose(0, 1).contiguous().to(dtype))
+                             .transpose(0, 1).contiguous())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.cuda_kernel:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(self.scales_and_zeros.dtype), self.weight_int4, self.group_size,
+                                                   self.scales_and_zeros).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features)

@@ -36,6 +36,25 @@ def time_decode(generate: Callable[[torch.Tensor, int], None], ids: torch.Tensor
     return {"tokens_per_s": ids.shape[0] * new_tokens / median, "median_s": median, "runs_s": runs}
 
 
+def compiled_decode(model, fullgraph: bool = True, mode: str = "reduce-overhead", all_devices: bool = False) -> None:
+    """Let `generate` decode under torch.compile, transformers' own way (in place).
+
+    A static KV cache makes every one-token decode step the same shapes, and with it `generate`
+    compiles the step itself (`get_compiled_call`; the prefill stays eager) and copies the logits
+    it keeps. Wrapping `model.forward` by hand instead compiled the prefill too and kept a CUDA
+    graph's output across steps: on a lent H200 that failed with "accessing tensor output of
+    CUDAGraphs that has been overwritten by a subsequent run". transformers compiles on GPUs
+    only unless `all_devices` (its switch for testing on the CPU).
+    """
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=fullgraph, mode=mode)
+    if all_devices:
+        config._compile_all_devices = True
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = config
+
+
 def hf_generate(model) -> Callable[[torch.Tensor, int], None]:
     """Greedy decode through transformers' `generate`, with exactly `n` new tokens."""
 
