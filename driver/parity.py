@@ -162,14 +162,23 @@ def _ppl(run) -> float | None:
     return t2["wikitext2"]["ppl"] if t2 else None
 
 
+def parity_plans(method: str, preset: str | None, model: str | None, profile: str, runner: str, runs_dir: Path,
+                 data_dir: str | None, device: str) -> dict:
+    """Both engines' track-2 bench plans, with the method's `[parity]` params on both."""
+    from .bench import plan_bench
+    from .registry import get_method
+
+    params = get_method(method).parity.params or None
+    return {engine: plan_bench(method, preset, model, "2", profile, engine, runner, runs_dir, data_dir, device, params=params)
+            for engine in ENGINES}
+
+
 def run_parity(method: str, preset: str | None, model: str | None, profile: str, runner: str, runs_dir: Path,
                data_dir: str | None, device: str, on_job: Callable | None = None) -> ParityRecord:
-    from .bench import plan_bench, run_bench
+    from .bench import run_bench
 
-    plans = {}
-    for engine in ENGINES:
-        plan = plan_bench(method, preset, model, "2", profile, engine, runner, runs_dir, data_dir, device)
-        plans[engine] = run_bench(plan, on_job=on_job)
+    plans = {engine: run_bench(plan, on_job=on_job)
+             for engine, plan in parity_plans(method, preset, model, profile, runner, runs_dir, data_dir, device).items()}
     ref, up = plans["reference"], plans["upstream"]
     figures = compare_artifacts(ref.runs["compress"].run_dir / "model", up.runs["compress"].run_dir / "model", Path(ref.model.path))
     sides = {}
@@ -180,6 +189,10 @@ def run_parity(method: str, preset: str | None, model: str | None, profile: str,
                                    measured_sparsity=c.get("measured_sparsity"), weight_bits=c.get("weight_bits", 16),
                                    upstream_reported=comp.metrics.get("upstream", {}).get("reported", {}))
     notes = []
+    settings = ref.method.parity
+    if settings.params:
+        notes.append(f"both engines ran with {', '.join(f'{k}={v}' for k, v in settings.params.items())}"
+                     + (f": {settings.why}" if settings.why else ""))
     if figures["shapes_agree"] < 1:
         notes.append(f"{1 - figures['shapes_agree']:.0%} of the block linears have different shapes (structured pruning chose "
                      "other heads/channels); elementwise figures cover the rest")

@@ -54,6 +54,16 @@ class CalibrationDefaults(BaseModel):
     seed: int = 0
 
 
+class ParitySettings(BaseModel):
+    """`[parity]`: params `llmcbench parity` sets on both engines, so that they compare the same
+    thing (e.g. LLM-Pruner's pruning without the LoRA recovery that upstream runs on data of its
+    own), and why; the parity record notes both."""
+
+    model_config = ConfigDict(extra="forbid")
+    params: dict[str, Any] = Field(default_factory=dict)
+    why: str | None = None
+
+
 class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
@@ -70,6 +80,7 @@ class MethodSpec(BaseModel):
     # [profiles.<profile>]: param overrides a harness profile applies on top of every preset
     # (e.g. OmniQuant's quick profile trains 2 epochs instead of 20); the job records the result.
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    parity: ParitySettings = Field(default_factory=ParitySettings)
     folder: Path | None = None
 
     def preset(self, name: str | None) -> tuple[str, dict[str, Any]]:

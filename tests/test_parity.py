@@ -112,3 +112,20 @@ def test_the_examples_digest_is_read_from_either_engines_notes(tmp_path):
         write_record(tmp_path / name / "compression.json", Compression(method="llm_pruner", notes=lines))
     assert _examples_digest(tmp_path / "ref") == _examples_digest(tmp_path / "up") == digest
     assert _examples_digest(tmp_path / "none") is None and _examples_digest(tmp_path / "missing") is None
+
+
+def test_parity_sets_the_methods_parity_params_on_both_engines(tmp_path, tiny_llama_dir):
+    """LLM-Pruner's `[parity]` turns off the LoRA recovery on both engines (their recoveries train
+    on different data by design), so the two perplexities compare one pruning; a method without
+    `[parity]` runs its preset as is."""
+    from llmcbench.driver.parity import parity_plans
+    from llmcbench.driver.registry import get_method
+
+    assert get_method("llm_pruner").parity.params == {"lora_steps": 0}
+    plans = parity_plans("llm_pruner", None, str(tiny_llama_dir), "quick", "local", tmp_path / "runs", None, "cpu")
+    assert set(plans) == {"reference", "upstream"}
+    for engine, plan in plans.items():
+        assert plan.params["lora_steps"] == 0 and plan.overrides == {"lora_steps": 0}, engine
+        assert plan.tracks == [2]
+    wanda = parity_plans("wanda", None, str(tiny_llama_dir), "quick", "local", tmp_path / "runs", None, "cpu")
+    assert get_method("wanda").parity.params == {} and all(not p.overrides for p in wanda.values())
