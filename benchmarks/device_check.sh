@@ -27,8 +27,11 @@
 # failed (the hand-wrapped forward; now protocol.compiled_decode). What is still to measure, in that order:
 #   1. `TESTS_S=100 ROOFLINE_COMPILE_S=400 DEADLINE_S=520 bash benchmarks/device_check.sh tests roofline-compile`
 #      (timeout_s 560; the tests include the fp16 int4 kernel case, the compiled run all four categories)
-#   2. `ROOFLINE_ARGS="--categories int4,int8,2:4 --new-tokens 128 --repeats 3" DEADLINE_S=<status's budget_left_s - 40>
-#       bash benchmarks/device_check.sh roofline`  (eager; at once, while the machine is warm: it goes back after 30 s idle)
+#      (if 2:4 fails again not tracing whole: ROOFLINE_COMPILE_ARGS=--graph-breaks ROOFLINE_COMPILE_CATEGORIES=2:4)
+#   2. `ROOFLINE_ARGS="--categories int4,int8,2:4 --new-tokens 128 --repeats 3" COST_METHODS="wanda smoothquant"
+#       COST_LAYERS=32 COST_S=90 DEADLINE_S=<status's budget_left_s - 40> bash benchmarks/device_check.sh roofline cost`
+#      (eager decode; the full 32-layer model for two fast engines, against the per-layer x 32 extrapolation;
+#      at once, while the machine is warm: it goes back after 30 s idle)
 # and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
 # Rehearse it here first, without a GPU: `benchmarks/device_prepare.py --rehearsal DIR` says how.
 # Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU
