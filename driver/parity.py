@@ -41,6 +41,10 @@ class EngineSide(BaseModel):
     measured_sparsity: float | None
     weight_bits: int
     upstream_reported: dict[str, float] = {}
+    # where the compress job ran and on what code: a record read on its own says so
+    device: str | None = None
+    gpu_name: str | None = None
+    upstream_commit: str | None = None
 
 
 class ParityRecord(BaseModel):
@@ -187,7 +191,9 @@ def run_parity(method: str, preset: str | None, model: str | None, profile: str,
         c = comp.metrics.get("compression", {})
         sides[engine] = EngineSide(compress_job=comp.job_hash, compress_s=comp.compress_s, wikitext2_ppl=_ppl(plan.runs.get("compressed eval")),
                                    measured_sparsity=c.get("measured_sparsity"), weight_bits=c.get("weight_bits", 16),
-                                   upstream_reported=comp.metrics.get("upstream", {}).get("reported", {}))
+                                   upstream_reported=comp.metrics.get("upstream", {}).get("reported", {}),
+                                   device=plan.device, gpu_name=comp.environment.gpu_name,
+                                   upstream_commit=comp.provenance.upstream_commit)
     notes = []
     settings = ref.method.parity
     if settings.params:

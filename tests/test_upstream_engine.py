@@ -366,6 +366,10 @@ def test_parity_command_compares_both_engines(tmp_path, tiny_llama_dir, upstream
     assert set(rec.engines) == {"reference", "upstream"}
     for side in rec.engines.values():
         assert side.measured_sparsity == pytest.approx(0.5) and 1 < side.wikitext2_ppl < float("inf")
+        assert side.device == "cpu" and side.gpu_name is None
+    # both sides name the upstream commit their method pins (the reference engine is its clean-room reading)
+    from llmcbench.driver.registry import get_method
+    assert {s.upstream_commit for s in rec.engines.values()} == {get_method("wanda").upstream.commit}
     assert rec.engines["upstream"].upstream_reported["wikitext_ppl"] > 1
     assert any(n.startswith("upstream_reported:") and "WikiText-2's first" in n and "quick profile" in n for n in rec.notes)
     assert any("mapped its hard-coded CUDA calls to the CPU" in n for n in rec.notes)
