@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,11 +75,69 @@ def prepare(model, cat: str, device):
     return prepare_native(model, Compression(method="bench", weight_bits=bits, group_size=128 if bits == 4 else None), device)
 
 
+def where(e: BaseException, frames: int = 4) -> str:
+    """The innermost frames of an exception, innermost first: 'file:line function <- ...'.
+    A compiler's bare `AssertionError: ` (int8 compiled on an H200) says nothing by itself."""
+    tb = traceback.extract_tb(e.__traceback__)[-frames:]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(tb))
+
+
+def measure_category(build, cat: str, device, peak: float, new_tokens: int, repeats: int, compile: bool,
+                     fullgraph: bool = True, retry_graph_breaks: bool = False, all_devices: bool = False) -> dict:
+    """One category's row: build the model, prepare it as a deploy job does, decode batch-1.
+
+    A failure is a row with the error, where it was raised (and the whole traceback in the
+    log): one category failing leaves the others measured. With `retry_graph_breaks`, a
+    category that fails compiled whole (fullgraph) is built and measured again with graph
+    breaks allowed, and its row keeps the fullgraph error: one device call instead of two."""
+    row = _measure_once(build, cat, device, peak, new_tokens, repeats, compile, fullgraph, all_devices)
+    if "error" in row and compile and fullgraph and retry_graph_breaks:
+        print(f"[roofline] {cat}: again, allowing graph breaks", flush=True)
+        retry = _measure_once(build, cat, device, peak, new_tokens, repeats, True, False, all_devices)
+        row = {**retry, "fullgraph_error": row["error"], "fullgraph_where": row["where"]}
+    return row
+
+
+def _measure_once(build, cat: str, device, peak: float, new_tokens: int, repeats: int, compile: bool, fullgraph: bool,
+                  all_devices: bool) -> dict:
+    import torch
+
+    from llmcbench.tracks.acceleration.protocol import compiled_decode, hf_generate, measure
+
+    if compile:  # each category compiles afresh: no guards, caches or failed state left by the one before
+        torch._dynamo.reset()
+    t0 = time.perf_counter()
+    model = build()
+    row: dict = {"category": cat}
+    if compile:
+        row["fullgraph"] = fullgraph
+    try:
+        t1 = time.perf_counter()
+        prepared = prepare(model, cat, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        # where a category's time goes, as it happens: a part cut by its time limit still says
+        print(f"[roofline] {cat}: model built in {t1 - t0:.1f} s, prepared in {time.perf_counter() - t1:.1f} s", flush=True)
+        if compile:
+            compiled_decode(prepared.model, fullgraph=fullgraph, all_devices=all_devices)
+        figures = measure(hf_generate(prepared.model), model.config.vocab_size, device, 128, new_tokens, 2, repeats, [1])
+        nbytes = bytes_per_token(prepared.model)
+        row.update({"kernel": prepared.kernel, "tokens_per_s": figures["tokens_per_s"], "bytes_per_token": nbytes,
+                    "roofline_fraction": nbytes * figures["tokens_per_s"] / (peak * 1e9) if peak else None,
+                    "peak_memory_gb": figures["peak_memory_bytes"] / 1e9})
+        if compile:
+            row["compiled_step"] = hasattr(prepared.model, "_compiled_call")
+        print(f"[roofline] {cat}: {figures['tokens_per_s']:.1f} tokens/s, {time.perf_counter() - t0:.1f} s in all", flush=True)
+    except Exception as e:  # noqa: BLE001 - one category failing leaves the others measured
+        traceback.print_exc()
+        row.update({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300], "where": where(e)})
+    return row
+
+
 def main(argv=None) -> int:
     import torch
 
     from engine_cost import build_model, llama_config
-    from llmcbench.tracks.acceleration.protocol import compiled_decode, hf_generate, measure
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="7b")
@@ -90,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="static KV cache; generate compiles the decode step (mode='reduce-overhead', fullgraph)")
     ap.add_argument("--graph-breaks", action="store_true", help="with --compile: allow graph breaks (not fullgraph)")
+    ap.add_argument("--retry-graph-breaks", action="store_true",
+                    help="with --compile: a category that fails under fullgraph is measured again allowing graph breaks")
     ap.add_argument("--out", default="deploy_roofline.json")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,27 +161,11 @@ def main(argv=None) -> int:
     peak = a.peak_gbs or peak_gbs(gpu)
     rows = []
     for cat in a.categories.split(","):
-        t0 = time.perf_counter()
         config = llama_config(a.shape, a.layers)
         config.use_cache = True
-        model = build_model(config, device, torch.float16).eval()
-        try:
-            t1 = time.perf_counter()
-            prepared = prepare(model, cat, device)
-            torch.cuda.synchronize()
-            # where a category's time goes, as it happens: a part cut by its time limit still says
-            print(f"[roofline] {cat}: model built in {t1 - t0:.1f} s, prepared in {time.perf_counter() - t1:.1f} s", flush=True)
-            if a.compile:
-                compiled_decode(prepared.model, fullgraph=not a.graph_breaks)
-            figures = measure(hf_generate(prepared.model), config.vocab_size, device, 128, a.new_tokens, 2, a.repeats, [1])
-            nbytes = bytes_per_token(prepared.model)
-            rows.append({"category": cat, "kernel": prepared.kernel, "tokens_per_s": figures["tokens_per_s"],
-                         "bytes_per_token": nbytes, "roofline_fraction": nbytes * figures["tokens_per_s"] / (peak * 1e9) if peak else None,
-                         "peak_memory_gb": figures["peak_memory_bytes"] / 1e9})
-            print(f"[roofline] {cat}: {figures['tokens_per_s']:.1f} tokens/s, {time.perf_counter() - t0:.1f} s in all", flush=True)
-        except Exception as e:  # noqa: BLE001 - one category failing leaves the others measured
-            rows.append({"category": cat, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
-        del model
+        row = measure_category(lambda: build_model(config, device, torch.float16).eval(), cat, device, peak, a.new_tokens,
+                               a.repeats, a.compile, fullgraph=not a.graph_breaks, retry_graph_breaks=a.retry_graph_breaks)
+        rows.append(row)
         torch.cuda.empty_cache()
         # after every category: a run stopped at a time limit keeps what it measured
         Path(a.out).write_text(json.dumps({"gpu": gpu, "peak_gbs": peak, "compile": a.compile, "rows": rows}, indent=2) + "\n")
@@ -129,8 +174,10 @@ def main(argv=None) -> int:
     print(f"{'category':8} {'tokens/s':>9} {'GB/token':>9} {'roofline':>9} {'vs fp16':>8}  kernel")
     for r in rows:
         if "error" in r:
-            print(f"{r['category']:8} error: {r['error']}")
+            print(f"{r['category']:8} error: {r['error']} (at {r['where']})")
             continue
+        if "fullgraph_error" in r:
+            print(f"{r['category']:8} (with graph breaks; fullgraph failed: {r['fullgraph_error']} at {r['fullgraph_where']})")
         frac = f"{100 * r['roofline_fraction']:.1f}%" if r["roofline_fraction"] is not None else "-"
         speed = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         print(f"{r['category']:8} {r['tokens_per_s']:9.1f} {r['bytes_per_token'] / 1e9:9.2f} {frac:>9} {speed:>8}  {r['kernel']}")

@@ -82,3 +82,39 @@ def test_compiled_decode_compiles_the_decode_step_and_keeps_the_tokens(roofline,
     assert hasattr(model, "_compiled_call"), "generate did not take the compiled decode step"
     assert model.generation_config.cache_implementation == "static"
     assert torch.equal(eager, compiled), (eager, compiled)
+
+
+class _GraphBreak(__import__("torch").nn.Module):
+    """A real graph break in the decode step (what 2:4's sparse tensors do to dynamo on a GPU)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        import torch
+
+        torch._dynamo.graph_break()
+        return self.inner(x)
+
+
+def test_a_category_that_breaks_the_graph_is_measured_again_with_breaks_and_keeps_its_error(roofline):
+    """--retry-graph-breaks: fullgraph fails on a graph break, the row says where; the retry
+    allows breaks and decodes through the compiled step. Without the retry the row is the
+    error. On CPU through transformers' switch; the speed needs the GPU."""
+    import torch
+
+    def build():
+        model = _model()
+        model.model.norm = _GraphBreak(model.model.norm)
+        return model
+
+    cpu = torch.device("cpu")
+    failed = roofline.measure_category(build, "fp16", cpu, 0.0, 3, 1, True, all_devices=True)
+    assert "tokens_per_s" not in failed and failed["fullgraph"] is True
+    assert "graph_break" in failed["error"] or "Unsupported" in failed["error"], failed
+    assert failed["where"] and " <- " in failed["where"], failed
+
+    row = roofline.measure_category(build, "fp16", cpu, 0.0, 3, 1, True, retry_graph_breaks=True, all_devices=True)
+    assert row["fullgraph"] is False and row["compiled_step"] is True, row
+    assert row["tokens_per_s"] > 0 and row["fullgraph_error"] == failed["error"], row
