@@ -71,6 +71,7 @@ class BenchPlan:
     judge: object | None = None  # track 7's JudgeConfig: instruction answers are judged against dense's
     backends: list[str] = field(default_factory=lambda: ["torch_native"])  # track 5's deploy backends
     overrides: dict | None = None  # the params set over the preset's (--sparsity): recorded in the compress job
+    compile: bool = False  # track 5 on torch_native: decode under torch.compile (deploy --compile)
     runs: dict[str, JobRun] = field(default_factory=dict)
 
     @property
@@ -141,7 +142,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
                engine: str = "reference", runner: str = "local", runs_dir: str | Path = "runs",
                data_dir: str | None = None, device: str = "auto", sparsity=None, params: dict | None = None,
                gpus: str | None = None, trust_remote_code: bool = False, slurm=None, judge=None,
-               backends: list[str] | None = None) -> BenchPlan:
+               backends: list[str] | None = None, compile: bool = False) -> BenchPlan:
     spec = get_method(method)
     preset_name, preset_params = spec.preset(preset)
     if engine not in spec.engines:
@@ -172,6 +173,8 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         get_runner(runner, gpus)
         dev = resolve_device(device)
     backends = [b.strip().lower().replace("-", "_") for b in backends or ["torch_native"]]  # TensorRT-LLM, as pip spells it
+    if compile and backends != ["torch_native"]:
+        raise UserError("--compile is for the torch_native backend: vLLM, TensorRT-LLM and MLC-LLM compile on their own")
     if 5 in track_list:
         from ..tracks.acceleration import check_backend
 
@@ -189,7 +192,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner, gpus, slurm, judge, backends, overrides=overrides or None)
+                     Path(runs_dir), runner, gpus, slurm, judge, backends, overrides=overrides or None, compile=compile)
 
 
 def compress_job(plan: BenchPlan) -> Job:
@@ -224,7 +227,7 @@ def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, 
 def deploy_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, backend: str) -> Job:
     p = plan.profile
     settings = DeploySettings(backend=backend, new_tokens=p.deploy_new_tokens, repeats=p.deploy_repeats,
-                              batch_sizes=list(p.deploy_batch_sizes))
+                              batch_sizes=list(p.deploy_batch_sizes), compile=plan.compile)
     return Job(kind="deploy", method=method, preset=preset, engine=plan.engine if method != "dense" else "reference",
                model=model, deploy=settings, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
                limits=Limits(time_limit_s=p.time_limit_s))

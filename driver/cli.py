@@ -135,6 +135,7 @@ def deploy(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
+    compile: bool = typer.Option(False, "--compile", help="torch_native: decode steps under torch.compile over a static KV cache (dense and compressed alike)"),
 ):
     """Track 5: decode tokens/s of dense and compressed models on a deploy backend, measured in this run."""
     from .deploying import deploy_table, run_deploy
@@ -143,7 +144,7 @@ def deploy(
     try:
         rows = run_deploy([c.strip() for c in cells.split(",") if c.strip()], [b.strip() for b in backend.split(",") if b.strip()],
                           model, profile, runner, device,
-                          runs_dir, data_dir, on_start=lambda what: console.print(f"[dim]{what}[/dim]"))
+                          runs_dir, data_dir, on_start=lambda what: console.print(f"[dim]{what}[/dim]"), compile=compile)
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
     console.print(deploy_table(rows))

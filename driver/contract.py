@@ -86,6 +86,7 @@ class DeploySettings(_Record):
     warmup: int = Field(default=1, ge=0)
     repeats: int = Field(default=5, ge=1, description="timed runs; the median is the figure")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="1: the figure; others: throughput")
+    compile: bool = Field(default=False, description="torch_native: decode steps under torch.compile over a static KV cache")
 
 
 class Limits(_Record):
@@ -126,12 +127,15 @@ class Job(_Record):
 
     def identity_dict(self) -> dict[str, Any]:
         """The fields that define what is computed: host paths and limits excluded; `overrides`
-        only when set, so the jobs of stores written before it existed keep their hashes."""
+        and `deploy.compile` only when set, so the jobs of stores written before they existed
+        keep their hashes."""
         d = self.model_dump(mode="json")
         d["model"].pop("path", None)
         d.pop("limits", None)
         if d["overrides"] is None:
             del d["overrides"]
+        if d["deploy"] is not None and not d["deploy"]["compile"]:
+            del d["deploy"]["compile"]
         return d
 
     def setting(self, also: Iterable[str] = ()) -> str:

@@ -33,7 +33,8 @@ class DeployRow:
 
 
 def run_deploy(cells: list[str], backends: list[str] | str, model: str | None, profile: str, runner: str, device: str,
-               runs_dir: Path, data_dir: str | None, on_start: Callable[[str], None] | None = None) -> list[DeployRow]:
+               runs_dir: Path, data_dir: str | None, on_start: Callable[[str], None] | None = None,
+               compile: bool = False) -> list[DeployRow]:
     """Dense and every cell on every backend; each speedup is against dense on the same backend, in this run."""
     backends = [backends] if isinstance(backends, str) else list(backends)
     if not cells:
@@ -44,7 +45,7 @@ def run_deploy(cells: list[str], backends: list[str] | str, model: str | None, p
     for cell in cells:
         method, _, preset = cell.partition(":")
         plans.append(plan_bench(method, preset or None, model, [5], profile, "reference", runner, runs_dir, data_dir, device,
-                                backends=backends))
+                                backends=backends, compile=compile))
     backends = plans[0].backends  # as plan_bench spells them (TensorRT-LLM: tensorrt_llm)
     remeasured: set[Path] = set()
     for plan in plans:  # timings of this run only: the deploy jobs run again
@@ -70,7 +71,8 @@ def run_deploy(cells: list[str], backends: list[str] | str, model: str | None, p
 
 def _row(label: str, backend: str, run, dense_tokens_per_s: float | None) -> DeployRow:
     t5 = run.result.metrics["track5"]
-    return DeployRow(label, backend, t5["category"], t5["kernel"], t5["tokens_per_s"], t5["throughput"], t5["peak_memory_bytes"] / 1e9,
+    kernel = t5["kernel"] + (", compiled" if t5.get("compiled") else "")
+    return DeployRow(label, backend, t5["category"], kernel, t5["tokens_per_s"], t5["throughput"], t5["peak_memory_bytes"] / 1e9,
                      t5["memory_kind"], t5["tokens_per_s"] / dense_tokens_per_s if dense_tokens_per_s else None, t5["notes"],
                      str(run.run_dir / "result.json"))
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llmcbench.driver.contract import (
-    Calibration, Compression, ContractError, EvalSettings, Job, LayerCompression, ModelRef, Result, read_record,
+    Calibration, Compression, ContractError, DeploySettings, EvalSettings, Job, LayerCompression, ModelRef, Result, read_record,
 )
 from llmcbench.driver.fsio import sha256_tree, write_atomic, write_record
 
@@ -54,6 +54,20 @@ def test_a_job_keeps_the_hash_earlier_versions_gave_it():
     over = _job(params={"sparsity": 0.6, "pattern": "n:m", "n": 2, "m": 4}, overrides={"sparsity": 0.6})
     assert over.job_hash("env") != _job(params=over.params).job_hash("env")
     assert (_job().setting(), over.setting(), _job().setting(also=["n", "m"])) == ("2:4", "2:4 (sparsity=0.6)", "2:4 (m=4, n=2)")
+
+
+def test_a_deploy_job_keeps_its_hash_and_compile_changes_it():
+    """`deploy.compile` came later: an eager deploy job hashes as the contract did before it
+    (the figure pinned from the version without the field); a compiled one is another job."""
+    def deploy(**kw):
+        return Job(kind="deploy", method="gptq", preset="w4a16-g128",
+                   model=ModelRef(name="model", source="artifact", identity="artifact:abc", path="/x"),
+                   deploy=DeploySettings(new_tokens=32, repeats=3, batch_sizes=[1, 4], **kw))
+
+    assert deploy().job_hash("env") == "abf5194be3b1d8040e355b3aafecb50d086149932977a5bc53e230e3d698a37a"
+    assert deploy(compile=False).job_hash("env") == deploy().job_hash("env")
+    assert deploy(compile=True).job_hash("env") != deploy().job_hash("env")
+    assert deploy(compile=True).identity_dict()["deploy"]["compile"] is True
 
 
 def test_job_hash_stable_across_processes():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def _grid_linear(n=96, k=256, group=128, seed=0) -> torch.nn.Linear:
 def test_int4_kernel_reproduces_a_4bit_grid_exactly():
     lin = _grid_linear()
     assert all(len(torch.unique(grp)) <= 16 for grp in lin.weight.data.view(96, -1, 128).reshape(-1, 128))
-    q = Int4WeightOnlyLinear(lin, group_size=128)
+    q = Int4WeightOnlyLinear(lin, group_size=128, compute_dtype=torch.float32)  # the exact (slow) path: the packing
     assert q.max_abs_err < 1e-6
     x = torch.randn(2, 5, 256)
     assert torch.allclose(q(x), lin(x), atol=1e-4, rtol=1e-4)
@@ -44,10 +45,32 @@ def test_int8_kernel_matches_per_channel_int8_weights():
     lin = torch.nn.Linear(256, 64)
     scale = lin.weight.data.abs().amax(1, keepdim=True) / 127
     lin.weight.data = (lin.weight.data / scale).round() * scale  # on a symmetric int8 grid per output channel
-    q = Int8WeightOnlyLinear(lin)
+    q = Int8WeightOnlyLinear(lin, compute_dtype=torch.float32)
     assert q.max_abs_err < 1e-6 and q.weight_int8.dtype == torch.int8
     x = torch.randn(3, 256)
     assert torch.allclose(q(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_an_fp32_model_runs_the_kernels_in_bf16_within_bf16_rounding(bits):
+    """On an fp32 (CPU) model the kernels take their fast bf16 path: activations cast in and
+    the output cast back to fp32; scales stored in bf16, so the reported deviation from the
+    artifact's grid is bf16 rounding (2^-8 relative at most), and the output is the exact
+    path's up to bf16 rounding of activations and scales."""
+    lin = _grid_linear()
+    if bits == 8:
+        scale = lin.weight.data.abs().amax(1, keepdim=True) / 127
+        lin.weight.data = (lin.weight.data / scale).round() * scale
+    make = (lambda **kw: Int8WeightOnlyLinear(lin, **kw)) if bits == 8 else (lambda **kw: Int4WeightOnlyLinear(lin, 128, **kw))
+    fast, exact = make(), make(compute_dtype=torch.float32)
+    assert fast.compute_dtype == torch.bfloat16 and exact.max_abs_err < 1e-6
+    wmax = float(lin.weight.abs().max())
+    assert 0 < fast.max_abs_err < wmax * 2 ** -7, (fast.max_abs_err, wmax)
+    x = torch.randn(4, 256)
+    y, ref = fast(x), exact(x)
+    assert y.dtype == torch.float32
+    rel = float((y - ref).norm() / ref.norm())
+    assert 0 < rel < 2 ** -6, rel
 
 
 def test_off_grid_weights_report_their_requantization_error():
@@ -116,6 +139,7 @@ def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_lin
                    "LLMCBENCH_VLLM_PYTHON=", "does not exist")
     one_line_error(run_cli(*base, "--backend", "triton"), "unknown deploy backend 'triton'")
     one_line_error(run_cli(*base, "--cells", "wanda:w3"), "unknown preset 'w3'")
+    one_line_error(run_cli(*base, "--backend", "torch_native,vllm", "--compile"), "--compile is for the torch_native backend")
     assert not (tmp_path / "runs").exists()
     # an architecture vLLM's CPU build has no attention kernel for (16-dim heads): refused before vLLM starts
     proc = run_cli("deploy", "--model", str(tiny_llama_dir), "--device", "cpu", "--runs-dir", str(tmp_path / "runs2"),
@@ -133,6 +157,53 @@ def test_deploy_takes_a_backend_as_pip_spells_it(tmp_path, tiny_llama_dir, run_c
     deploys = [j["deploy"]["backend"] for j in jobs if j["kind"] == "deploy"]
     assert deploys == ["torch_native", "torch_native"], deploys  # dense and wanda
     assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("│ torch_native")]) == 2, proc.stdout
+
+
+def test_deploy_compile_decodes_under_torch_compile_as_separate_jobs(tmp_path, tiny_llama_dir, run_cli):
+    """`llmcbench deploy --compile`: dense and INT4 both decode through generate's compiled step
+    (on CPU through transformers' switch, inductor's default mode); they are jobs of their own,
+    not the eager ones' cache, and the table says compiled. The GPU figure is deploy_roofline's."""
+    runs = tmp_path / "runs"
+    base = ("deploy", "--model", str(tiny_llama_dir), "--cells", "gptq:w4a16-g128", "--device", "cpu", "--runs-dir", str(runs))
+    proc = run_cli(*base, "--compile")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 2, proc.stdout  # the kernel cell of both rows (wrapped or not)
+
+    def deploys():
+        out = {}
+        for p in runs.glob("*/*/job.json"):
+            job = json.loads(p.read_text())
+            if job["kind"] == "deploy":
+                t5 = json.loads((p.parent / "result.json").read_text())["metrics"]["track5"]
+                out[(job["method"], job["deploy"]["compile"])] = (p.parent, t5)
+        return out
+
+    compiled = deploys()
+    assert set(compiled) == {("dense", True), ("gptq", True)}, compiled
+    for _, t5 in compiled.values():
+        assert t5["compiled"] and t5["tokens_per_s"] > 0 and any("torch.compile" in n and "mode=default" in n for n in t5["notes"])
+    assert compiled[("gptq", True)][1]["kernel"] == "aten._weight_int4pack_mm_for_cpu"
+    eager = run_cli(*base)  # the eager run: its own jobs beside the compiled ones
+    assert eager.returncode == 0, eager.stdout[-3000:] + eager.stderr[-3000:]
+    both = deploys()
+    assert set(both) == {("dense", True), ("gptq", True), ("dense", False), ("gptq", False)}, both
+    assert not any(t5["compiled"] for k, (_, t5) in both.items() if not k[1])
+    assert both[("dense", True)][0] == compiled[("dense", True)][0]
+
+
+def test_compile_without_a_compiler_says_so_first(tmp_path, monkeypatch):
+    """torch.compile builds C++ (CPU) or Triton's C launcher (GPU) at run time: an environment
+    without a compiler (the offline-built eval image) gets one line, not inductor's traceback."""
+    from llmcbench.tracks.acceleration.protocol import check_compiler
+
+    check_compiler(torch.device("cpu"))  # this machine has one: the compiled tests above need it
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    for device, kind in (("cpu", "C++"), ("cuda", "C")):
+        with pytest.raises(ValueError, match=re.escape(f"needs a {kind} compiler on PATH")) as e:
+            check_compiler(torch.device(device))
+        assert "\n" not in str(e.value)
 
 
 def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):

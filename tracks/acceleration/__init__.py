@@ -7,7 +7,7 @@ category (backends.py), then protocol.py measures it the same way for every back
 from __future__ import annotations
 
 from .backends import BACKENDS, CATEGORIES, category, check_backend, prepare_native
-from .protocol import hf_generate, measure
+from .protocol import check_compiler, compile_mode, compiled_decode, hf_generate, measure
 
 __all__ = ["BACKENDS", "CATEGORIES", "category", "check_backend", "evaluate_deploy"]
 
@@ -15,8 +15,16 @@ __all__ = ["BACKENDS", "CATEGORIES", "category", "check_backend", "evaluate_depl
 def evaluate_deploy(model, declaration, settings, device) -> dict:
     check_backend(settings.backend, str(device))
     prepared = prepare_native(model, declaration, device)
+    if settings.compile:
+        check_compiler(device)
+        mode = compile_mode(device)
+        compiled_decode(prepared.model, mode=mode, all_devices=device.type != "cuda")
+        prepared.notes.append(f"decode steps under torch.compile (static KV cache, mode={mode}); the prefill eager")
     figures = measure(hf_generate(prepared.model), prepared.model.config.vocab_size, device, settings.prompt_tokens,
                       settings.new_tokens, settings.warmup, settings.repeats, settings.batch_sizes)
+    if settings.compile and not hasattr(prepared.model, "_compiled_call"):  # a figure labelled compiled must be
+        raise RuntimeError("--compile: generate decoded eagerly (transformers' compile criteria not met on this model)")
     return {"backend": settings.backend, "category": prepared.category, "accelerated": prepared.accelerated,
-            "kernel": prepared.kernel, "notes": prepared.notes, "requantization_max_abs_err": prepared.max_abs_err,
-            "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens, **figures}
+            "kernel": prepared.kernel, "compiled": settings.compile, "notes": prepared.notes,
+            "requantization_max_abs_err": prepared.max_abs_err, "prompt_tokens": settings.prompt_tokens,
+            "new_tokens": settings.new_tokens, **figures}

@@ -56,12 +56,17 @@ def prepare_native(model, declaration, device) -> Prepared:
     """Put the artifact on torch's kernels for its category (in place)."""
     import torch
 
-    from .kernels import decoder_linears, quantize_weights
+    from .kernels import decoder_linears, kernel_dtype, quantize_weights
 
     cat = category(declaration)
     notes: list[str] = []
     if cat in ("INT8 quantization", "INT4 quantization"):
         bits = 8 if cat.startswith("INT8") else 4
+        weight = decoder_linears(model)[0][2].weight
+        compute = kernel_dtype(weight, bits)
+        if compute != weight.dtype:
+            notes.append(f"the int{bits} kernel computes in {str(compute).removeprefix('torch.')} (activations cast at each "
+                         f"linear; the model is {str(weight.dtype).removeprefix('torch.')})")
         err = quantize_weights(model, bits, declaration.group_size if bits == 4 else None)
         if declaration.act_bits < 16:
             notes.append(f"W{declaration.weight_bits}A{declaration.act_bits}: torch_native runs the weights on int{bits} "

@@ -55,6 +55,25 @@ def compiled_decode(model, fullgraph: bool = True, mode: str = "reduce-overhead"
     model.generation_config.compile_config = config
 
 
+def check_compiler(device: torch.device) -> None:
+    """torch.compile builds native code at run time: C++ through inductor on the CPU, Triton's
+    C launcher on a GPU. Without a compiler on PATH it fails deep in inductor; say so first
+    (a ValueError: the job's environment, e.g. an image without gcc, cannot compile)."""
+    import os
+    import shutil
+
+    names = (os.environ.get("CXX"), "g++", "clang++", "c++") if device.type == "cpu" else (os.environ.get("CC"), "cc", "gcc", "clang")
+    if not any(n and shutil.which(n) for n in names):
+        raise ValueError(f"--compile needs a {'C++' if device.type == 'cpu' else 'C'} compiler on PATH for torch.compile "
+                         f"({', '.join(n for n in names if n)}): none found in this environment")
+
+
+def compile_mode(device: torch.device) -> str:
+    """CUDA graphs on a GPU (the per-token launch overhead is what eager decode loses);
+    inductor's default elsewhere, where there are no CUDA graphs to take."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
 def hf_generate(model) -> Callable[[torch.Tensor, int], None]:
     """Greedy decode through transformers' `generate`, with exactly `n` new tokens."""
 
