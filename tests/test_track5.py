@@ -51,6 +51,70 @@ def test_int8_kernel_matches_per_channel_int8_weights():
     assert torch.allclose(q(x), lin(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_int8_activation_kernel_is_the_fake_quantized_linear_on_integers(granularity):
+    """W8A8 on `aten._int_mm`: the input's int8 codes and scales are the accuracy tracks' own
+    (tracks/fakequant.py), so the integer GEMM gives the fake-quantized linear's output up to
+    float rounding, for a prefill (many tokens) and a decode step (one)."""
+    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+    from llmcbench.tracks.fakequant import ActivationQuantizer
+
+    lin = torch.nn.Linear(256, 96)
+    scale = lin.weight.data.abs().amax(1, keepdim=True) / 127
+    lin.weight.data = (lin.weight.data / scale).round() * scale  # on a symmetric int8 grid per output channel
+    q = Int8DynamicActivationLinear(lin, granularity)
+    assert q.max_abs_err < 1e-6 and q.weight_int8.dtype == torch.int8
+    fake = ActivationQuantizer(8, granularity)
+    for x in (torch.randn(2, 7, 256) * torch.linspace(0.1, 4, 256), torch.randn(1, 1, 256)):
+        with torch.no_grad():
+            y, ref, unquantized = q(x), lin(fake(x)), lin(x)
+        assert y.shape == ref.shape and y.dtype == x.dtype
+        err = float((y - ref).abs().max() / ref.abs().max())
+        assert err < 1e-5, err
+        assert float((unquantized - ref).abs().max() / ref.abs().max()) > 100 * err  # the activations were quantized
+
+
+def test_a_smoothquant_w8a8_artifact_deploys_on_the_integer_gemm_as_it_is_scored(tiny_llama_dir):
+    """SmoothQuant's reference engine on the tiny LLaMA, then torch_native's preparation: its
+    decoder linears take int8 activations on `aten._int_mm`, and the logits are those the
+    accuracy tracks score (the artifact with its declared activation fake-quant), not the
+    W8A16 model's."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from llmcbench.driver.registry import get_method
+    from llmcbench.tracks.acceleration.backends import prepare_native
+    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+    from llmcbench.tracks.fakequant import apply_declared_activation_quant
+
+    spec = get_method("smoothquant")
+    _, params = spec.preset("w8a8")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    calibration = torch.randint(3, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    out = spec.engine_module("reference").compress(model, calibration, dict(params), torch.device("cpu"))
+    declaration = getattr(out, "declaration", out)
+    assert (declaration.weight_bits, declaration.act_bits) == (8, 8)
+
+    ids = torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        w8a16 = model(ids).logits
+        scored = copy.deepcopy(model)
+        apply_declared_activation_quant(scored, declaration)
+        scored = scored(ids).logits
+        prepared = prepare_native(model, declaration, torch.device("cpu"))
+        deployed = prepared.model(ids).logits
+    assert prepared.kernel.startswith("aten._int_mm") and prepared.accelerated and prepared.category == "INT8 quantization"
+    kinds = [type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__ and m is not model.lm_head]
+    assert set(kinds) == {"Int8DynamicActivationLinear"} and len(kinds) == 7 * model.config.num_hidden_layers, kinds
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, Int8DynamicActivationLinear)
+    # float rounding apart (the GEMM in integers, the fake-quant in fp32), where an input lies on
+    # a rounding boundary one code may flip, so the figures are norms over all the logits
+    err = float((deployed - scored).norm() / scored.norm())
+    gap = float((w8a16 - scored).norm() / scored.norm())
+    assert err < 1e-3 and gap > 10 * err, (err, gap)  # what is scored, not the unquantized activations
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_an_fp32_model_runs_the_kernels_in_bf16_within_bf16_rounding(bits):
     """On an fp32 (CPU) model the kernels take their fast bf16 path: activations cast in and

