@@ -121,6 +121,28 @@ def test_cuda_int4_and_int8_kernels_match_the_weights_they_replace(dtype):
         assert (y.float() - ref).abs().max() <= 0.02 * ref.abs().max(), type(layer).__name__
 
 
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_cuda_int8_activation_kernel_is_the_fake_quantized_linear(granularity):
+    """W8A8 on cuBLASLt's int8 GEMM (`aten._int_mm`, more than 16 rows: a decode step is padded)
+    against the accuracy tracks' fake-quantized linear, in fp16, for a decode step and a prefill."""
+    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+    from llmcbench.tracks.fakequant import ActivationQuantizer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256, bias=False)
+    scale = lin.weight.data.abs().amax(1, keepdim=True) / 127
+    lin.weight.data = (lin.weight.data / scale).round() * scale
+    lin = lin.cuda().half()
+    q = Int8DynamicActivationLinear(lin, granularity)
+    fake = ActivationQuantizer(8, granularity)
+    for shape in ((1, 1, 512), (2, 40, 512)):
+        x = torch.randn(*shape, device="cuda", dtype=torch.float16)
+        with torch.no_grad():
+            y, ref = q(x), (fake(x).float() @ lin.weight.float().T)
+        assert y.dtype == torch.float16 and y.shape == (*shape[:-1], 256)
+        assert (y.float() - ref).abs().max() <= 0.01 * ref.abs().max(), shape
+
+
 def test_cuda_2_4_semi_structured_backend():
     from llmcbench.driver.contract import Compression
     from llmcbench.tracks.acceleration.backends import prepare_native
