@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PEAK_GBS = {"H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800, "A100-SXM4-80GB": 2039,
             "A100": 1555, "A800": 2039, "L40S": 864}
-CATEGORIES = ("fp16", "2:4", "int8", "int4")
+CATEGORIES = ("fp16", "2:4", "int8", "int4")  # and "w8a8" on request: int8 activations on the int8 GEMM
 
 
 def peak_gbs(name: str) -> float:
@@ -71,6 +71,10 @@ def prepare(model, cat: str, device):
             mask = torch.zeros_like(w.view(-1, 4), dtype=torch.bool).scatter_(1, idx, True)
             lin.weight.data = (w.view(-1, 4) * mask).view_as(w)
         return prepare_native(model, Compression(method="bench", sparsity_pattern="n:m", n_m=(2, 4)), device)
+    if cat == "w8a8":
+        return prepare_native(model, Compression(method="bench", weight_bits=8, act_bits=8, act_granularity="per_token"), device)
+    if cat not in ("int8", "int4"):
+        raise ValueError(f"unknown category '{cat}': fp16, 2:4, int8, int4 or w8a8")
     bits = 8 if cat == "int8" else 4
     return prepare_native(model, Compression(method="bench", weight_bits=bits, group_size=128 if bits == 4 else None), device)
 

@@ -9,6 +9,8 @@
 #   roofline  benchmarks/deploy_roofline.py: fp16, 2:4, int8, int4 decode vs the HBM roofline (issue 7, acceptance 2)
 #   roofline-compile  the same under torch.compile with a static KV cache (not in the default: minutes of
 #             compilation; eager decode is bound by Python per token, so the roofline goal needs this one)
+#   kernels   (not in the default; seconds) benchmarks/deploy_kernels.py: each torch_native linear kernel at
+#             the 7B shapes, batch 1 (fp16 dense, int8/int4 weight-only, the W8A8 int8 GEMM)
 #   cost      benchmarks/engine_cost.py per method on the 7b shape, cut to COST_LAYERS layers (issue 5, acceptance 3)
 #   upstream  `llmcbench parity` per method: the real upstream code vs the reference engine (issue 6, acceptance 3-4)
 #   awq-kernels  (not in the default) build llm-awq's CUDA extension for sm_90 before `upstream` (minutes of nvcc);
@@ -126,6 +128,13 @@ for part in $PARTS; do
     timeout -k 10 "$t" "$PY" benchmarks/deploy_roofline.py --compile --categories "${ROOFLINE_COMPILE_CATEGORIES:-fp16,int4,2:4,int8}" \
       "${args[@]}" --out "$OUT/deploy_roofline_compile.json" || echo "roofline-compile: exit $?"
     ;;
+  kernels)
+    t=$(limit "${KERNELS_S:-60}") || { echo "kernels: skipped, past the deadline"; continue; }
+    stamp "kernels (limit ${t}s)"
+    shapes=4096x4096,4096x11008,11008x4096; [ "$DEVICE" = cpu ] && shapes=256x128
+    timeout -k 10 "$t" "$PY" benchmarks/deploy_kernels.py --device "$DEVICE" --shapes "$shapes" \
+      --out "$OUT/deploy_kernels.json" || echo "kernels: exit $?"
+    ;;
   cost)
     mkdir -p /tmp/cost && rm -f /tmp/cost/*.json
     for m in $COST_METHODS; do
@@ -183,7 +192,7 @@ for part in $PARTS; do
     "$PY" benchmarks/device_helpers.py collect-parity "$OUT/parity.json" /tmp/parity-runs
     tar -C /tmp/parity-runs -czf "$OUT/upstream_runs.tgz" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pth' . 2>/dev/null || true
     ;;
-  *) echo "error: unknown part '$part' (tests, roofline, roofline-compile, cost, awq-kernels, upstream)"; exit 2 ;;
+  *) echo "error: unknown part '$part' (tests, roofline, roofline-compile, kernels, cost, awq-kernels, upstream)"; exit 2 ;;
   esac
 done
 stamp "done"

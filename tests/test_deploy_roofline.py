@@ -37,14 +37,14 @@ def _model():
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("category", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("category", ["fp16", "int8", "int4", "w8a8"])
 def test_bytes_per_token_are_the_prepared_tensors(roofline, category):
     import torch
 
     model = _model()
     esize = next(model.parameters()).element_size()
     outside = (VOCAB * HIDDEN + HIDDEN + (2 * LAYERS + 1) * HIDDEN) * esize  # LM head, one embedding row, norms
-    if category != "fp16":  # scales and zeros in the dtype the kernel computes in (bf16 for this fp32 model)
+    if category in ("int8", "int4"):  # scales and zeros in the dtype the kernel computes in (bf16 for this fp32 model)
         from llmcbench.tracks.acceleration.kernels import kernel_dtype
 
         ssize = torch.empty(0, dtype=kernel_dtype(model.model.layers[0].mlp.up_proj.weight, int(category[3:]))).element_size()
@@ -55,6 +55,8 @@ def test_bytes_per_token_are_the_prepared_tensors(roofline, category):
         expected = sum(o * i for o, i in LINEARS) * esize
     elif category == "int8":
         expected = sum(o * i + o * ssize for o, i in LINEARS)
+    elif category == "w8a8":  # int8 codes and an fp32 scale per output channel (the activations' come per call)
+        expected = sum(o * i + o * 4 for o, i in LINEARS)
     else:  # group 128: codes two to a byte, a scale and a zero per group of 128 input channels
         expected = sum(o * i // 2 + o * (i // 128) * 2 * ssize for o, i in LINEARS)
     assert decoder == LAYERS * expected, (category, decoder, LAYERS * expected)
@@ -64,7 +66,7 @@ def test_bytes_per_token_are_the_prepared_tensors(roofline, category):
     assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("category", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("category", ["fp16", "int8", "int4", "w8a8"])
 def test_compiled_decode_compiles_the_decode_step_and_keeps_the_tokens(roofline, category):
     """--compile's recipe (protocol.compiled_decode) on each prepared category, on CPU through
     transformers' switch for testing: generate compiles its one-token step over a static cache

@@ -74,6 +74,23 @@ def test_int8_activation_kernel_is_the_fake_quantized_linear_on_integers(granula
         assert float((unquantized - ref).abs().max() / ref.abs().max()) > 100 * err  # the activations were quantized
 
 
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_int8_activation_kernel_compiled_is_the_eager_kernel_on_a_decode_step(granularity):
+    """Under torch.compile (deploy --compile), a one-token decode step [1, 1, k]: quantized
+    whole and reshaped after, torch 2.13's compiled CPU GEMM returned garbage (errors of 1e9
+    on outputs of 1e5); the kernel quantizes rows, and compiled equals eager."""
+    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+
+    torch.manual_seed(0)
+    q = Int8DynamicActivationLinear(torch.nn.Linear(256, 512, bias=False), granularity)
+    compiled = torch.compile(q, fullgraph=True)
+    for shape in ((1, 1, 256), (1, 5, 256), (2, 1, 256)):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            assert torch.allclose(compiled(x), q(x), rtol=1e-6, atol=1e-6), shape
+    torch._dynamo.reset()
+
+
 def test_a_smoothquant_w8a8_artifact_deploys_on_the_integer_gemm_as_it_is_scored(tiny_llama_dir):
     """SmoothQuant's reference engine on the tiny LLaMA, then torch_native's preparation: its
     decoder linears take int8 activations on `aten._int_mm`, and the logits are those the

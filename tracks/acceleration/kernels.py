@@ -86,10 +86,15 @@ class Int8DynamicActivationLinear(nn.Module):
         from ..fakequant import activation_absmax, quantize_codes
 
         shape = x.shape
-        xf = x.float()
-        codes, sx = quantize_codes(xf, activation_absmax(xf, self.granularity), 8)
-        xq = codes.to(torch.int8).reshape(-1, shape[-1])
-        sx = sx.expand(*shape[:-1], 1).reshape(-1, 1)
+        # quantized as rows: a [1, 1, k] decode step quantized whole and reshaped after came out
+        # of torch.compile's CPU GEMM as garbage (torch 2.13), rows first do not
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.granularity == "per_token":
+            absmax = activation_absmax(x2, "per_token")
+        else:  # one max|x| per sequence of the call, broadcast to its rows
+            absmax = activation_absmax(x.float(), "per_tensor").expand(*shape[:-1], 1).reshape(-1, 1)
+        codes, sx = quantize_codes(x2, absmax, 8)
+        xq = codes.to(torch.int8)
         rows = xq.shape[0]
         if self.cuda_kernel and rows <= 16:  # cuBLASLt's int8 GEMM takes more than 16 rows: a decode step is padded
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - rows))
