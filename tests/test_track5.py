@@ -263,6 +263,8 @@ def test_deploy_compile_decodes_under_torch_compile_as_separate_jobs(tmp_path, t
     assert set(compiled) == {("dense", True), ("gptq", True)}, compiled
     for _, t5 in compiled.values():
         assert t5["compiled"] and t5["tokens_per_s"] > 0 and any("torch.compile" in n and "mode=default" in n for n in t5["notes"])
+        # the timed prompt decoded compiled and eagerly: the same greedy tokens
+        assert t5["compiled_vs_eager"] == {"tokens": 32, "first_difference": None}, t5["compiled_vs_eager"]
     assert compiled[("gptq", True)][1]["kernel"] == "aten._weight_int4pack_mm_for_cpu"
     eager = run_cli(*base)  # the eager run: its own jobs beside the compiled ones
     assert eager.returncode == 0, eager.stdout[-3000:] + eager.stderr[-3000:]

@@ -7,7 +7,7 @@ category (backends.py), then protocol.py measures it the same way for every back
 from __future__ import annotations
 
 from .backends import BACKENDS, CATEGORIES, category, check_backend, prepare_native
-from .protocol import check_compiler, compile_mode, compiled_decode, hf_generate, measure
+from .protocol import check_compiler, compare_with_eager, compile_mode, compiled_decode, hf_generate, measure
 
 __all__ = ["BACKENDS", "CATEGORIES", "category", "check_backend", "evaluate_deploy"]
 
@@ -22,9 +22,15 @@ def evaluate_deploy(model, declaration, settings, device) -> dict:
         prepared.notes.append(f"decode steps under torch.compile (static KV cache, mode={mode}); the prefill eager")
     figures = measure(hf_generate(prepared.model), prepared.model.config.vocab_size, device, settings.prompt_tokens,
                       settings.new_tokens, settings.warmup, settings.repeats, settings.batch_sizes)
-    if settings.compile and not hasattr(prepared.model, "_compiled_call"):  # a figure labelled compiled must be
-        raise RuntimeError("--compile: generate decoded eagerly (transformers' compile criteria not met on this model)")
+    extra = {}
+    if settings.compile:
+        if not hasattr(prepared.model, "_compiled_call"):  # a figure labelled compiled must be
+            raise RuntimeError("--compile: generate decoded eagerly (transformers' compile criteria not met on this model)")
+        extra["compiled_vs_eager"] = compare_with_eager(prepared.model, settings.prompt_tokens, settings.new_tokens)
+        if extra["compiled_vs_eager"]["first_difference"] is not None:
+            prepared.notes.append(f"compiled greedy tokens differ from eager from new token "
+                                  f"{extra['compiled_vs_eager']['first_difference']} of {settings.new_tokens}")
     return {"backend": settings.backend, "category": prepared.category, "accelerated": prepared.accelerated,
-            "kernel": prepared.kernel, "compiled": settings.compile, "notes": prepared.notes,
+            "kernel": prepared.kernel, "compiled": settings.compile, **extra, "notes": prepared.notes,
             "requantization_max_abs_err": prepared.max_abs_err, "prompt_tokens": settings.prompt_tokens,
             "new_tokens": settings.new_tokens, **figures}

@@ -74,6 +74,21 @@ def compile_mode(device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"
 
 
+def compare_with_eager(model, prompt_tokens: int, new_tokens: int) -> dict:
+    """The timed prompt decoded once more through the compiled step and once eagerly: where
+    their greedy tokens first differ (None: nowhere). Fused kernels may round differently, so a
+    late difference at a near-tie can be honest; one at the first tokens says the compiled
+    model is not the model (it caught a compiled int8 GEMM returning garbage)."""
+    ids = prompt_ids(model.config.vocab_size, prompt_tokens).to(model.device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, pad_token_id=0)
+    with torch.inference_mode():
+        compiled = model.generate(ids, **kwargs)[0, prompt_tokens:]
+        eager = model.generate(ids, disable_compile=True, **kwargs)[0, prompt_tokens:]
+    differ = (compiled != eager).nonzero()
+    return {"tokens": int(eager.numel()), "first_difference": int(differ[0, 0]) if len(differ) else None}
+
+
 def hf_generate(model) -> Callable[[torch.Tensor, int], None]:
     """Greedy decode through transformers' `generate`, with exactly `n` new tokens."""
 
