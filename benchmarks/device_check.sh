@@ -27,8 +27,9 @@
 # one after another (mostly process starts and loads), all seven side by side (UPSTREAM_JOBS=7) 350 s;
 # OmniQuant's cost 43 s at 2 layers and 1 epoch; roofline-compile's fp16 compiled ~150 s before it
 # failed (the hand-wrapped forward; now protocol.compiled_decode). What is still to measure, in that order:
-#   1. `TESTS_S=100 ROOFLINE_COMPILE_S=400 DEADLINE_S=520 bash benchmarks/device_check.sh tests roofline-compile`
-#      (timeout_s 560; the tests include the fp16 int4 kernel case, the compiled run all four categories;
+#   1. `TESTS_S=100 KERNELS_S=40 ROOFLINE_COMPILE_S=380 DEADLINE_S=530 bash benchmarks/device_check.sh tests kernels roofline-compile`
+#      (timeout_s 560; the tests include the fp16 int4 kernel case and the CUDA int8 GEMM (W8A8), kernels
+#      each linear kernel at the 7B shapes, the compiled run all four categories;
 #      a category that fails compiled whole is measured again with graph breaks in the same call, and
 #      every failure says where it was raised: the int8 run's bare AssertionError did not)
 #   2. `ROOFLINE_ARGS="--categories int4,int8,2:4 --new-tokens 128 --repeats 3" COST_METHODS="wanda smoothquant"

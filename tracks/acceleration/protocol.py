@@ -78,7 +78,8 @@ def compare_with_eager(model, prompt_tokens: int, new_tokens: int) -> dict:
     """The timed prompt decoded once more through the compiled step and once eagerly: where
     their greedy tokens first differ (None: nowhere). Fused kernels may round differently, so a
     late difference at a near-tie can be honest; one at the first tokens says the compiled
-    model is not the model (it caught a compiled int8 GEMM returning garbage)."""
+    model is not the model (as when torch's compiled CPU int8 GEMM returned garbage for a
+    one-token step: tokens/s alone did not show it)."""
     ids = prompt_ids(model.config.vocab_size, prompt_tokens).to(model.device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, pad_token_id=0)
