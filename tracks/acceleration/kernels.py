@@ -35,13 +35,18 @@ def kernel_dtype(weight: torch.Tensor, bits: int) -> torch.dtype:
     return weight.dtype
 
 
+def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and one scale per output channel (absmax / 127), computed in w's dtype."""
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
+    return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
+
+
 class Int8WeightOnlyLinear(nn.Module):
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None):
         super().__init__()
         w = linear.weight.detach()
         self.compute_dtype = compute_dtype or kernel_dtype(w, 8)
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
-        q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        q, scale = int8_per_channel(w)
         scale = scale.to(self.compute_dtype)  # the kernel takes its scales in the activations' dtype
         self.register_buffer("weight_int8", q.contiguous())
         self.register_buffer("scales", scale)
@@ -73,8 +78,7 @@ class Int8DynamicActivationLinear(nn.Module):
         if granularity not in ("per_token", "per_tensor"):
             raise ValueError(f"int8 activations {granularity!r}: per_token or per_tensor")
         w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
-        q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        q, scale = int8_per_channel(w)
         self.register_buffer("weight_int8", q.contiguous())  # (out, in): its transpose is the column-major B _int_mm is fast with
         self.register_buffer("scales", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -88,11 +92,12 @@ class Int8DynamicActivationLinear(nn.Module):
         shape = x.shape
         # quantized as rows: a [1, 1, k] decode step quantized whole and reshaped after came out
         # of torch.compile's CPU GEMM as garbage (torch 2.13), rows first do not
-        x2 = x.reshape(-1, shape[-1]).float()
+        xf = x.float()
+        x2 = xf.reshape(-1, shape[-1])
         if self.granularity == "per_token":
             absmax = activation_absmax(x2, "per_token")
         else:  # one max|x| per sequence of the call, broadcast to its rows
-            absmax = activation_absmax(x.float(), "per_tensor").expand(*shape[:-1], 1).reshape(-1, 1)
+            absmax = activation_absmax(xf, "per_tensor").expand(*shape[:-1], 1).reshape(-1, 1)
         codes, sx = quantize_codes(x2, absmax, 8)
         xq = codes.to(torch.int8)
         rows = xq.shape[0]

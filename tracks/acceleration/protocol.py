@@ -80,23 +80,25 @@ def compare_with_eager(model, prompt_tokens: int, new_tokens: int) -> dict:
     late difference at a near-tie can be honest; one at the first tokens says the compiled
     model is not the model (as when torch's compiled CPU int8 GEMM returned garbage for a
     one-token step: tokens/s alone did not show it)."""
-    ids = prompt_ids(model.config.vocab_size, prompt_tokens).to(model.device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens, pad_token_id=0)
-    with torch.inference_mode():
-        compiled = model.generate(ids, **kwargs)[0, prompt_tokens:]
-        eager = model.generate(ids, disable_compile=True, **kwargs)[0, prompt_tokens:]
+    ids = prompt_ids(model.config.vocab_size, prompt_tokens)
+    compiled = greedy(model, ids, new_tokens)[0, prompt_tokens:]
+    eager = greedy(model, ids, new_tokens, disable_compile=True)[0, prompt_tokens:]
     differ = (compiled != eager).nonzero()
     return {"tokens": int(eager.numel()), "first_difference": int(differ[0, 0]) if len(differ) else None}
 
 
+def greedy(model, ids: torch.Tensor, n: int, **generate_kwargs) -> torch.Tensor:
+    """Greedy decode through transformers' `generate`, with exactly `n` new tokens (EOS ignored)."""
+    with torch.inference_mode():
+        return model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), do_sample=False,
+                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **generate_kwargs)
+
+
 def hf_generate(model) -> Callable[[torch.Tensor, int], None]:
-    """Greedy decode through transformers' `generate`, with exactly `n` new tokens."""
+    """`greedy` as the protocol times it."""
 
     def run(ids: torch.Tensor, n: int) -> None:
-        with torch.inference_mode():
-            model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device), do_sample=False,
-                           max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+        greedy(model, ids, n)
 
     return run
 
