@@ -1,7 +1,7 @@
 """torch_native's linear kernels one at a time: batch-1 latency per decoder linear shape.
 
 What a decode step costs per linear, for each kernel the deploy backend can put a linear on
-(tracks/acceleration/kernels.py), against the dense linear in the model's dtype, measured in
+(tracks/acceleration/int_kernels.py), against the dense linear in the model's dtype, measured in
 one run on whatever device is given:
 
     dense          nn.Linear in the model's dtype (fp32 on CPU, fp16 on CUDA)
@@ -49,7 +49,7 @@ def time_call(f, x, sync, min_s: float = 0.3) -> float:
 def kernels(linear, dtype):
     import torch
 
-    from llmcbench.tracks.acceleration.kernels import Int4WeightOnlyLinear, Int8DynamicActivationLinear, Int8WeightOnlyLinear
+    from llmcbench.tracks.acceleration.int_kernels import Int4WeightOnlyLinear, Int8DynamicActivationLinear, Int8WeightOnlyLinear
 
     k = linear.in_features
     group = next(g for g in (128, 64, 32) if k % g == 0)

@@ -60,7 +60,7 @@ def prepare(model, cat: str, device):
 
     from llmcbench.driver.contract import Compression
     from llmcbench.tracks.acceleration.backends import prepare_native
-    from llmcbench.tracks.acceleration.kernels import decoder_linears
+    from llmcbench.tracks.acceleration.int_kernels import decoder_linears
 
     if cat == "fp16":
         return prepare_native(model, None, device)

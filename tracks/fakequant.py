@@ -68,7 +68,7 @@ def activation_absmax(xf: torch.Tensor, granularity: Granularity) -> torch.Tenso
 
 def quantize_codes(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer levels (as floats) and the scale: x ~ codes * scale. The deploy backend's
-    int8 kernel (tracks/acceleration/kernels.py) feeds these codes to an integer GEMM."""
+    int8 kernel (tracks/acceleration/int_kernels.py) feeds these codes to an integer GEMM."""
     q_max = _max_level(bits)
     scale = absmax.clamp(min=SCALE_FLOOR) / q_max
     return (x / scale).round().clamp(-q_max, q_max), scale

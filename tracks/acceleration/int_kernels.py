@@ -16,15 +16,17 @@ reference loops (measured on this project's 2-core AVX-512 CPU, batch 1: int8 5x
 the output cast back, so the rest of the model keeps its dtype.
 
 A compressed artifact stores dequantized weights on its low-bit grid (the accuracy tracks
-load it as a plain HF model); `quantize_linear` recovers codes, scales and zeros from it per
-group (min/max), which reproduces the grid exactly when the group uses its lowest and highest
-level, and reports the largest deviation otherwise (`max_abs_err`).
+load it as a plain HF model); the int4 kernel recovers codes, scales and zeros from it per
+artifact group (grid_recovery.py: exact for weights on a 4-bit grid), the int8 kernels per
+output channel (max|w| / 127); each layer reports its largest deviation (`max_abs_err`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .grid_recovery import expand, kernel_group, recover
 
 
 def kernel_dtype(weight: torch.Tensor, bits: int) -> torch.dtype:
@@ -109,17 +111,20 @@ class Int8DynamicActivationLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, group_size: int = 128, compute_dtype: torch.dtype | None = None):
+    def __init__(self, linear: nn.Linear, artifact_group: int | None = 128, compute_dtype: torch.dtype | None = None):
+        """`artifact_group`: the artifact's group size (None: one group per output channel)."""
         super().__init__()
         w = linear.weight.detach().float()
         n, k = w.shape
-        if k % group_size:  # a narrow layer (a test model): the largest kernel group that divides it
-            group_size = next((g for g in (256, 128, 64, 32) if g <= group_size and k % g == 0), 0)
-            if not group_size:
-                raise ValueError(f"in_features {k} is not a multiple of 32: no int4 kernel group fits")
+        # the artifact's groups (the last one shorter where the width is no multiple of group_size:
+        # SmolLM2's 576 with 128) on the largest kernel group that tiles them, each artifact group's
+        # grid repeated over its kernel groups
+        group_size = kernel_group(k, artifact_group, sizes=tuple(g for g in (256, 128, 64, 32) if g <= (artifact_group or 256)))
+        if not group_size:
+            raise ValueError(f"in_features {k} in groups of {artifact_group}: no int4 kernel group (32 to 256) tiles them")
+        lo, step = (expand(t, k, artifact_group, group_size)[..., None] for t in recover(w, 4, artifact_group))
         wg = w.view(n, k // group_size, group_size)
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        scale = step
         q = ((wg - lo) / scale).round().clamp(0, 15)
         self.group_size, self.in_features, self.out_features = group_size, k, n
         self.cuda_kernel = linear.weight.is_cuda
@@ -170,7 +175,7 @@ def quantize_weights(model: nn.Module, bits: int, group_size: int | None, int8_a
         elif bits == 8:
             layer = Int8WeightOnlyLinear(linear)
         else:
-            layer = Int4WeightOnlyLinear(linear, group_size or 128)
+            layer = Int4WeightOnlyLinear(linear, group_size)
         setattr(parent, attr, layer)
         worst = max(worst, layer.max_abs_err)
     return worst
