@@ -475,6 +475,18 @@ def _grid_llama(tmp_path, tiny_llama_dir, bits: int, group: int | None) -> Path:
     return out
 
 
+ROUNDTRIP = """
+import sys, torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+src = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).state_dict()
+back = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32,
+                                            quantization_config=CompressedTensorsConfig(run_compressed=False)).state_dict()
+names = [k for k in src if k.startswith("model.layers.") and k.endswith("_proj.weight")]
+assert names and all(back[k].shape == src[k].shape for k in names)
+print("roundtrip", max(float((src[k] - back[k].float()).abs().max()) for k in names))
+"""
+
+
 def test_vllm_export_writes_the_artifacts_grid_as_compressed_tensors(vllm_python, tmp_path, tiny_llama_dir):
     """vllm_export.py in vLLM's environment: the artifact's grid as a compressed-tensors
     checkpoint (the library's own compressor writes it), W4A16 per group and W8A8 with dynamic
@@ -499,6 +511,13 @@ def test_vllm_export_writes_the_artifacts_grid_as_compressed_tensors(vllm_python
         assert weights["num_bits"] == bits and weights["symmetric"] == (bits == 8)
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             names = set(f.keys())
+        # read back by compressed-tensors' own decompressor (through transformers, in vLLM's
+        # environment): the artifact's weights, so the codes, scales and zero points mean on disk
+        # what the export meant them to
+        back = subprocess.run([vllm_python, "-c", ROUNDTRIP, str(src), str(out)], capture_output=True, text=True, timeout=600,
+                              env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        assert back.returncode == 0, back.stderr[-3000:]
+        assert float(back.stdout.split("roundtrip")[-1]) < 1e-6, back.stdout
         if bits == 4:
             assert (weights["strategy"], weights["group_size"], inputs) == ("group", 32, None)
             assert {"model.layers.0.mlp.up_proj.weight_packed", "model.layers.0.mlp.up_proj.weight_zero_point"} <= names
