@@ -322,42 +322,53 @@ def test_compile_without_a_compiler_says_so_first(tmp_path, monkeypatch):
 
 def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
     """`llmcbench deploy` on the embedded SmolLM2 (CPU): dense, Wanda 50% (compressed by the
-    bench tests, a cache hit here), SmoothQuant W8A8 and GPTQ W4A16 g128, all measured in this
-    run; unstructured sparsity has no kernel on torch_native and runs dense, which the table
-    says. Where vLLM's environment exists (tests/vllm-setup.sh; always in CI), the same run
-    measures them on vLLM too, the two quantized ones on vLLM's int8 GEMM and WNA16 kernel
-    through the compressed-tensors export (SmolLM2's 576 in groups of 128: exported in groups
-    of 64), and the table shows vLLM's tokens/s next to the native backend's."""
+    bench tests, a cache hit here), GPTQ W8A16 and W4A16 g128 and SmoothQuant W8A8, all measured
+    in this run; unstructured sparsity has no kernel on torch_native and runs dense, which the
+    table says. Where vLLM's environment exists (tests/vllm-setup.sh; always in CI), the same
+    run measures them on vLLM too: W4A16 and W8A8 on vLLM's WNA16 kernel and int8 GEMM through
+    the compressed-tensors export (SmolLM2's 576 in groups of 128: exported in groups of 64),
+    W8A16 on its dequantized weights (vLLM's CPU build has no int8 weight-only kernel), and the
+    table shows vLLM's tokens/s next to the native backend's."""
     local, _, _ = embedded_store
     runs = tmp_path / "runs"
     shutil.copytree(local, runs, symlinks=True)
     backends = ["torch_native", "vllm"] if os.environ.get("LLMCBENCH_VLLM_PYTHON") else ["torch_native"]
-    proc = run_cli("deploy", "--cells", "wanda,smoothquant:w8a8,gptq:w4a16-g128", "--backend", ",".join(backends),
+    proc = run_cli("deploy", "--cells", "wanda,gptq:w8a16,gptq:w4a16-g128,smoothquant:w8a8", "--backend", ",".join(backends),
                    "--runs-dir", str(runs), timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "baseline" in proc.stdout and "measured in this run" in proc.stdout
-    results = [json.loads(p.read_text()) for p in runs.glob("*/*/result.json")]
-    deployed = [r["metrics"]["track5"] for r in results if "track5" in r["metrics"]]
+    deployed = {}
+    for result in runs.glob("*/*/result.json"):
+        t5 = json.loads(result.read_text())["metrics"].get("track5")
+        if t5:
+            job = json.loads((result.parent / "job.json").read_text())
+            cell = "dense" if job["model"]["source"] != "artifact" else f"{job['method']}:{job['preset']}"
+            deployed[t5["backend"], cell] = t5
+    cells = ["dense", "wanda:unstructured-50", "gptq:w8a16", "gptq:w4a16-g128", "smoothquant:w8a8"]
+    assert sorted(deployed) == sorted((b, c) for b in backends for c in cells), sorted(deployed)
     for backend in backends:
-        mine = {t["category"]: t for t in deployed if t["backend"] == backend}
-        assert sorted(mine) == ["INT4 quantization", "INT8 quantization", "dense", "unstructured sparsity"], backend
+        mine = {c: deployed[backend, c] for c in cells}
+        assert [t["category"] for t in mine.values()] == ["dense", "unstructured sparsity", "INT8 quantization",
+                                                          "INT4 quantization", "INT8 quantization"]
         assert all(t["tokens_per_s"] > 0 and t["peak_memory_bytes"] > 0 for t in mine.values())
         assert all(t["new_tokens"] == 32 for t in mine.values())  # the quick profile's protocol on every backend
-        notes = mine["unstructured sparsity"]["notes"]
+        notes = mine["wanda:unstructured-50"]["notes"]
         assert len(notes) == 1 and "runs dense" in notes[0], notes
-        for cat in ("INT8 quantization", "INT4 quantization"):
-            t = mine[cat]
+        for cell in ("gptq:w4a16-g128", "smoothquant:w8a8"):
+            t = mine[cell]
             assert t["accelerated"], (backend, t)
             # the artifact's own grid: float rounding (vLLM's fp32 scales), bf16 rounding of
             # torch_native's int4 scales and zeros (weights up to ~5: 2^-8 of that)
-            assert t["requantization_max_abs_err"] < (1e-4 if backend == "vllm" or cat.startswith("INT8") else 0.05), t
+            assert t["requantization_max_abs_err"] < (0.05 if (backend, cell) == ("torch_native", "gptq:w4a16-g128") else 1e-4), t
         rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("│ " + backend)]
-        assert len(rows) == 4, proc.stdout  # dense and the three cells on this backend, side by side in one table
+        assert len(rows) == 5, proc.stdout  # dense and the four cells on this backend, side by side in one table
+    assert deployed["torch_native", "gptq:w8a16"]["kernel"] == "aten._weight_int8pack_mm"
     if "vllm" in backends:
-        vllm = {t["category"]: t for t in deployed if t["backend"] == "vllm"}
-        assert all(t["vllm_version"] == "0.32.0" for t in vllm.values())
-        assert (vllm["INT8 quantization"]["export_scheme"], vllm["INT4 quantization"]["export_scheme"]) == (
+        assert all(deployed["vllm", c]["vllm_version"] == "0.32.0" for c in cells)
+        assert (deployed["vllm", "smoothquant:w8a8"]["export_scheme"], deployed["vllm", "gptq:w4a16-g128"]["export_scheme"]) == (
             "w8a8-int8", "w4a16-g128-k64")
+        w8a16 = deployed["vllm", "gptq:w8a16"]
+        assert not w8a16["accelerated"] and "no int8 weight-only kernel" in w8a16["notes"][0]
 
 
 def test_vllm_environment_is_there(vllm_python):
