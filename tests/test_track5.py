@@ -491,6 +491,36 @@ def _grid_llama(tmp_path, tiny_llama_dir, bits: int, group: int | None) -> Path:
     return out
 
 
+def test_vllm_export_grids_reproduce_symmetric_asymmetric_and_int8_grids():
+    """The export's scales and zero points (compressed-tensors' int codes in [-2^(b-1), 2^(b-1) - 1])
+    reproduce a symmetric 4-bit grid that uses level -8, an asymmetric one that skips its
+    extreme levels and SmolLM2's 576 in groups of 128 stored as 64, and an int8 per-channel
+    grid; weights that were never quantized show their deviation."""
+    from llmcbench.tracks.acceleration.vllm_export import compressed_tensors_grid, parse
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 32, 576
+    sym = torch.randint(-8, 8, (n, k // 64, 64), generator=g).float()
+    sym[..., 0] = -8
+    w = (sym * (torch.rand(n, k // 64, 1, generator=g) * 0.01 + 0.001)).view(n, k)
+    scale, zero, err = compressed_tensors_grid(w, parse("w4a16-g64-k64-sym"))
+    assert zero is None and scale.shape == (n, 9) and err < 1e-6
+    asym = torch.randint(3, 11, (n, k), generator=g).float()
+    groups = torch.arange(k) // 128
+    zeros = torch.randint(5, 9, (n, 5), generator=g).float()[:, groups]
+    w = (asym - zeros) * (torch.rand(n, 5, generator=g) * 0.01 + 0.001)[:, groups]
+    scale, zero, err = compressed_tensors_grid(w, parse("w4a16-g128-k64"))
+    assert scale.shape == zero.shape == (n, 9) and err < 1e-6
+    assert int(zero.min()) >= -8 and int(zero.max()) <= 7
+    w8 = torch.randn(n, k, generator=g)
+    w8 = (w8 / (w8.abs().amax(1, keepdim=True) / 127)).round() * (w8.abs().amax(1, keepdim=True) / 127)
+    scale, zero, err = compressed_tensors_grid(w8, parse("w8a8-int8"))
+    assert zero is None and scale.shape == (n, 1) and err < 1e-6
+    assert compressed_tensors_grid(torch.randn(n, k, generator=g), parse("w4a16-g128-k64"))[2] > 1e-2
+    with pytest.raises(ValueError, match="unknown export scheme"):
+        parse("w4a16-g128")
+
+
 ROUNDTRIP = """
 import sys, torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig

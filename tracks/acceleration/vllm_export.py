@@ -4,7 +4,8 @@ format of llm-compressor, and one of vLLM's own dependencies) in vLLM's environm
 vllm_measure.py. Imports torch, transformers and compressed_tensors, nothing from llmcbench.
 
 Schemes (the vllm backend's plan picks one from the artifact's compression.json):
-- `w8a8-int8`: int8 weights per output channel (symmetric, scale = max|w| / 127) and int8
+- `w8a8-int8`: int8 weights per output channel (symmetric: the artifact's per-channel step,
+  max|w| / 127 on SmoothQuant's grid) and int8
   activations quantized dynamically per token, symmetric: exactly a SmoothQuant / OmniQuant
   W8A8 artifact with per-token activations as the accuracy tracks score it. vLLM runs it on its
   int8 GEMM (CPU: oneDNN, or AMX where present; CUDA: CUTLASS).
@@ -62,9 +63,11 @@ def compressed_tensors_grid(w: torch.Tensor, spec: dict) -> tuple[torch.Tensor, 
     lo, step = expand(lo, k, spec["artifact_group"], width), expand(step, k, spec["artifact_group"], width)
     wg = w.view(n, k // width, width)
     if spec["symmetric"]:
-        absmax = wg.abs().amax(-1)
-        # not a symmetric grid (an asymmetric one, or weights never quantized): max|w| / qmax
-        step = torch.where(absmax / step > qmax + 0.5, absmax / qmax, step).clamp(min=1e-12)
+        low, high = wg.amin(-1), wg.amax(-1)
+        # a symmetric grid has its levels in [qmin, qmax] steps (-8 included at 4 bits); one that
+        # is not (an asymmetric grid, weights never quantized) gets the smallest step that fits
+        fits = (high / step <= qmax + 0.5) & (-low / step <= -qmin + 0.5)
+        step = torch.where(fits, step, torch.maximum(high / qmax, low / qmin)).clamp(min=1e-12)
         zero = None
         codes = (wg / step[..., None]).round().clamp(qmin, qmax)
         deq = codes * step[..., None]
