@@ -60,12 +60,11 @@ def recover(w: torch.Tensor, bits: int, group_size: int | None) -> tuple[torch.T
 def expand(t: torch.Tensor, in_features: int, group_size: int | None, kernel_group: int) -> torch.Tensor:
     """Per-artifact-group values [out, groups] -> per kernel group [out, in / kernel_group];
     each kernel group must lie inside one artifact group."""
-    index = torch.tensor([next(i for i, (s, e) in enumerate(group_bounds(in_features, group_size)) if s <= c < e)
-                          for c in range(0, in_features, kernel_group)])
-    for i, (s, e) in enumerate(group_bounds(in_features, group_size)):
+    for s, e in group_bounds(in_features, group_size):
         if (s % kernel_group) or ((e - s) % kernel_group):
             raise ValueError(f"kernel groups of {kernel_group} do not tile the artifact's group [{s}, {e})")
-    return t[:, index]
+    width = in_features if not group_size or group_size <= 0 else group_size
+    return t[:, torch.arange(0, in_features, kernel_group) // width]
 
 
 def kernel_group(in_features: int, group_size: int | None, sizes: tuple[int, ...] = (256, 128, 64, 32)) -> int:
