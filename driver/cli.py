@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from .consoles import console, err_console
 from .errors import JobFailed, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark harness for LLM compression methods (LLMCBench).")
 methods_app = typer.Typer(no_args_is_help=True, help="The compression methods this harness knows.")
 app.add_typer(methods_app, name="methods")
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 _state = {"verbose": False}
 
 

@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .consoles import console, err_console
 from .errors import UserError
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 images_app = typer.Typer(no_args_is_help=True, help="Container images: base, one per method, eval (images/).")
 
 

@@ -59,6 +59,21 @@ def test_models_list_cli(run_cli):
         assert name in proc.stdout, name
 
 
+def test_tables_keep_their_width_when_piped():
+    """Piped into a log (tee, a Slurm job, CI) without COLUMNS, rich would assume 80 columns and
+    wrap the registry's nine columns cell by cell; the CLI prints a table at its natural width
+    there (driver/consoles.py): one line per model, its hub id, revision and family on it."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([sys.executable, "-m", "llmcbench.driver.cli", "models", "list"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for m in load_registry().values():
+        rows = [ln for ln in lines if f"│ {m.hub_id} " in ln]
+        assert len(rows) == 1 and f"│ {m.revision[:10] or '-'} " in rows[0] and f"│ {m.family} " in rows[0], (m.name, rows)
+    assert max(map(len, lines)) > 120
+
+
 # ---------------------------------------------------------------- planning
 
 

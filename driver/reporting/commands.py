@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+from ..consoles import console, err_console
 
 
 def _fail(ctx: typer.Context, message: str, code: int = 2) -> None:
