@@ -30,6 +30,10 @@ def evaluate_deploy(model, declaration, settings, device) -> dict:
         if extra["compiled_vs_eager"]["first_difference"] is not None:
             prepared.notes.append(f"compiled greedy tokens differ from eager from new token "
                                   f"{extra['compiled_vs_eager']['first_difference']} of {settings.new_tokens}")
+    if device.type == "cpu":  # beside the vllm backend's: the cores its worker decoded on
+        import torch
+
+        extra["cpu_threads"] = torch.get_num_threads()
     return {"backend": settings.backend, "category": prepared.category, "accelerated": prepared.accelerated,
             "kernel": prepared.kernel, "compiled": settings.compile, **extra, "notes": prepared.notes,
             "requantization_max_abs_err": prepared.max_abs_err, "prompt_tokens": settings.prompt_tokens,

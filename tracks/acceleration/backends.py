@@ -45,6 +45,16 @@ def check_backend(name: str, device: str) -> None:
         raise ValueError(f"deploy backend {name} needs a CUDA GPU and the jobs run on {device}: use torch_native on CPU")
 
 
+def requantized_note(declaration, max_abs_err: float | None) -> list[str]:
+    """The int8 kernels of every backend take symmetric weights per output channel (absmax /
+    127): an 8-bit artifact declared asymmetric (GPTQ's and OmniQuant's defaults) is rounded
+    once more onto such a grid, which the table says with the largest deviation."""
+    if declaration is None or declaration.weight_bits != 8 or declaration.symmetric is not False or max_abs_err is None:
+        return []
+    return [f"the int8 kernel takes symmetric weights per output channel: the artifact's asymmetric grid is "
+            f"requantized onto one (largest deviation {max_abs_err:.2g})"]
+
+
 @dataclass
 class Prepared:
     model: object
@@ -77,6 +87,7 @@ def prepare_native(model, declaration, device) -> Prepared:
                          f"cast at each linear; the model is {str(linears[0].weight.dtype).removeprefix('torch.')})")
         err = quantize_weights(model, bits, declaration.group_size if bits == 4 else None, int8_act,
                                declaration.act_granularity)
+        notes += requantized_note(declaration, err)
         if int8_act:
             kernel = f"aten._int_mm (W8A8, int8 activations {declaration.act_granularity.replace('_', '-')})"
             if len(int8_act) < len(linears):
