@@ -210,8 +210,7 @@ def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s
             export_dir = out.parent / "export"
             _run([python, str(EXPORT), str(p.load_dir), str(export_dir), p.export], env, timeout_s, "vLLM export")
             exported = json.loads((export_dir / "llmcbench-export.json").read_text())
-            if p.export == "w8a8-int8":
-                p.notes += requantized_note(declaration, exported["requantization_max_abs_err"])
+            p.notes += requantized_note(declaration, exported["requantization_max_abs_err"])  # 8-bit ones only
         log = _run(command(p, settings, device, out, python), env, timeout_s, "vLLM run")
         if not out.is_file():
             raise RuntimeError("vLLM run failed: it wrote no figures")
