@@ -526,6 +526,41 @@ def test_vllm_export_grids_reproduce_symmetric_asymmetric_and_int8_grids():
         parse("w4a16-g128")
 
 
+
+def test_int8_kernels_of_both_backends_run_one_grid_exact_where_the_codes_fit():
+    """An asymmetric 8-bit grid with an integer zero point (GPTQ's, AWQ's and OmniQuant's) is a
+    symmetric one on every channel whose used codes fit [-128, 127] around it: torch_native's
+    int8 kernels and the vLLM export keep the artifact's step there (both exact, where
+    max|w| / 127 is not) and give the others the smallest step that fits; the two backends'
+    scales are the same tensor."""
+    from llmcbench.tracks.acceleration.int_kernels import Int8DynamicActivationLinear, int8_per_channel
+    from llmcbench.tracks.acceleration.vllm_export import compressed_tensors_grid, parse
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 64, 512
+    step = torch.rand(n, 1, generator=g) * 0.01 + 0.001
+    zero = torch.randint(100, 156, (n, 1), generator=g)
+    codes = torch.randint(0, 256, (n, k), generator=g)
+    fit = torch.arange(n) % 2 == 0  # half the channels use only codes inside [zero - 128, zero + 127], none an extreme
+    codes[fit] = codes[fit].clamp(zero.expand(n, k)[fit] - 120, zero.expand(n, k)[fit] + 110)
+    codes[~fit, :2] = torch.tensor([0, 255])  # the others span 0..255, which no symmetric int8 grid on this step holds
+    w = ((codes - zero) * step).float()
+
+    q, scale = int8_per_channel(w)
+    ct_scale, ct_zero, _ = compressed_tensors_grid(w, parse("w8a8-int8"))
+    assert ct_zero is None and torch.equal(scale, ct_scale[:, 0])
+    err = (q.float() * scale[:, None] - w).abs().amax(1)
+    assert float(err[fit].max()) < 1e-6, err[fit]  # the artifact's own step: exact
+    absmax = w.abs().amax(1) / 127
+    assert float(((w / absmax[:, None]).round() * absmax[:, None] - w).abs().amax(1)[fit].min()) > 1e-5  # absmax / 127 is not
+    fallback = torch.maximum(w.amax(1) / 127, w.amin(1) / -128)
+    assert torch.allclose(scale[~fit], fallback[~fit]) and bool((err[~fit] <= fallback[~fit] / 2 * 1.001).all())
+    # the W8A8 kernel takes the same weights
+    linear = torch.nn.Linear(k, n, bias=False)
+    linear.weight.data = w
+    layer = Int8DynamicActivationLinear(linear)
+    assert torch.equal(layer.weight_int8, q) and layer.max_abs_err == pytest.approx(float(err.max()))
+
 ROUNDTRIP = """
 import sys, torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig

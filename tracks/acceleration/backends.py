@@ -46,10 +46,11 @@ def check_backend(name: str, device: str) -> None:
 
 
 def requantized_note(declaration, max_abs_err: float | None) -> list[str]:
-    """The int8 kernels of every backend take symmetric weights per output channel (torch_native:
-    absmax / 127; the vLLM export: the artifact's own step where its codes fit, else the smallest
-    step that does): an 8-bit artifact declared asymmetric (GPTQ's and OmniQuant's defaults) is
-    rounded once more onto such a grid, which the table says with the largest deviation."""
+    """The int8 kernels of every backend take symmetric weights per output channel (both backends
+    the same grid, grid_recovery.symmetric_step: the artifact's own step where its codes fit,
+    else the smallest step that does): an 8-bit artifact declared asymmetric (GPTQ's and
+    OmniQuant's defaults) is rounded once more onto such a grid on the channels whose codes
+    spill over, which the table says with the largest deviation."""
     if declaration is None or declaration.weight_bits != 8 or declaration.symmetric is not False or max_abs_err is None:
         return []
     return [f"the int8 kernel takes symmetric weights per output channel: the artifact's asymmetric grid is "

@@ -15,7 +15,14 @@ largest deviation from the artifact's weights.
 Groups are those of the artifact (`group_size` input channels, the last one shorter when
 the width is no multiple of it, as the engines make them); a kernel whose groups are smaller
 repeats each group's step and lowest level over its sub-groups (`expand`), which loses
-nothing. Imports only torch: vllm_export.py uses it in vLLM's environment, int_kernels.py here.
+nothing.
+
+A symmetric kernel grid (levels c * step, no zero point: every backend's int8 kernels) keeps
+the artifact's step wherever that step holds the weights inside its code range
+(`symmetric_step`), so the torch_native kernels and the vLLM export run the same weights,
+exact on every channel the grid allows: a symmetric artifact, and the channels of an
+asymmetric one whose integer zero point leaves the used codes inside [-2^(b-1), 2^(b-1) - 1].
+Imports only torch: vllm_export.py uses it in vLLM's environment, int_kernels.py here.
 """
 
 from __future__ import annotations
@@ -71,3 +78,30 @@ def kernel_group(in_features: int, group_size: int | None, sizes: tuple[int, ...
     """The largest kernel group size in `sizes` that tiles every artifact group; 0 if none."""
     groups = group_bounds(in_features, group_size)
     return next((g for g in sizes if all(s % g == 0 and (e - s) % g == 0 for s, e in groups)), 0)
+
+
+def symmetric_step(w: torch.Tensor, bits: int, artifact_group: int | None, group: int | None) -> torch.Tensor:
+    """The step of a symmetric grid (levels c * step, c in [-2^(b-1), 2^(b-1) - 1]) per output
+    channel and kernel group of `group` input channels of w [out, in] ([out, in / group]; None:
+    one per output channel), in float32. The first that holds the group's weights exactly:
+    max|w| / (2^(b-1) - 1) (a symmetric absmax grid, SmoothQuant's: bit for bit, also where its
+    levels are too sparse for `recover`), then the artifact's own step (`recover`: a symmetric
+    grid that uses level -2^(b-1), an asymmetric one whose integer zero point, GPTQ's, AWQ's or
+    OmniQuant's, leaves its used codes inside the range); else the smallest step that fits the
+    weights (max(max / 127, min / -128) at 8 bits, never coarser than max|w| / 127)."""
+    eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0  # the artifact's own float rounding
+    w = w.detach().float()
+    n, k = w.shape
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    width = k if group is None else group
+    wg = w.view(n, k // width, width)
+    low, high = wg.amin(-1), wg.amax(-1)
+    step = torch.maximum(high / qmax, low / qmin).clamp(min=1e-12)
+    absmax = (torch.maximum(high, -low) / qmax).clamp(min=1e-12)
+    own = expand(recover(w, bits, artifact_group)[1], k, artifact_group, width)
+    for candidate in (own, absmax):  # the later one wins where both hold the weights
+        codes = wg / candidate[..., None]
+        whole = codes.round()
+        exact = (((codes - whole).abs() <= 1e-3 + codes.abs() * eps) & (whole >= qmin) & (whole <= qmax)).all(-1)
+        step = torch.where(exact, candidate, step)
+    return step

@@ -17,8 +17,9 @@ the output cast back, so the rest of the model keeps its dtype.
 
 A compressed artifact stores dequantized weights on its low-bit grid (the accuracy tracks
 load it as a plain HF model); the int4 kernel recovers codes, scales and zeros from it per
-artifact group (grid_recovery.py: exact for weights on a 4-bit grid), the int8 kernels per
-output channel (max|w| / 127); each layer reports its largest deviation (`max_abs_err`).
+artifact group (grid_recovery.py: exact for weights on a 4-bit grid), the int8 kernels a
+symmetric step per output channel (the artifact's own where its codes fit [-128, 127], the
+same grid the vLLM export writes); each layer reports its largest deviation (`max_abs_err`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .grid_recovery import expand, kernel_group, recover
+from .grid_recovery import expand, kernel_group, recover, symmetric_step
 
 
 def kernel_dtype(weight: torch.Tensor, bits: int) -> torch.dtype:
@@ -38,9 +39,11 @@ def kernel_dtype(weight: torch.Tensor, bits: int) -> torch.dtype:
 
 
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes and one scale per output channel (absmax / 127), computed in w's dtype."""
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8)
-    return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
+    """Symmetric int8 codes and one float32 scale per output channel: the artifact's own step
+    where its weights fit [-128, 127] codes, else the smallest step that does (never coarser
+    than max|w| / 127; grid_recovery.symmetric_step)."""
+    scale = symmetric_step(w, 8, None, None)[:, 0]
+    return (w.float() / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
 
 
 class Int8WeightOnlyLinear(nn.Module):

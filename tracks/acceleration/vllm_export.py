@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 if __package__:
-    from .grid_recovery import expand, recover
+    from .grid_recovery import expand, recover, symmetric_step
 else:  # a script in vLLM's environment: grid_recovery.py is next to it
-    from grid_recovery import expand, recover
+    from grid_recovery import expand, recover, symmetric_step
 
 SCHEME = re.compile(r"^(w8a8-int8|w4a16-g(-1|\d+)-k(-1|\d+)(-sym)?)$")
 
@@ -58,20 +58,14 @@ def compressed_tensors_grid(w: torch.Tensor, spec: dict) -> tuple[torch.Tensor, 
     n, k = w.shape
     bits, group = spec["bits"], spec["group_size"]
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    lo, step = recover(w, bits, spec["artifact_group"])
     width = k if group is None else group
-    lo, step = expand(lo, k, spec["artifact_group"], width), expand(step, k, spec["artifact_group"], width)
     wg = w.view(n, k // width, width)
     if spec["symmetric"]:
-        low, high = wg.amin(-1), wg.amax(-1)
-        # a symmetric grid has its levels in [qmin, qmax] steps (-8 included at 4 bits); one that
-        # is not (an asymmetric grid, weights never quantized) gets the smallest step that fits
-        fits = (high / step <= qmax + 0.5) & (-low / step <= -qmin + 0.5)
-        step = torch.where(fits, step, torch.maximum(high / qmax, low / qmin)).clamp(min=1e-12)
-        zero = None
+        step, zero = symmetric_step(w, bits, spec["artifact_group"], group), None
         codes = (wg / step[..., None]).round().clamp(qmin, qmax)
         deq = codes * step[..., None]
     else:
+        lo, step = (expand(t, k, spec["artifact_group"], width) for t in recover(w, bits, spec["artifact_group"]))
         zero = (qmin - (lo / step).round()).clamp(qmin, qmax)
         codes = ((wg / step[..., None]).round() + zero[..., None]).clamp(qmin, qmax)
         deq = (codes - zero[..., None]) * step[..., None]
