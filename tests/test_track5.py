@@ -352,6 +352,10 @@ def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
                                                           "INT4 quantization", "INT8 quantization"]
         assert all(t["tokens_per_s"] > 0 and t["peak_memory_bytes"] > 0 for t in mine.values())
         assert all(t["new_tokens"] == 32 for t in mine.values())  # the quick profile's protocol on every backend
+        if backend == "torch_native":  # the decode's peak RSS: the int kernels hold less than the fp32 weights
+            assert all(t["memory_kind"] == "host_rss" for t in mine.values())
+            for cell in ("gptq:w8a16", "gptq:w4a16-g128", "smoothquant:w8a8"):
+                assert mine[cell]["peak_memory_bytes"] < mine["dense"]["peak_memory_bytes"] - 150e6, (cell, mine)
         notes = mine["wanda:unstructured-50"]["notes"]
         assert len(notes) == 1 and "runs dense" in notes[0], notes
         for cell in ("gptq:w4a16-g128", "smoothquant:w8a8"):
@@ -753,6 +757,21 @@ def test_compiled_backends_refuse_cpu_and_missing_environments(monkeypatch):
     monkeypatch.setenv("LLMCBENCH_TRTLLM_PYTHON", "/no/python")
     with pytest.raises(BackendUnavailable, match="does not exist"):
         backend_python("tensorrt_llm")
+
+
+def test_cpu_peak_memory_is_the_timed_runs_not_the_process_lifetime():
+    """On CPU the protocol resets the process's peak RSS before its runs, as it resets torch's
+    peak on a GPU: 400 MB touched and freed before the measurement do not count."""
+    import resource
+
+    from llmcbench.tracks.acceleration.protocol import measure
+
+    big = torch.ones(100 * 2 ** 20)  # 400 MB, touched
+    del big
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    figures = measure(lambda ids, n: None, 1000, torch.device("cpu"), 8, 2, 0, 1, [1])
+    assert figures["memory_kind"] == "host_rss"
+    assert figures["peak_memory_bytes"] < lifetime - 300 * 2 ** 20, (figures["peak_memory_bytes"], lifetime)
 
 
 def test_measure_scripts_share_one_protocol(tmp_path):

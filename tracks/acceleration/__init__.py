@@ -7,7 +7,8 @@ category (backends.py), then protocol.py measures it the same way for every back
 from __future__ import annotations
 
 from .backends import BACKENDS, CATEGORIES, category, check_backend, prepare_native
-from .protocol import check_compiler, compare_with_eager, compile_mode, compiled_decode, hf_generate, measure
+from .protocol import (check_compiler, compare_with_eager, compile_mode, compiled_decode, hf_generate, measure,
+                       release_load_memory)
 
 __all__ = ["BACKENDS", "CATEGORIES", "category", "check_backend", "evaluate_deploy"]
 
@@ -15,6 +16,8 @@ __all__ = ["BACKENDS", "CATEGORIES", "category", "check_backend", "evaluate_depl
 def evaluate_deploy(model, declaration, settings, device) -> dict:
     check_backend(settings.backend, str(device))
     prepared = prepare_native(model, declaration, device)
+    if device.type == "cpu":
+        release_load_memory(prepared.model)
     if settings.compile:
         check_compiler(device)
         mode = compile_mode(device)
