@@ -77,10 +77,23 @@ def _row(label: str, backend: str, run, dense_tokens_per_s: float | None) -> Dep
                      str(run.run_dir / "result.json"))
 
 
+# what each backend's peak memory figure is (tracks/acceleration: protocol.py, the measure scripts)
+MEMORY_KINDS = {
+    "gpu_reserved": "torch's peak reserved GPU memory during the timed runs",
+    "host_rss": "the process's peak RSS during the timed runs",
+    "host_rss_processes": "the peak RSS of vLLM's processes during the timed runs, summed (its KV cache allocated up front included)",
+    "host_rss_processes_lifetime": "the lifetime peak RSS of vLLM's processes, summed (the load included)",
+    "host_rss_max_process": "the process's lifetime peak RSS (the load included)",
+    "gpu_used_after_runs": "GPU memory in use after the timed runs (every process on the GPU)",
+}
+
+
 def deploy_table(rows: list[DeployRow]):
     from rich.table import Table
 
-    t = Table(title="Track 5: batch-1 greedy decode (median), measured in this run; speedup against dense on the same backend")
+    kinds = dict.fromkeys((r.backend, r.memory_kind) for r in rows)  # in row order, each once
+    t = Table(title="Track 5: batch-1 greedy decode (median), measured in this run; speedup against dense on the same backend",
+              caption="peak memory, " + "; ".join(f"{b}: {MEMORY_KINDS.get(k, k)}" for b, k in kinds))
     for col in ("backend", "model", "category", "kernel", "tokens/s", "throughput (batch: tokens/s)", "peak memory (GB)", "speedup", "notes"):
         t.add_column(col, justify="right" if col in ("tokens/s", "peak memory (GB)", "speedup") else "left")
     for r in rows:

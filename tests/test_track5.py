@@ -337,6 +337,7 @@ def test_deploy_on_the_embedded_model(embedded_store, tmp_path, run_cli):
                    "--runs-dir", str(runs), timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "baseline" in proc.stdout and "measured in this run" in proc.stdout
+    assert "peak memory, torch_native: the process's peak RSS during the timed runs" in proc.stdout
     deployed = {}
     for result in runs.glob("*/*/result.json"):
         t5 = json.loads(result.read_text())["metrics"].get("track5")
@@ -640,6 +641,8 @@ def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, 
         assert figures["accelerated"] and figures["tokens_per_s"] > 0 and figures["new_tokens"] == 8 and figures["export_s"] > 0
         # every core torch_native decodes on (vLLM's default would keep one for its front end)
         assert figures["cpu_threads"] == torch.get_num_threads() and not any("CPU worker" in n for n in figures["notes"])
+        # the memory of vLLM's processes, its worker's KV cache allocated up front included (2 GiB by default here)
+        assert figures["memory_kind"] == "host_rss_processes" and figures["peak_memory_bytes"] > 2 * 2 ** 30, figures
         requantized = [n for n in figures["notes"] if "asymmetric grid is requantized" in n]
         if bits == 4:
             assert figures["requantization_max_abs_err"] < 1e-6 and not requantized, figures

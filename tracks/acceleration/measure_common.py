@@ -58,6 +58,45 @@ def measure(run: Callable[[list[list[int]]], None], vocab_size: int, a) -> dict:
     return {"batch1": batch1, "throughput": throughput, "tokens_per_s": batch1["tokens_per_s"]}
 
 
+def process_tree(pid: int | None = None) -> list[int]:
+    """A process and its descendants (Linux /proc; the process alone elsewhere): vLLM decodes
+    in child processes (engine core, worker), so its memory is theirs."""
+    pid = pid or os.getpid()
+    tree = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                for child in f.read().split():
+                    tree += process_tree(int(child))
+    except OSError:  # not Linux, or the process is gone
+        pass
+    return tree
+
+
+def reset_peak_rss(pids: list[int]) -> bool:
+    """Reset each process's peak RSS to its current RSS (Linux: clear_refs "5"); False where
+    that is refused, so the caller labels a lifetime peak as one."""
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(pids: list[int]) -> int:
+    """The processes' peak RSS (VmHWM) summed, in bytes; a process that is gone counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 def check_lengths(got: list[int], new_tokens: int, backend: str) -> None:
     if any(n != new_tokens for n in got):
         raise RuntimeError(f"{backend} decoded {got} tokens, not {new_tokens}")

@@ -10,12 +10,15 @@ preparing the model took).
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from .measure_common import peak_rss, reset_peak_rss
 
 
 def prompt_ids(vocab_size: int, prompt_tokens: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -126,27 +129,12 @@ def release_load_memory(model) -> None:
         pass
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux: /proc/self/clear_refs, "5")."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_since_reset() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def measure(generate, vocab_size: int, device: torch.device, prompt_tokens: int, new_tokens: int, warmup: int,
             repeats: int, batch_sizes: list[int]) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_reset = device.type != "cuda" and _reset_peak_rss()
+    rss_reset = device.type != "cuda" and reset_peak_rss([os.getpid()])
     out = {"batch1": time_decode(generate, prompt_ids(vocab_size, prompt_tokens), new_tokens, warmup, repeats, sync),
            "throughput": {}}
     for b in batch_sizes:
@@ -157,7 +145,7 @@ def measure(generate, vocab_size: int, device: torch.device, prompt_tokens: int,
     if device.type == "cuda":
         out["peak_memory_bytes"], out["memory_kind"] = torch.cuda.max_memory_reserved(device), "gpu_reserved"
     elif rss_reset:
-        out["peak_memory_bytes"], out["memory_kind"] = _peak_rss_since_reset(), "host_rss"
+        out["peak_memory_bytes"], out["memory_kind"] = peak_rss([os.getpid()]), "host_rss"
     else:  # no reset here (not Linux): the process's lifetime peak, load included, labelled so
         out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out["memory_kind"] = "host_rss_max_process"

@@ -11,11 +11,10 @@ Greedy decode of exactly `new_tokens` tokens with EOS ignored.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 
-from measure_common import check_lengths, measure, protocol_args, write_figures
+from measure_common import check_lengths, measure, peak_rss, process_tree, protocol_args, reset_peak_rss, write_figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         check_lengths([len(o.outputs[0].token_ids) for o in outs], a.new_tokens, "vLLM")
 
+    # vLLM decodes in its engine's processes (on CPU the worker holds the weights and the KV
+    # cache it allocates up front): their peak RSS, reset before the runs, summed with this one's
+    processes = process_tree()
+    reset = reset_peak_rss(processes)
     figures = measure(run, llm.llm_engine.model_config.hf_config.vocab_size, a)
-    # the larger of this process's and its finished children's peak RSS (vLLM's engine may be a child)
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
-    write_figures(a.out, {**figures, "load_s": load_s, "vllm_version": vllm.__version__, "peak_memory_bytes": rss,
-                          "memory_kind": "host_rss_max_process"})
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        memory = {"peak_memory_bytes": total - free, "memory_kind": "gpu_used_after_runs"}
+    else:
+        memory = {"peak_memory_bytes": peak_rss(processes),
+                  "memory_kind": "host_rss_processes" if reset else "host_rss_processes_lifetime"}
+    write_figures(a.out, {**figures, "load_s": load_s, "vllm_version": vllm.__version__, **memory})
     print(f"vllm {vllm.__version__}: {figures['tokens_per_s']:.1f} tokens/s at batch 1", flush=True)
     return 0
 
