@@ -39,9 +39,10 @@ def kernel_dtype(weight: torch.Tensor, bits: int) -> torch.dtype:
 
 
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes and one float32 scale per output channel: the artifact's own step
-    where its weights fit [-128, 127] codes, else the smallest step that does (never coarser
-    than max|w| / 127; grid_recovery.symmetric_step)."""
+    """Symmetric int8 codes and one float32 scale per output channel (grid_recovery.symmetric_step,
+    the vLLM export's grid too): the artifact's own step wherever it holds the weights in
+    [-128, 127] codes (max|w| / 127 on an absmax grid), else the smallest step that fits them
+    (never coarser than max|w| / 127)."""
     scale = symmetric_step(w, 8, None, None)[:, 0]
     return (w.float() / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
 
