@@ -389,9 +389,10 @@ def _declaration(**kw) -> Compression:
     return Compression(method="m", **kw)
 
 
-def test_vllm_plan_per_category(tmp_path):
+def test_vllm_plan_per_category(tmp_path, monkeypatch):
     """What the vllm backend loads for each artifact, decided before anything runs."""
     from llmcbench.driver.contract import LayerCompression
+    from llmcbench.tracks.acceleration import vllm_backend
     from llmcbench.tracks.acceleration.vllm_backend import command, plan
     from llmcbench.driver.contract import DeploySettings
 
@@ -437,6 +438,12 @@ def test_vllm_plan_per_category(tmp_path):
     # activations, W8A16 on CPU and W4A4: the dequantized weights, each with its reason
     w8a8 = _declaration(weight_bits=8, act_bits=8, act_granularity="per_token", symmetric=True)
     assert (plan(model, w8a8, "cpu").export, plan(model, w8a8, "cpu").accelerated) == ("w8a8-int8", True)
+    # on an AMX host vLLM's CPU int8 GEMM (its sgl kernel) takes bf16/fp16 activations only
+    for amx, dtype in ((True, "bfloat16"), (False, None)):
+        monkeypatch.setattr(vllm_backend, "cpu_has_amx", lambda: amx)
+        p = plan(model, w8a8, "cpu")
+        assert p.dtype == dtype and any("AMX" in n for n in p.notes) == amx, p
+    assert plan(model, w8a8, "cuda").dtype is None and not plan(model, w8a8, "cuda").notes
     for decl, why in ((w8a8.model_copy(update={"act_granularity": "per_tensor"}), "per token only"),
                       (_declaration(weight_bits=8, group_size=128), "no int8 weight-only kernel"),
                       (_declaration(weight_bits=4, act_bits=4, act_granularity="per_token"), "no W4A4 integer kernel")):
@@ -531,7 +538,6 @@ def test_vllm_export_grids_reproduce_symmetric_asymmetric_and_int8_grids():
         parse("w4a16-g128")
 
 
-
 def test_int8_kernels_of_both_backends_run_one_grid_exact_where_the_codes_fit():
     """An asymmetric 8-bit grid with an integer zero point (GPTQ's, AWQ's and OmniQuant's) is a
     symmetric one on every channel whose used codes fit [-128, 127] around it: torch_native's
@@ -565,6 +571,7 @@ def test_int8_kernels_of_both_backends_run_one_grid_exact_where_the_codes_fit():
     linear.weight.data = w
     layer = Int8DynamicActivationLinear(linear)
     assert torch.equal(layer.weight_int8, q) and layer.max_abs_err == pytest.approx(float(err.max()))
+
 
 ROUNDTRIP = """
 import sys, torch
@@ -627,7 +634,7 @@ def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, 
     asymmetric (OmniQuant's default) and vLLM's int8 GEMM takes symmetric weights, so it is
     requantized, within half a symmetric step, and the table says so."""
     from llmcbench.driver.contract import DeploySettings
-    from llmcbench.tracks.acceleration.vllm_backend import evaluate_vllm
+    from llmcbench.tracks.acceleration.vllm_backend import cpu_has_amx, evaluate_vllm
 
     settings = DeploySettings(prompt_tokens=16, new_tokens=8, warmup=0, repeats=1, batch_sizes=[1])
     cases = ((8, None, _declaration(weight_bits=8, act_bits=8, act_granularity="per_token", symmetric=False),
@@ -643,6 +650,8 @@ def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, 
         assert figures["cpu_threads"] == torch.get_num_threads() and not any("CPU worker" in n for n in figures["notes"])
         # the memory of vLLM's processes, its worker's KV cache allocated up front included (2 GiB by default here)
         assert figures["memory_kind"] == "host_rss_processes" and figures["peak_memory_bytes"] > 2 * 2 ** 30, figures
+        # on an AMX host vLLM's int8 GEMM takes bf16 activations only: W8A8 runs in bf16, said so
+        assert any("AMX" in n for n in figures["notes"]) == (bits == 8 and cpu_has_amx()), figures["notes"]
         requantized = [n for n in figures["notes"] if "asymmetric grid is requantized" in n]
         if bits == 4:
             assert figures["requantization_max_abs_err"] < 1e-6 and not requantized, figures

