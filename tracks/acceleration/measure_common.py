@@ -85,16 +85,19 @@ def reset_peak_rss(pids: list[int]) -> bool:
         return False
 
 
+def status_kib(field: str, pid: int | None = None) -> int | None:
+    """A kB field of a process's /proc status (VmRSS, VmHWM); None where there is none (not
+    Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
 def peak_rss(pids: list[int]) -> int:
     """The processes' peak RSS (VmHWM) summed, in bytes; a process that is gone counts 0."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            pass
-    return total
+    return sum((status_kib("VmHWM", pid) or 0) * 1024 for pid in pids)
 
 
 def check_lengths(got: list[int], new_tokens: int, backend: str) -> None:

@@ -18,7 +18,7 @@ torch does, the full seqlen x seqlen score matrix is counted (no causal discount
 
 from __future__ import annotations
 
-import re
+import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from llmcbench.driver.contract import Compression
+from llmcbench.tracks.acceleration.measure_common import reset_peak_rss, status_kib
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -163,23 +164,6 @@ class InferenceMemory:
     method: str
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
 @torch.no_grad()
 def measure_inference_memory(model: nn.Module, seqlen: int = 128, device: torch.device | str | None = None) -> InferenceMemory:
     """Memory to run one forward over a (1, seqlen) input with the model on `device`.
@@ -204,10 +188,10 @@ def measure_inference_memory(model: nn.Module, seqlen: int = 128, device: torch.
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return InferenceMemory(peak, weights, max(0, peak - weights), "cuda_max_memory_allocated")
-    if _reset_peak_rss():
-        before = _status_kib("VmRSS") * 1024
+    if reset_peak_rss([os.getpid()]) and status_kib("VmHWM") is not None:
+        before = status_kib("VmRSS") * 1024
         model(input_ids=input_ids, use_cache=False)
-        growth = max(0, _status_kib("VmHWM") * 1024 - before)
+        growth = max(0, status_kib("VmHWM") * 1024 - before)
         method = "cpu_weights_plus_peak_rss_growth"
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
