@@ -218,6 +218,16 @@ def test_unparsable_replies_are_counted_not_averaged(stub_judge):
     assert parse_scores("11 3") is None and parse_scores("") is None and parse_scores("score: 7") is None
 
 
+
+def test_scores_written_out_of_ten_are_read_as_scores_not_as_a_second_score(stub_judge):
+    """A judge that writes "8/10 6/10" scores 8 and 6: read with "/" as the separator it was
+    (8, 10), every second answer got a 10 and nothing counted as a failure."""
+    assert parse_scores("8/10 6/10") == (8.0, 6.0) and parse_scores("8/10, 7.5 / 10\nwhy") == (8.0, 7.5)
+    assert parse_scores("9 10/10") == (9.0, 10.0) and parse_scores("8/10") is None and parse_scores("8/100 6") is None
+    stub_judge.reply_fn = lambda p: "8/10 6/10"  # prefers whatever is shown first
+    out = judge_pairwise(QUESTIONS, A, B, stub_judge.config())
+    assert out["parse_failures"] == 0 and out["mean_a"] == out["mean_b"] == 7.0
+
 def test_max_requests_is_enforced_before_sending(stub_judge):
     with pytest.raises(JudgeError, match="budget"):
         judge_pairwise(QUESTIONS, A, B, stub_judge.config(max_requests=3))  # needs 4

@@ -49,7 +49,9 @@ answers and their length must not affect the scores.
 Reply with the two scores on the first line, Assistant 1's first, separated by a space \
 (for example: 6 9), then give a short justification on the following lines."""
 
-_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[,;/ ]\s*(\d+(?:\.\d+)?)\b")
+# two scores on the first line, each optionally written out of ten ("8/10 6/10", a common
+# judge habit); "/" is no separator: "8/10 6/10" read as (8, 10) gave every second answer a 10
+_SCORES = re.compile(r"^\s*(\d+(?:\.\d+)?)(?:\s*/\s*10)?\s*[,; ]\s*(\d+(?:\.\d+)?)(?:\s*/\s*10)?\b")
 
 
 class JudgeError(RuntimeError):
