@@ -118,6 +118,22 @@ def test_stock_prompts_literally(data_dir):
     assert mmlu[1].config["doc_to_choice"] == ["A", "B", "C", "D"]
 
 
+def test_few_shots_never_come_from_the_scored_questions(data_dir, tmp_path):
+    """MMLU 5-shot on a slice without its dev file: lm-eval would take the shots from the test
+    split and keep the question itself among them (its first_n sampler drops it only where the
+    few-shot split is named as the test split), so building the task is a one-line error;
+    with dev the shots are dev's, and 0-shot needs no dev."""
+    spec = TRACK1_TASKS["mmlu"]
+    test_only = spec.local_file(tmp_path, spec.split)
+    test_only.parent.mkdir(parents=True)
+    test_only.write_bytes(spec.local_file(data_dir, spec.split).read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"mmlu: 5-shot needs a few-shot split .*dev\.jsonl is missing"):
+        build_task_configs(spec, data_dir=tmp_path, num_fewshot=5)
+    assert all(b.config["num_fewshot"] == 0 for b in build_task_configs(spec, data_dir=tmp_path, num_fewshot=0))
+    shots = build_task_configs(spec, data_dir=data_dir, num_fewshot=5)
+    assert {b.config["fewshot_split"] for b in shots} == {"dev"} and {b.config["test_split"] for b in shots} == {"test"}
+
+
 def test_lm_eval_builds_the_offline_tasks_on_the_slices(data_dir):
     """lm-eval itself turns the configs into tasks whose docs are the slice's rows."""
     from lm_eval.tasks import TaskManager

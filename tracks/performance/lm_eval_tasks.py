@@ -109,6 +109,21 @@ def _eval_split(cfg: dict[str, Any]) -> str | None:
     return cfg.get("test_split") or cfg.get("validation_split")
 
 
+def _check_fewshot_source(spec: TaskSpec, cfg: dict[str, Any], data_dir: Path | None) -> None:
+    """Shots must not come from the questions being scored. Without a few-shot split, lm-eval
+    draws them from the training split, else validation, else test (`Task.fewshot_docs`), and
+    drops the question itself only where fewshot_split names the evaluated split: an offline
+    MMLU slice without its dev file put each subject's first test question, answered, into
+    its own 5-shot prompt (lm-eval's warning is silenced with its logs)."""
+    if not (cfg.get("num_fewshot") or 0) or cfg.get("fewshot_split") is not None:
+        return
+    source = cfg.get("training_split") or cfg.get("validation_split") or cfg.get("test_split")
+    if source == _eval_split(cfg):
+        where = f" ({spec.local_file(data_dir, spec.extra_splits[0])} is missing)" if data_dir is not None and spec.extra_splits else ""
+        raise FileNotFoundError(f"{spec.name}: {cfg['num_fewshot']}-shot needs a few-shot split apart from the evaluated "
+                                f"{source!r} split{where}: the shots would be the test questions themselves")
+
+
 def build_task_configs(
     spec: TaskSpec, *, data_dir: Path | None, num_fewshot: int | None = None
 ) -> list[BuiltTask]:
@@ -160,6 +175,7 @@ def build_task_configs(
             data = f"hub:{spec.hub_id}/{hub_config or 'default'}"
         if num_fewshot is not None:
             cfg["num_fewshot"] = num_fewshot
+        _check_fewshot_source(spec, cfg, data_dir)
         built.append(BuiltTask(spec.name, cfg["task"], cfg, path, data, subject))
     return built
 
