@@ -58,7 +58,7 @@ def test_normaliser_em_f1_on_known_strings():
     assert stderr_pct([1.0, 0.0, 1.0, 0.0]) == pytest.approx(100 * math.sqrt(1 / 3 / 4))
 
 
-def test_alias_matching_on_real_slice_rows(data_dir):
+def test_alias_matching_on_real_slice_rows(data_dir, shared_dir):
     fb, source = kdata.load_freebaseqa(data_dir, 2)
     assert source == "local:freebaseqa/eval.jsonl" and len(fb) == 2
     assert fb[0]["question"].startswith("100 pesewas equalling 1 cedi") and fb[0]["references"] == ["ghana"]
@@ -67,6 +67,10 @@ def test_alias_matching_on_real_slice_rows(data_dir):
     assert best(exact_match, "Midway", fb[1]["references"]) == 1.0
     assert best(exact_match, "Midway Games", fb[1]["references"]) == 0.0
     assert best(kick_match, "Midway Games", fb[1]["references"]) == 1.0
+
+    # ../shared/data holds the same slice under its manifest's name: a --data-dir there reads it too
+    shared, source = kdata.load_freebaseqa(shared_dir / "data", 2)
+    assert source == "local:freebaseqa/freebaseqa_eval_first200.jsonl" and shared == fb
 
     tq, source = kdata.load_triviaqa(data_dir, 1)
     assert source == "local:hf/mandarjoshi__trivia_qa/rc.nocontext/validation.jsonl"

@@ -23,6 +23,9 @@ from pathlib import Path
 SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data"
 
 FREEBASEQA = "freebaseqa/eval.jsonl"
+# the same 200 questions under the name the shared data manifest gives them (../shared/data,
+# MANIFEST.md): a --data-dir pointing there is read as well as the shipped copy
+FREEBASEQA_MANIFEST_NAME = "freebaseqa/freebaseqa_eval_first200.jsonl"
 TRIVIAQA_NOCONTEXT = "hf/mandarjoshi__trivia_qa/rc.nocontext/validation.jsonl"
 TRIVIAQA_HUB = ("mandarjoshi/trivia_qa", "rc", "validation")
 MT_QUESTIONS = "llm_kick/mt_question.jsonl"
@@ -48,6 +51,9 @@ def _local(data_dir: Path | None, rel: str) -> tuple[Path, str]:
 
 def load_freebaseqa(data_dir: Path | None, limit: int | None) -> tuple[list[dict], str]:
     path, source = _local(data_dir, FREEBASEQA)
+    alternative, alt_source = _local(data_dir, FREEBASEQA_MANIFEST_NAME)
+    if not path.is_file() and alternative.is_file():
+        path, source = alternative, alt_source
     items = [
         {"id": f"freebaseqa-eval-{i}", "question": r["question"], "references": list(r["answers"])}
         for i, r in enumerate(read_jsonl(path, limit))
