@@ -140,13 +140,18 @@ def test_om_trust_averages_the_two_terms_not_the_cells():
     assert oms(records) == {("AWQ", "w4", "om_trust"): pytest.approx(100 * math.sqrt(0.6875))}
 
 
-def test_om_kick_and_a_zero_score_is_a_valid_ratio():
-    # r^2 = 1,1,1,1,.25,0 -> E = 4.25/6
+def test_om_kick_averages_the_tasks_and_a_zero_score_is_a_valid_ratio():
+    """One term per task: retrieval's EM and F1 are two cells of one term (pooled, retrieval
+    weighed twice: 100*sqrt((1+1+.25+.25+.25+0)/6)); a task the dense baseline lacks (no judge)
+    is left out of the mean, not counted as missing."""
     tasks = [name for (track, name) in METRICS if track == 7]
-    assert len(tasks) == 6
+    assert tasks == ["kick_factoid_em", "kick_mcqa_acc", "kick_icr_em", "kick_icr_f1", "kick_summarization", "kick_instruction"]
     records = [rec(7, "M", "dense", "", t, 10.0) for t in tasks]
-    records += [rec(7, "M", "Wanda", "50%", t, v) for t, v in zip(tasks, [10, 10, 10, 10, 5, 0])]
-    assert oms(records) == {("Wanda", "50%", "om_kick"): pytest.approx(100 * math.sqrt(4.25 / 6))}
+    records += [rec(7, "M", "Wanda", "50%", t, v) for t, v in zip(tasks, [10, 10, 5, 5, 5, 0])]
+    # factoid 1, MCQA 1, retrieval (.25 + .25) / 2, summarization .25, instruction 0
+    assert oms(records) == {("Wanda", "50%", "om_kick"): pytest.approx(100 * math.sqrt(2.5 / 5))}
+    unjudged = [r for r in records if r.metric not in ("kick_summarization", "kick_instruction")]
+    assert oms(unjudged) == {("Wanda", "50%", "om_kick"): pytest.approx(100 * math.sqrt(2.25 / 3))}
 
 
 def test_om_hard_averages_the_libraries_deployed():
