@@ -24,6 +24,14 @@ class JobFailed(Exception):
         self.error_type = error_type
 
 
+# How an allocation failure reads where it is no MemoryError: CUDA's caching allocator, torch's
+# CPU allocator ("[enforce fail at alloc_cpu.cpp] ... DefaultCPUAllocator: can't allocate memory:
+# you tried to allocate N bytes. Error code 12 (Cannot allocate memory)": a RuntimeError, which
+# was classified as a crash), cuBLAS's workspace.
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
+                "cublas_status_alloc_failed")
+
+
 def classify_exception(exc: BaseException) -> str:
     """Map an exception raised inside a job to the contract's error class."""
     import builtins
@@ -36,7 +44,7 @@ def classify_exception(exc: BaseException) -> str:
         return "timeout"
     if isinstance(exc, builtins.MemoryError) or name in {"OutOfMemoryError", "OOMError"}:
         return "oom"
-    if "out of memory" in str(exc).lower():
+    if any(sign in str(exc).lower() for sign in OOM_MESSAGES):
         return "oom"
     if isinstance(exc, NotImplementedError) or name == "UnsupportedModelError":
         return "unsupported"

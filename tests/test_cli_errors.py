@@ -119,3 +119,17 @@ def test_failed_job_keeps_log_and_result(tmp_path, tiny_llama_dir):
     assert (run_dir / "log.txt").is_file()
     assert store.cached(run_dir) is None  # a failed job is not a cache hit: it runs again
     shutil.rmtree(run_dir)
+
+
+def test_a_cpu_allocation_failure_is_classified_oom_not_crash():
+    """torch's CPU allocator fails with a RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory"), not a MemoryError; the matrix reports a cell's error class from this."""
+    import torch
+
+    from llmcbench.driver.errors import classify_exception
+
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2**45, dtype=torch.uint8)  # 32 TiB
+    assert classify_exception(cpu.value) == "oom", str(cpu.value)
+    assert classify_exception(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "oom"
+    assert classify_exception(RuntimeError("shape mismatch")) == "crash"
