@@ -67,6 +67,17 @@ def _weight_bits(name: str, linear: nn.Linear, model: nn.Module, compression: Co
     return 16 if linear is head else compression.weight_bits
 
 
+def _density(weight: torch.Tensor, compression: Compression | None) -> float:
+    """The share of a linear's weights that count: its nonzeros where the artifact declares
+    sparsity (or declares nothing), all of them for a quantized-only artifact. Its stored
+    weights are dequantized, so every weight on the zero level reads 0: counting those as
+    pruned took a GPTQ W4 g128 layer to density 0.86 and understated its MACs by 14% on top
+    of the (bits/16)^2 scaling, where SPEC 5 discounts only pruned weights."""
+    if compression is not None and compression.sparsity_pattern == "none":
+        return 1.0
+    return 1.0 - int((weight == 0).sum().item()) / weight.numel()
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, seqlen: int = 128, compression: Compression | None = None) -> dict:
     """Raw and effective MACs of one forward over a (1, seqlen) input.
@@ -88,9 +99,8 @@ def count_macs(model: nn.Module, seqlen: int = 128, compression: Compression | N
         if not isinstance(module, nn.Linear):
             continue
         raw = sum(per_module.get(f"{root}.{name}", {}).values()) // 2
-        weight = module.weight.data
-        density = 1.0 - int((weight == 0).sum().item()) / weight.numel()
         bits = _weight_bits(name, module, model, compression)
+        density = _density(module.weight.data, compression)
         linears[name] = {
             "raw_macs": raw,
             "density": density,
