@@ -245,3 +245,23 @@ def test_read_long_csv_wants_the_exact_header(tmp_path):
     path.write_text("track,model,method,preset,metric,value\n")
     with pytest.raises(ScoringError, match=":1: header must be exactly track,model,method,setting,metric,value"):
         read_long_csv(path)
+
+
+def test_track3_memory_is_never_host_rss_beside_gpu_memory():
+    """On CUDA track 3's memory is the GPU's; a run that recorded only host RSS there (the
+    upstream engine's children) gets no memory cell, so it neither sets M_max for the others
+    nor gets an OM_train from the wrong quantity. On a CPU host RSS is the figure."""
+    from llmcbench.tracks.records import compress_records
+
+    def t3(device, rss_gb, gpu_gb):
+        return {"track3": {"compress_s": 120.0, "device": device, "compress_peak_rss_bytes": rss_gb * 1e9,
+                           "compress_peak_gpu_bytes": gpu_gb and gpu_gb * 1e9}}
+
+    gptq = compress_records(t3("cuda", 30.0, 10.0), "M", "gptq", "w8a16")
+    upstream = compress_records(t3("cuda:0", 60.0, None), "M", "wanda", "unstructured-50 [upstream]")
+    cpu = compress_records(t3("cpu", 3.0, None), "M", "wanda", "unstructured-50")
+    assert {r.metric: r.value for r in gptq} == {"compress_time_min": 2.0, "compress_memory_gb": 10.0}
+    assert [r.metric for r in upstream] == ["compress_time_min"]
+    assert {r.metric: r.value for r in cpu} == {"compress_time_min": 2.0, "compress_memory_gb": 3.0}
+    # M_max is gptq's 10 GB, not the upstream run's 60 GB of host memory
+    assert oms(gptq + upstream) == {("gptq", "w8a16", "om_train"): pytest.approx(1.0)}

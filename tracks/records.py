@@ -55,11 +55,15 @@ def judge_records(judged: dict | None, model: str, method: str, setting: str) ->
 
 
 def compress_records(metrics: dict[str, Any], model: str, method: str, setting: str) -> list[MetricRecord]:
-    """Track 3: time of the compression step alone and its peak memory (GPU when it ran on
-    one, else host RSS; the device is in the result so the two are never mixed silently)."""
+    """Track 3: time of the compression step alone and its peak memory: the GPU's where it ran
+    on one (SPEC 5: the peak reserved by the process), the host's on a CPU. A CUDA run without
+    a GPU figure (the upstream engine's children, whose host RSS is all it records) gets no
+    memory cell: its host RSS beside other methods' GPU memory would set or skew M_max, so its
+    OM_train is left unscored rather than computed from the wrong quantity."""
     t3 = metrics["track3"]
-    memory = t3.get("compress_peak_gpu_bytes") or t3["compress_peak_rss_bytes"]
-    return [
-        MetricRecord(track=3, model=model, method=method, setting=setting, metric="compress_time_min", value=t3["compress_s"] / 60),
-        MetricRecord(track=3, model=model, method=method, setting=setting, metric="compress_memory_gb", value=memory / GB),
-    ]
+    out = [MetricRecord(track=3, model=model, method=method, setting=setting, metric="compress_time_min", value=t3["compress_s"] / 60)]
+    gpu = t3.get("compress_peak_gpu_bytes")
+    if gpu or not str(t3.get("device", "")).startswith("cuda"):
+        memory = gpu or t3["compress_peak_rss_bytes"]
+        out.append(MetricRecord(track=3, model=model, method=method, setting=setting, metric="compress_memory_gb", value=memory / GB))
+    return out
