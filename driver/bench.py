@@ -18,7 +18,7 @@ from typing import Callable
 from filelock import Timeout
 
 from .contract import Calibration, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result, setting_label
-from .data import resolve_data
+from .data import data_digest, resolve_data
 from .errors import JobFailed, UserError
 from .models import resolve_model
 from .profiles import KNOWN_TRACKS, PROFILES, TRACK1_TASKS, Profile
@@ -73,6 +73,7 @@ class BenchPlan:
     overrides: dict | None = None  # the params set over the preset's (--sparsity): recorded in the compress job
     compile: bool = False  # track 5 on torch_native: decode under torch.compile (deploy --compile)
     runs: dict[str, JobRun] = field(default_factory=dict)
+    data_sha256: str | None = None  # content digest of data_dir when data_source is local: in the jobs' hashes
 
     @property
     def setting(self) -> str:
@@ -192,7 +193,15 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner, gpus, slurm, judge, backends, overrides=overrides or None, compile=compile)
+                     Path(runs_dir), runner, gpus, slurm, judge, backends, overrides=overrides or None, compile=compile,
+                     data_sha256=data_digest(ddir) if source == "local" else None)
+
+
+def _data_sha256(plan: BenchPlan) -> str | None:
+    """What the plan's jobs read from the data dir, by content (None: they read the hub)."""
+    if plan.data_source != "local":
+        return None
+    return plan.data_sha256 or data_digest(plan.data_dir)
 
 
 def compress_job(plan: BenchPlan) -> Job:
@@ -204,6 +213,7 @@ def compress_job(plan: BenchPlan) -> Job:
         seqlen=p.calib_seqlen or (cal.seqlen if cal else 2048),
         seed=cal.seed if cal else 0,
         source=plan.data_source,
+        data_dir_sha256=_data_sha256(plan),
     )
     return Job(kind="compress", method=plan.method.name, preset=plan.preset, params=plan.params, overrides=plan.overrides,
                engine=plan.engine, model=plan.model, calibration=calibration, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
@@ -218,7 +228,7 @@ def eval_job(plan: BenchPlan, model: ModelRef, method: str, preset: str | None, 
         generation["kick_instruction"] = True
     settings = EvalSettings(tracks=tracks, tasks=list(TRACK1_TASKS) if 1 in tracks else [], limit=p.limit_for(tracks),
                             ppl_seqlen=p.ppl_seqlen, ppl_max_windows=p.ppl_max_windows, batch_size=p.batch_size,
-                            data_source=plan.data_source, **generation)
+                            data_source=plan.data_source, data_dir_sha256=_data_sha256(plan), **generation)
     return Job(kind="eval", method=method, preset=preset, engine=plan.engine if method != "dense" else "reference",
                model=model, evaluation=settings, profile=p.name, device=plan.device, dtype=_dtype(plan.device),
                limits=Limits(time_limit_s=p.time_limit_s))

@@ -58,6 +58,9 @@ class Calibration(_Record):
     seed: int = 0
     source: Literal["hub", "local"] = "local"
     data_sha256: str | None = Field(default=None, description="hash of the calibration file used")
+    data_dir_sha256: str | None = Field(
+        default=None, description="content digest of the local data dir staged at /data (driver.data.data_digest); "
+                                  "None when the data comes from the hub. Enters the job hash; the dir's path never does")
 
 
 class EvalSettings(_Record):
@@ -75,6 +78,9 @@ class EvalSettings(_Record):
     batch_size: int = 16
     macs_seqlen: int = 128
     data_source: Literal["hub", "local"] = "local"
+    data_dir_sha256: str | None = Field(
+        default=None, description="content digest of the local data dir staged at /data (driver.data.data_digest); "
+                                  "None when the data comes from the hub. Enters the job hash; the dir's path never does")
 
 
 class DeploySettings(_Record):
@@ -126,9 +132,9 @@ class Job(_Record):
         return v
 
     def identity_dict(self) -> dict[str, Any]:
-        """The fields that define what is computed: host paths and limits excluded; `overrides`
-        and `deploy.compile` only when set, so the jobs of stores written before they existed
-        keep their hashes."""
+        """The fields that define what is computed: host paths and limits excluded; `overrides`,
+        `deploy.compile` and the data dir digests only when set, so the jobs of stores written
+        before they existed (and jobs that read the hub) keep their hashes."""
         d = self.model_dump(mode="json")
         d["model"].pop("path", None)
         d.pop("limits", None)
@@ -136,6 +142,9 @@ class Job(_Record):
             del d["overrides"]
         if d["deploy"] is not None and not d["deploy"]["compile"]:
             del d["deploy"]["compile"]
+        for part in ("calibration", "evaluation"):
+            if d[part] is not None and d[part]["data_dir_sha256"] is None:
+                del d[part]["data_dir_sha256"]
         return d
 
     def setting(self, also: Iterable[str] = ()) -> str:

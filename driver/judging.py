@@ -6,9 +6,9 @@ instruction-following questions and store the answers with their prompts. After 
 run, the driver sends each pair to the judge (any OpenAI-compatible endpoint, both answer
 orders, deterministic decoding; tracks/kick/judge.py) and writes the whole judgement, every
 raw reply included, to `judge.json` beside the compressed evaluation's result, atomically.
-It is cached by what it depends on: the two evaluation jobs, the judge's URL and model, and
-the prompt version. Summarization has no shipped data (CNN/DM news articles carry no
-licence), so it is never judged offline.
+It is cached by what it depends on: the two evaluation jobs, the judge's URL, model and
+reply budget (max_tokens), and the prompt version. Summarization has no shipped data
+(CNN/DM news articles carry no licence), so it is never judged offline.
 """
 
 from __future__ import annotations
@@ -48,13 +48,20 @@ def load_judged(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def judge_identity(compressed_job: str, dense_job: str, judge, prompt_version: str) -> dict:
+    """What a judgement depends on: the two evaluations, the judge (URL, model, and the reply
+    budget `max_tokens`, which can cut a reply before its scores) and the prompt version.
+    The timeout, the request cap and the key's variable do not change a reply."""
+    return {"compressed_job": compressed_job, "dense_job": dense_job, "base_url": judge.base_url,
+            "model": judge.model, "max_tokens": judge.max_tokens, "prompt_version": prompt_version}
+
+
 def judge_bench(plan) -> dict:
     """Judge the compressed model's instruction answers against the dense model's (cached)."""
     from ..tracks.kick.judge import PROMPT_VERSION, JudgeError, judge_generations
 
     comp, dense = plan.runs["compressed eval t7"], plan.runs["dense eval t7"]
-    identity = {"compressed_job": comp.job_hash, "dense_job": dense.job_hash, "base_url": plan.judge.base_url,
-                "model": plan.judge.model, "prompt_version": PROMPT_VERSION}
+    identity = judge_identity(comp.job_hash, dense.job_hash, plan.judge, PROMPT_VERSION)
     old = load_judged(comp.run_dir)
     if old is not None and old.get("identity") == identity:
         return old

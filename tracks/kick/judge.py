@@ -26,7 +26,8 @@ import urllib.request
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PROMPT_VERSION = "llmcbench-pairwise-v1"
+# v2: the replies' scores are read differently ("8/10 6/10" is 8 and 6): a judgement parsed by v1 is redone
+PROMPT_VERSION = "llmcbench-pairwise-v2"
 
 SYSTEM_PROMPT = "You are a strict and impartial reviewer of answers written by AI assistants."
 
