@@ -23,7 +23,7 @@ from .errors import JobFailed, UserError
 from .models import resolve_model
 from .profiles import KNOWN_TRACKS, PROFILES, TRACK1_TASKS, Profile
 from .registry import MethodSpec, get_method
-from .runners import get_runner
+from .runners import check_stopping, get_runner
 from .store import Store, cell_name
 
 ALL_TRACKS = set(range(1, 8))
@@ -338,6 +338,7 @@ def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = No
             if cached is not None:
                 run = JobRun(p.job, p.job_hash, p.run_dir, cached, True)
             else:
+                check_stopping()  # an interrupted matrix: the killed job's run dir (its log) is kept, not prepared afresh
                 store.prepare(p.run_dir, p.job)
                 if on_line is None and on_job:
                     on_line = on_job(p.key, p.job, None)

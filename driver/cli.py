@@ -257,7 +257,8 @@ def matrix(
 
     from rich.live import Live
 
-    from .matrix import leaderboard, load_matrix_file, parse_spec, plan_matrix, refresh_cached, run_matrix, write_summary
+    from .matrix import (MatrixSpec, leaderboard, load_matrix_file, parse_spec, plan_matrix, refresh_cached, run_matrix,
+                         write_summary)
 
     t0 = time.perf_counter()
     flags = {"methods": methods, "presets": presets, "models": models, "tracks": tracks, "profile": profile, "engine": engine,
@@ -267,7 +268,7 @@ def matrix(
         data.update({k: v for k, v in flags.items() if v is not None})
         if trust_remote_code:
             data["trust_remote_code"] = True
-        if "methods" not in data:
+        if "methods" not in data and not set(data) - set(MatrixSpec.model_fields):  # a misspelt key: parse_spec names it
             raise UserError("no methods: pass --methods wanda,sparsegpt or a matrix file with a methods list")
         slurm = data.get("slurm") if isinstance(data.get("slurm"), dict) else None
         slurm = _slurm_flags(data.get("runner"), slurm, partition=partition, account=account, qos=qos)
@@ -280,7 +281,7 @@ def matrix(
             data["judge"] = judge_config(judge_url, judge_model, judge_key_env, base).model_dump()
         spec = parse_spec(data, str(file) if file else "matrix")
         plan = plan_matrix(spec, runs_dir)
-        refresh_cached(plan)
+        refresh_cached(plan, force=force)
     except UserError as e:
         _fail(e, e.exit_code)
     n_cached = sum(c.status == "cached" for c in plan.cells)
@@ -303,6 +304,9 @@ def matrix(
         write_summary(plan, [])
         err_console.print("[red]interrupted[/red]: finished cells are kept in the store; run the same command to resume", soft_wrap=True)
         raise typer.Exit(130)
+    except UserError as e:  # cells isolate their own errors; anything else is one line, with what ran kept
+        write_summary(plan, [])
+        _fail(e, e.exit_code)
 
     rows, notes, problem = leaderboard(plan)
     path = write_summary(plan, rows, notes)

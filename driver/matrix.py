@@ -18,6 +18,8 @@ the result store and the scoring are the bench's own. The matrix adds:
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -29,10 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..tracks.records import compress_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
-from .bench import BenchPlan, cached_jobs, parse_tracks, plan_bench, run_bench
-from .errors import JobFailed, UserError
+from .bench import BenchPlan, cached_jobs, parse_tracks, plan_bench, planned_jobs, run_bench
+from .errors import JobFailed, StoreError, UserError
 from .fsio import write_atomic
 from .report import plan_eval_records
+from .store import Store
 from .runners.slurm_script import SlurmConfig
 from ..tracks.kick.judge import JudgeConfig
 
@@ -77,10 +80,18 @@ def load_matrix_file(path: Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"matrix file {path} is a directory: pass the matrix YAML file itself")
     if not path.is_file():
         raise UserError(f"matrix file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"matrix file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise UserError(f"matrix file {path} cannot be read ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise UserError(f"matrix file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -176,21 +187,33 @@ def _gpu_count(matrix: Matrix) -> int:
     return max(1, torch.cuda.device_count())
 
 
-def refresh_cached(matrix: Matrix) -> None:
+def refresh_cached(matrix: Matrix, force: bool = False) -> None:
+    """Mark the cells the store already holds. With `force` nothing is cached (and a corrupted
+    result, which --force is there to repair, is not read). A corrupted result leaves its cell
+    planned: running it records the store's error for that cell only."""
+    if force:
+        return
     for c in matrix.cells:
         if c.plan is not None and c.status == "planned":
-            c.cached_jobs, c.n_jobs = cached_jobs(c.plan)
+            try:
+                c.cached_jobs, c.n_jobs = cached_jobs(c.plan)
+            except StoreError:
+                continue
             if c.cached_jobs == c.n_jobs:
                 c.status = "cached"
 
 
 def run_matrix(matrix: Matrix, on_update: Callable[[MatrixCell], None] | None = None, force: bool = False) -> Matrix:
     """Run every runnable cell; a failed cell is recorded and the others go on."""
+    from .runners import reset_stopping
+
+    reset_stopping()
     todo = [c for c in matrix.cells if c.plan is not None]
     notify = on_update or (lambda cell: None)
+    forced = _Forced() if force else None
     if matrix.workers <= 1:
         for c in todo:
-            _run_cell(c, None, force, notify)
+            _run_cell(c, None, forced, notify)
         return matrix
     # one cell per GPU: worker i owns GPU i (CUDA_VISIBLE_DEVICES for local jobs, --gpus for docker);
     # with slurm a worker only waits for its cell's Slurm jobs, and Slurm allocates the GPUs
@@ -203,7 +226,7 @@ def run_matrix(matrix: Matrix, on_update: Callable[[MatrixCell], None] | None = 
             while queue or pending:
                 while queue and free:
                     gpu = free.pop(0)
-                    pending[pool.submit(_run_cell, queue.pop(0), None if slurm else gpu, force, notify)] = gpu
+                    pending[pool.submit(_run_cell, queue.pop(0), None if slurm else gpu, forced, notify)] = gpu
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
                     free.append(pending.pop(f))
@@ -211,25 +234,62 @@ def run_matrix(matrix: Matrix, on_update: Callable[[MatrixCell], None] | None = 
         except BaseException:
             from .runners import terminate_all
 
-            terminate_all()
+            terminate_all()  # no worker starts another job; the killed ones end as interrupted
             raise
     return matrix
 
 
-def _run_cell(cell: MatrixCell, gpu: int | None, force: bool, notify: Callable[[MatrixCell], None]) -> None:
+class _Forced:
+    """`--force` applied once per job: the first cell to reach a job deletes its run dir, the
+    cells sharing it (the dense evaluations) then find the recomputed result in the store.
+
+    run_bench(force=True) would delete every job of every cell, so the shared dense evaluation
+    ran once per cell; instead each cell deletes the run dirs nobody deleted yet and runs
+    without force. Claim and deletion happen under one lock, so no cell can run a job before
+    its single deletion; the store's job lock keeps another llmcbench process's run safe."""
+
+    def __init__(self):
+        self.done: set[Path] = set()
+        self.lock = threading.Lock()
+
+    def apply(self, plan: BenchPlan, runner) -> None:
+        store = Store(plan.runs_dir)
+        for p in planned_jobs(plan, runner):
+            with self.lock:
+                if p.run_dir in self.done:
+                    continue
+                with store.lock(p.run_dir):
+                    if p.run_dir.exists():
+                        shutil.rmtree(p.run_dir)
+                self.done.add(p.run_dir)
+
+
+def _cell_runner(plan: BenchPlan, gpu: int | None):
+    """The cell's runner (the bench's own), pinned to a parallel worker's GPU when it has one.
+
+    Only a CUDA job gets a GPU: a CPU job in Docker must not demand the NVIDIA runtime."""
     from .runners import get_runner
 
+    if gpu is None:
+        return get_runner(plan.runner_name, plan.gpus, slurm=plan.slurm, device=plan.device)
+    if plan.runner_name == "docker" and plan.device.startswith("cuda"):
+        plan.gpus = str(gpu)
+    return get_runner(plan.runner_name, plan.gpus, cuda_visible=str(gpu) if plan.runner_name == "local" else None)
+
+
+def _run_cell(cell: MatrixCell, gpu: int | None, forced: _Forced | None, notify: Callable[[MatrixCell], None]) -> None:
+    from .runners import check_stopping
+
+    check_stopping()  # an interrupted matrix starts no new cell
     plan = cell.plan
-    runner = None
-    if gpu is not None:
-        if plan.runner_name == "docker":
-            plan.gpus = str(gpu)
-        runner = get_runner(plan.runner_name, plan.gpus, cuda_visible=str(gpu) if plan.runner_name == "local" else None)
     cell.status = "running"
     notify(cell)
     t0 = time.perf_counter()
     try:
-        run_bench(plan, force=force, runner=runner)
+        runner = _cell_runner(plan, gpu)  # a runner that cannot start (no daemon, no GPU) fails this cell only
+        if forced is not None:
+            forced.apply(plan, runner)
+        run_bench(plan, runner=runner)
         ran = [r for r in plan.runs.values() if not r.cached]
         cell.status = "done" if ran else "cached"
     except JobFailed as e:
@@ -237,8 +297,12 @@ def _run_cell(cell: MatrixCell, gpu: int | None, force: bool, notify: Callable[[
         cell.log = str(Path(e.run_dir) / "log.txt") if e.run_dir else None
     except UserError as e:  # e.g. a corrupted result in the store: this cell only
         cell.status, cell.error_type, cell.message = "failed", "bad_input", str(e)
-    cell.wall_s = time.perf_counter() - t0
-    notify(cell)
+    except KeyboardInterrupt:  # its job killed by terminate_all: no result kept, a resume reruns it
+        cell.status, cell.error_type, cell.message = "failed", "interrupted", "the matrix was interrupted"
+        raise
+    finally:
+        cell.wall_s = time.perf_counter() - t0
+        notify(cell)
 
 
 # ---------------------------------------------------------------- leaderboard

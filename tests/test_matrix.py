@@ -14,12 +14,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from llmcbench.driver.matrix import parse_spec, plan_matrix
+from llmcbench.driver.matrix import parse_spec, plan_matrix, refresh_cached, run_matrix, write_summary
 from llmcbench.driver.model_registry import load_registry
 from llmcbench.driver.registry import discover
 from llmcbench.tracks.scoring import MetricRecord, score
@@ -135,6 +137,9 @@ def _gated_env(tmp_path):
     ("bad_yaml", ["not valid YAML"]),
     ("judge_key", ["unknown key 'judge.modle'", "base_url"]),
     ("judge_url", ["--judge-url", "http://"]),
+    ("misspelt_methods", ["unknown key 'method'", "known keys"]),
+    ("not_utf8", ["not UTF-8"]),
+    ("directory", ["is a directory"]),
 ])
 def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line_error):
     runs = tmp_path / "runs"
@@ -160,6 +165,14 @@ def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line
         args.insert(1, str(f))
     elif case == "judge_url":
         args += ["--methods", "wanda", "--judge-url", "127.0.0.1:8000/v1", "--judge-model", "gpt-4"]
+    elif case == "misspelt_methods":  # the misspelt key explains the missing methods, not "pass --methods"
+        f.write_text("method: [wanda]\n")
+        args.insert(1, str(f))
+    elif case == "not_utf8":
+        f.write_bytes(b"methods: [wanda]\n# caf\xe9 (latin-1)\n")
+        args.insert(1, str(f))
+    elif case == "directory":
+        args.insert(1, str(tmp_path))
     proc = run_cli(*args, env=env)
     one_line_error(proc, *needles)
     assert proc.returncode == 2
@@ -279,3 +292,261 @@ def test_parallel_cells_share_one_dense_evaluation(tmp_path, tiny_llama_dir, run
     dense = {c["jobs"]["dense eval"]["run_dir"] for c in cells}
     assert len(dense) == 1 and len(list(runs.glob("dense-*/*/result.json"))) == 1
     assert sum(not c["jobs"]["dense eval"]["cached"] for c in cells) == 1
+
+
+# ---------------------------------------------------------------- interrupts, --force, runner errors (fake jobs)
+
+# Stands in for `python -m llmcbench.driver.jobrun` (same arguments): logs "<kind> <method>" to
+# $FAKE_JOB_LOG, sleeps $FAKE_JOB_SLEEP_<KIND> s and writes an ok result, so the matrix's own
+# logic (threads, locks, store, force) runs for real in a second instead of minutes of models.
+FAKE_JOB = """
+import os, sys, time
+from pathlib import Path
+from llmcbench.driver.contract import Job, Result, read_record
+from llmcbench.driver.fsio import write_record
+a = sys.argv
+job = read_record(Path(a[a.index("--job") + 1]), Job)
+out = Path(a[a.index("--out") + 1])
+with open(os.environ["FAKE_JOB_LOG"], "a") as f:
+    f.write(f"{job.kind} {job.method}\\n")
+time.sleep(float(os.environ.get("FAKE_JOB_SLEEP_" + job.kind.upper(), "0")))
+if job.kind == "compress":
+    (out / "model").mkdir(exist_ok=True)
+write_record(out / "result.json", Result(job_hash=os.environ["LLMCBENCH_JOB_HASH"], status="ok", started_at="x",
+                                         finished_at="y", wall_s=0.0).sealed())
+"""
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch, tmp_path):
+    """The local runner starts FAKE_JOB instead of the job process; returns the jobs run so far."""
+    import llmcbench.driver.runners.local as local
+    from llmcbench.driver.runners import reset_stopping
+
+    real = subprocess.Popen
+
+    def popen(cmd, **kw):
+        if "llmcbench.driver.jobrun" in cmd:
+            cmd = [sys.executable, "-c", FAKE_JOB, *cmd[3:]]
+        return real(cmd, **kw)
+
+    monkeypatch.setattr(local.subprocess, "Popen", popen)
+    ran = tmp_path / "ran.txt"
+    monkeypatch.setenv("FAKE_JOB_LOG", str(ran))
+    yield lambda: ran.read_text().splitlines() if ran.exists() else []
+    reset_stopping()  # a test that interrupted leaves the next one free to run jobs
+
+
+def _fake_matrix(tmp_path, model_dir, jobs=1):
+    """Two cells sharing one dense evaluation (track 2 only: compress, dense eval, compressed eval)."""
+    spec = parse_spec({"methods": ["wanda", "sparsegpt"], "models": [str(model_dir)], "tracks": "2", "device": "cpu",
+                       "jobs": jobs})
+    return plan_matrix(spec, tmp_path / "runs")
+
+
+def _results(runs: Path) -> dict[str, str]:
+    return {str(p.parent): json.loads(p.read_text())["status"] for p in runs.glob("*/*/result.json")}
+
+
+def test_ctrl_c_on_parallel_matrix_records_interrupted_and_starts_nothing(tmp_path, tiny_llama_dir, fake_jobs, monkeypatch):
+    """Ctrl-C while one worker runs the shared dense evaluation and the other waits for it: the
+    killed job is interrupted, not `oom` (no failed result sealed in the store), the waiting
+    worker does not start it again, and running the same matrix again finishes it."""
+    monkeypatch.setenv("FAKE_JOB_SLEEP_EVAL", "6")
+    m = _fake_matrix(tmp_path, tiny_llama_dir, jobs=2)
+    sent = []
+
+    def interrupt_once_dense_runs():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "eval dense" not in fake_jobs():
+            time.sleep(0.05)
+        if "eval dense" in fake_jobs():  # else the matrix failed early: no stray SIGINT for pytest
+            time.sleep(0.3)
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_dense_runs, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_matrix(m)
+    assert sent and time.monotonic() - sent[0] < 4  # the other worker did not run the 6 s dense eval again
+    assert fake_jobs().count("eval dense") == 1
+    assert [(c.status, c.error_type) for c in m.cells] == [("failed", "interrupted")] * 2
+    results = _results(tmp_path / "runs")
+    assert set(results.values()) == {"ok"}, results  # the compress jobs; nothing sealed failed
+    assert not list((tmp_path / "runs").glob("dense-*/*/result.json"))
+    # the killed job's log is kept: the waiting worker, refused, did not prepare its run dir afresh
+    logs = [p.read_text() for p in (tmp_path / "runs").glob("dense-*/*/log.txt")]
+    assert len(logs) == 1 and "the driver was interrupted" in logs[0], logs
+    write_summary(m, [])
+    assert {c["error_type"] for c in _summary(tmp_path / "runs")["cells"]} == {"interrupted"}
+
+    monkeypatch.setenv("FAKE_JOB_SLEEP_EVAL", "0")  # resume: only the missing jobs run
+    again = run_matrix(_fake_matrix(tmp_path, tiny_llama_dir, jobs=2))
+    assert [c.status for c in again.cells] == ["done", "done"]
+    assert fake_jobs().count("eval dense") == 2 and fake_jobs().count("compress wanda") == 1
+
+
+class _FakeContainer:
+    """A container that runs until it is killed or removed (no daemon needed)."""
+
+    def __init__(self):
+        self.id, self.attrs, self.gone, self.removed = "fakecontainer", {}, threading.Event(), []
+
+    def start(self):
+        pass
+
+    def logs(self, **kw):
+        self.gone.wait(60)
+        yield from ()
+
+    def wait(self, timeout=None):
+        import requests
+
+        if not self.gone.wait(timeout):
+            raise requests.exceptions.ReadTimeout("wait timed out")
+        return {"StatusCode": 137}
+
+    def kill(self):
+        self.gone.set()
+
+    def remove(self, force=False):
+        self.removed.append(force)
+        self.gone.set()
+
+    def reload(self):
+        import docker
+
+        raise docker.errors.NotFound("removed")
+
+
+def test_interrupt_removes_docker_containers(tmp_path, tiny_llama_dir, data_dir):
+    """terminate_all force-removes the running job containers: the worker thread blocked in
+    container.wait() returns, reports the job interrupted (no result.json), and a runner asked
+    for another job afterwards starts no container."""
+    from llmcbench.driver.bench import compress_job
+    from llmcbench.driver.runners import reset_stopping, terminate_all
+    from llmcbench.driver.runners.docker import DockerRunner
+
+    container, created = _FakeContainer(), threading.Event()
+
+    def create(**cfg):
+        assert cfg["labels"]["org.llmcbench.job_hash"] == "h" * 64
+        created.set()
+        return container
+
+    runner = DockerRunner(client=SimpleNamespace(containers=SimpleNamespace(create=create)))
+    runner.image_for = lambda job: SimpleNamespace(id="sha256:fake", tags=["llmcbench-eval:fake"])
+    runner.container_user = lambda: (os.getuid(), os.getgid(), [])
+    job = compress_job(_fake_matrix(tmp_path, tiny_llama_dir).cells[0].plan)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(runner.run(job, "h" * 64, run_dir, tiny_llama_dir, data_dir))
+        except BaseException as e:  # noqa: BLE001
+            outcome.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        assert created.wait(30)
+        terminate_all()
+        worker.join(10)
+        assert not worker.is_alive(), "the worker still waits for its container"
+        assert container.removed and container.removed[0] is True
+        assert isinstance(outcome[0], KeyboardInterrupt), outcome
+        assert not (run_dir / "result.json").exists()
+        created.clear()
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(job, "h" * 64, run_dir, tiny_llama_dir, data_dir)
+        assert not created.is_set()
+    finally:
+        container.gone.set()
+        reset_stopping()
+
+
+def test_corrupted_result_fails_its_cell_only_and_force_repairs_it(tmp_path, tiny_llama_dir, fake_jobs):
+    """A corrupted result is the store's error for its own cell, not an abort of the matrix while
+    checking the cache; `--force` (refresh_cached skips the store then) recomputes it."""
+    from llmcbench.driver.store import Store
+
+    from llmcbench.driver.bench import planned_jobs
+
+    m = run_matrix(_fake_matrix(tmp_path, tiny_llama_dir))
+    compress_dir = planned_jobs(m.cells[0].plan)[0].run_dir  # wanda's own job, not the shared dense eval
+    (compress_dir / "result.json").write_text('{"status": "ok", "trunc')
+
+    m = _fake_matrix(tmp_path, tiny_llama_dir)
+    refresh_cached(m)
+    assert [c.status for c in m.cells] == ["planned", "cached"]
+    run_matrix(m)
+    assert (m.cells[0].status, m.cells[0].error_type) == ("failed", "bad_input") and "corrupted" in m.cells[0].message
+    assert m.cells[1].status == "cached"
+
+    m = _fake_matrix(tmp_path, tiny_llama_dir)
+    refresh_cached(m, force=True)
+    run_matrix(m, force=True)
+    assert [c.status for c in m.cells] == ["done", "done"]
+    assert Store(tmp_path / "runs").cached(compress_dir) is not None
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_force_runs_the_shared_dense_evaluation_once(jobs, tmp_path, tiny_llama_dir, fake_jobs):
+    """`--force` recomputes every job once: the dense evaluation both cells share is not
+    deleted and rerun by the second cell after the first recomputed it."""
+    run_matrix(_fake_matrix(tmp_path, tiny_llama_dir, jobs))
+    before = len(fake_jobs())
+    m = run_matrix(_fake_matrix(tmp_path, tiny_llama_dir, jobs), force=True)
+    assert [c.status for c in m.cells] == ["done", "done"]
+    assert sorted(fake_jobs()[before:]) == ["compress sparsegpt", "compress wanda", "eval dense", "eval sparsegpt",
+                                            "eval wanda"]
+    assert set(_results(tmp_path / "runs").values()) == {"ok"}
+
+
+def test_runner_that_cannot_start_fails_its_cell_only(tmp_path, tiny_llama_dir, monkeypatch):
+    """A parallel worker's runner that cannot be created (no Docker daemon) fails its cell and the
+    matrix goes on; CPU jobs in Docker are not given GPUs (no NVIDIA runtime demanded)."""
+    from llmcbench.driver.errors import UserError
+
+    asked = []
+
+    class NoDaemon:
+        def __init__(self, gpus=None, client=None):
+            asked.append(gpus)
+            raise UserError("the Docker daemon is not reachable (test)")
+
+    monkeypatch.setattr("llmcbench.driver.runners.docker.DockerRunner", NoDaemon)
+    m = _fake_matrix(tmp_path, tiny_llama_dir, jobs=2)
+    for c in m.cells:
+        c.plan.runner_name = "docker"  # as if planned with --runner docker while the daemon was up
+    run_matrix(m)
+    assert [(c.status, c.error_type) for c in m.cells] == [("failed", "bad_input")] * 2
+    assert all("not reachable" in c.message for c in m.cells)
+    assert asked and all(g is None for g in asked)
+
+
+def test_matrix_cli_user_error_is_one_line_with_the_summary(tmp_path, tiny_llama_dir, monkeypatch):
+    """An error the cells did not isolate ends the matrix with one line (exit 2), not a
+    traceback, and matrix.json still records the cells."""
+    from typer.testing import CliRunner
+
+    import llmcbench.driver.matrix as matrix_module
+    from llmcbench.driver.cli import app
+    from llmcbench.driver.errors import UserError
+
+    def broken(*a, **kw):
+        raise UserError("the runner broke (test)")
+
+    monkeypatch.setattr(matrix_module, "run_matrix", broken)
+    sigterm = signal.getsignal(signal.SIGTERM)  # the command makes SIGTERM a KeyboardInterrupt
+    try:
+        res = CliRunner().invoke(app, ["matrix", "--methods", "wanda", "--models", str(tiny_llama_dir), "--tracks", "2",
+                                       "--device", "cpu", "--runs-dir", str(tmp_path / "runs")])
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().startswith("error:") and "the runner broke" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert [c["method"] for c in _summary(tmp_path / "runs")["cells"]] == ["wanda"]

@@ -8,6 +8,7 @@ source digest for local, the image digest for docker) and
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,13 +43,42 @@ def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = No
     raise UserError(f"unknown runner '{name}': choose one of {', '.join(RUNNERS)}")
 
 
+_STOPPING = threading.Event()  # set by terminate_all: the driver is shutting down, no new job starts
+
+
+def stopping() -> bool:
+    """Whether the driver was interrupted (terminate_all ran): runners start no new job then."""
+    return _STOPPING.is_set()
+
+
+def check_stopping() -> None:
+    """Raise KeyboardInterrupt when the driver is shutting down.
+
+    A matrix worker thread does not see the main thread's Ctrl-C: without this check it would
+    go on to its next job (or the dense evaluation it was waiting for) after terminate_all."""
+    if _STOPPING.is_set():
+        raise KeyboardInterrupt
+
+
+def reset_stopping() -> None:
+    """A new run in the same process (a matrix after an interrupted one, tests) may start jobs again."""
+    _STOPPING.clear()
+
+
 def terminate_all() -> None:
-    """An interrupted driver leaves nothing running: local job processes killed, Slurm jobs cancelled."""
+    """An interrupted driver leaves nothing running: no new job starts, local job processes are
+    killed, containers removed, Slurm jobs cancelled. Their runners report them interrupted
+    (KeyboardInterrupt, no result.json), so a resumed matrix runs them again."""
     import sys
 
     from .local import terminate_children
 
+    _STOPPING.set()
     terminate_children()
+    if __name__ + ".docker" in sys.modules:  # only a driver that ran containers has some to remove
+        from .docker import remove_containers
+
+        remove_containers()
     if __name__ + ".slurm" in sys.modules:  # only a driver that submitted has Slurm jobs to cancel
         from .slurm import cancel_submitted
 

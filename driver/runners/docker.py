@@ -32,12 +32,52 @@ from typing import Callable
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..dockerhost import connect, device_requests, docker_sdk, nvidia_runtime, parse_gpus
 from ..errors import UserError
-from . import collect_result, model_inputs
+from . import check_stopping, collect_result, model_inputs
 
 JOB_COMMAND = ["python", "-m", "llmcbench.driver.jobrun", "--job", "/job/job.json", "--models", "/models",
                "--data", "/data", "--out", "/out"]
 ROOT_FALLBACK_UID = 1000
 DEFAULT_SHM_BYTES = 2 << 30
+
+_RUNNING: dict[str, object] = {}  # id -> container of every job container this driver runs
+_REMOVED: set[str] = set()  # those remove_containers force-removed: interrupted, not crashed
+_RUNNING_LOCK = threading.Lock()
+
+
+def remove_containers() -> list[str]:
+    """Force-remove every job container still running (terminate_all: Ctrl-C, SIGTERM).
+
+    A worker thread blocked in `container.wait()` returns once its container is gone, and its
+    runner reports the job interrupted instead of a crash. Returns the removed containers' ids."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING.items())
+        _REMOVED.update(cid for cid, _ in running)
+    for _, container in running:
+        try:
+            container.remove(force=True)
+        except Exception:  # noqa: BLE001 - already gone, or the daemon went away: nothing left to stop
+            pass
+    return [cid for cid, _ in running]
+
+
+def _track(container) -> None:
+    """Register a created container, where remove_containers finds it. terminate_all sets the
+    stop flag before it removes: a container registered too late for it is refused here."""
+    with _RUNNING_LOCK:
+        _RUNNING[container.id] = container
+    check_stopping()
+
+
+def _untrack(container) -> bool:
+    """Forget a container; True when remove_containers removed it (the driver was interrupted)."""
+    if container is None:
+        return False
+    with _RUNNING_LOCK:
+        _RUNNING.pop(container.id, None)
+        if container.id in _REMOVED:
+            _REMOVED.discard(container.id)
+            return True
+    return False
 
 
 class DockerRunner:
@@ -164,6 +204,7 @@ class DockerRunner:
         `command` replaces the job process (tests use it to probe the container's confinement
         under exactly the job's configuration).
         """
+        check_stopping()  # an interrupted matrix's worker thread starts no new job
         docker = docker_sdk()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         t0 = time.perf_counter()
@@ -181,13 +222,21 @@ class DockerRunner:
                     container = self.client.containers.create(**cfg)
                 except docker.errors.APIError as e:
                     raise UserError(_api_error(e)) from None
+                _track(container)
                 streamer = _LogStreamer(container, log, on_line)
                 try:
                     container.start()
                 except docker.errors.APIError as e:
                     raise UserError(_api_error(e)) from None
                 streamer.start()
-                timed_out, exit_code = _wait(container, time.monotonic() + job.limits.time_limit_s, docker)
+                try:
+                    timed_out, exit_code = _wait(container, time.monotonic() + job.limits.time_limit_s, docker)
+                except docker.errors.APIError:
+                    if container.id not in _REMOVED:  # the daemon's error, not our removal's
+                        raise
+                if _untrack(container):  # removed by terminate_all: no failed result, a resume reruns it
+                    log.write(b"[llmcbench] container removed: the driver was interrupted\n")
+                    raise KeyboardInterrupt
                 streamer.join(timeout=30)
                 if timed_out:
                     log.write(f"[llmcbench] container killed after the time limit of {job.limits.time_limit_s} s\n".encode())
@@ -199,10 +248,12 @@ class DockerRunner:
             except docker.errors.NotFound:
                 pass
         except BaseException:
+            _untrack(container)
             _remove(container, docker)
             container = None
             raise
         finally:
+            _untrack(container)
             _remove(container, docker)
             if handed_over:
                 _take_back(run_dir)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,19 +21,45 @@ from typing import Callable
 
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..environment import local_environment_id
-from . import collect_result, model_inputs
+from . import check_stopping, collect_result, model_inputs
 
 
 _CHILDREN: set[int] = set()  # process groups of the running job processes (all runners of this driver)
+_KILLED: set[int] = set()  # those terminate_children killed: interrupted, not out of memory
+_CHILDREN_LOCK = threading.Lock()
 
 
 def terminate_children() -> None:
-    """Kill every job process group still running: an interrupted matrix leaves no orphans."""
-    for pgid in list(_CHILDREN):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """Kill every job process group still running: an interrupted matrix leaves no orphans.
+
+    The killed groups are remembered: their runners report the job interrupted, not `oom`
+    (a SIGKILL without a result is otherwise what the out-of-memory killer leaves)."""
+    with _CHILDREN_LOCK:
+        for pgid in list(_CHILDREN):
+            _KILLED.add(pgid)
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _start(cmd: list[str], env: dict) -> subprocess.Popen:
+    """Start the job process unless the driver is stopping; registered under the lock that
+    terminate_children takes, so a process started while it runs is either refused or killed."""
+    with _CHILDREN_LOCK:
+        check_stopping()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _CHILDREN.add(proc.pid)
+    return proc
+
+
+def _was_killed(pid: int) -> bool:
+    with _CHILDREN_LOCK:
+        _CHILDREN.discard(pid)
+        if pid in _KILLED:
+            _KILLED.discard(pid)
+            return True
+    return False
 
 
 class LocalRunner:
@@ -47,6 +74,7 @@ class LocalRunner:
 
     def run(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
             on_line: Callable[[str], None] | None = None) -> Result:
+        check_stopping()  # an interrupted matrix's worker thread starts no new job
         run_dir = Path(run_dir).resolve()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         t0 = time.perf_counter()
@@ -67,8 +95,7 @@ class LocalRunner:
                 env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible
             timed_out = False
             with open(run_dir / "log.txt", "ab") as log:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                _CHILDREN.add(proc.pid)
+                proc = _start(cmd, env)
                 deadline = time.monotonic() + job.limits.time_limit_s
                 try:
                     for line in _lines(proc, deadline):
@@ -82,10 +109,12 @@ class LocalRunner:
                 except BaseException:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+                    _was_killed(proc.pid)
                     raise
-                finally:
-                    _CHILDREN.discard(proc.pid)
                 rc = proc.wait()
+                if _was_killed(proc.pid):  # the driver was interrupted: no failed result, a resume reruns it
+                    log.write(b"[llmcbench] job killed: the driver was interrupted\n")
+                    raise KeyboardInterrupt
         return self._collect(job_hash, run_dir, rc, timed_out, started, time.perf_counter() - t0, job)
 
     def _collect(self, job_hash, run_dir, rc, timed_out, started, wall_s, job) -> Result:
