@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from ..tracks.records import compress_records, eval_records, judge_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
 from .bench import BenchPlan
-from .contract import SCHEMA_VERSION
+from .contract import SCHEMA_VERSION, Job, Result
 from .fsio import write_atomic
 from .judging import NO_JUDGE_NOTE, load_judged
 from .store import Store
@@ -98,6 +98,7 @@ def build_report(plan: BenchPlan) -> BenchReport:
     comp = runs["compress"]
     t3 = comp.result.metrics["track3"]
     compared = _track3_peers(plan)
+    own_label = _peer_label(comp.job)  # what track 3 calls this run (its engine named when not the reference)
     if 3 in plan.tracks:
         records += [r for peer in compared for r in peer["records"]]
     records, notes = drop_undefined_ratios(records)
@@ -117,28 +118,51 @@ def build_report(plan: BenchPlan) -> BenchReport:
         track3={"compress_s": t3["compress_s"], "peak_rss_gb": t3["compress_peak_rss_bytes"] / 1e9,
                 "peak_gpu_gb": (t3.get("compress_peak_gpu_bytes") or 0) / 1e9 or None, "device": t3["device"]},
         track3_compared=[{k: v for k, v in p.items() if k != "records"} for p in compared],
-        oms=[o for o in oms if o.method == method and o.setting == setting],
+        oms=[o for o in oms if o.method == method and o.setting == (own_label if o.track == 3 else setting)],
         notes=notes,
     )
 
 
 def _track3_peers(plan: BenchPlan) -> list[dict]:
     """Track 3 compares methods on the same model, profile and device: every ok compress
-    result in the store that matches (the latest per method/preset)."""
-    peers: dict[tuple[str, str], dict] = {}
-    this = plan.runs["compress"].job
+    result in the store that matches (the latest per method/preset/engine). The bench's own
+    compress run is its own peer whatever else the store holds: OM_train is this run's."""
+    own = plan.runs["compress"]
+    this = own.job
+    own_key, own_dir = _peer_key(this), Path(own.run_dir).resolve()
+    peers: dict[tuple[str, str, str], dict] = {}
     for job, result, run_dir in Store(plan.runs_dir).results():
         if job.kind != "compress" or result.status != "ok" or job.model.identity != this.model.identity:
             continue
         if job.profile != this.profile or job.device != this.device:
             continue
-        key = (job.method, job.setting())
-        if key in peers and peers[key]["finished_at"] >= result.finished_at and run_dir != plan.runs["compress"].run_dir:
+        key = _peer_key(job)
+        if key == own_key:  # another run of this very setting (older code, say): never this bench's figures
+            if Path(run_dir).resolve() != own_dir:
+                continue
+        elif key in peers and peers[key]["finished_at"] >= result.finished_at:
             continue
-        peers[key] = {"method": job.method, "preset": key[1], "compress_s": result.metrics["track3"]["compress_s"],
-                      "finished_at": result.finished_at,
-                      "records": compress_records(result.metrics, this.model.name, job.method, key[1])}
+        peers[key] = _peer(job, result, this)
     return list(peers.values())
+
+
+def _peer_key(job: Job) -> tuple[str, str, str]:
+    """The engine is part of a peer: the reference and upstream runs of one preset are two
+    implementations with their own time and memory, never one replacing the other."""
+    return job.method, job.setting(), job.engine
+
+
+def _peer_label(job: Job) -> str:
+    """The preset as reports name it, with a non-reference engine in brackets (as the store
+    report's settings do), so that two engines' rows read apart and score as two cells."""
+    return job.setting() + (f" [{job.engine}]" if job.engine != "reference" else "")
+
+
+def _peer(job: Job, result: Result, this: Job) -> dict:
+    """One row of the track-3 comparison, with its scoring records (on this bench's model)."""
+    label = _peer_label(job)
+    return {"method": job.method, "preset": label, "compress_s": result.metrics["track3"]["compress_s"],
+            "finished_at": result.finished_at, "records": compress_records(result.metrics, this.model.name, job.method, label)}
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:

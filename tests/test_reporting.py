@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from llmcbench.driver.bench import JobRun
 from llmcbench.driver.contract import Calibration, Compression, EvalSettings, Job, ModelRef, Provenance, Result, Environment
 from llmcbench.driver.fsio import sha256_file, sha256_tree, write_atomic, write_record
 from llmcbench.driver.reporting.build import build_store_report
@@ -39,15 +40,18 @@ WANDA_OFFSET = {"mmlu": +0.5, "arc_c": -3.0, "wikitext2_ppl": +0.05, "tmacs": +0
 
 
 def eval_metrics(values: dict[str, float], tracks: tuple = (1, 4)) -> dict:
-    if tuple(tracks) == (2,):
-        return {"track2": {"wikitext2": {"ppl": values["wikitext2_ppl"]}}}
-    tasks = {k: {"accuracy_pct": v} for k, v in values.items() if k not in ("wikitext2_ppl", "gpu_memory_gb", "model_size_gb", "tmacs")}
-    return {
-        "track1": {"tasks": tasks, "wikitext2": {"ppl": values["wikitext2_ppl"]}, "eval_s": 1.0},
-        "track4": {"inference_memory_bytes": int(round(values["gpu_memory_gb"] * 1e9)),
-                   "model_size_bytes": int(round(values["model_size_gb"] * 1e9)),
-                   "macs": {"effective_macs": values["tmacs"] * 1e12, "raw_macs": 0.85e12}, "macs_seqlen": 128},
-    }
+    """What an evaluation of `tracks` (of 1, 2, 4) records."""
+    out = {}
+    if 1 in tracks:
+        tasks = {k: {"accuracy_pct": v} for k, v in values.items() if k not in ("wikitext2_ppl", "gpu_memory_gb", "model_size_gb", "tmacs")}
+        out["track1"] = {"tasks": tasks, "wikitext2": {"ppl": values["wikitext2_ppl"]}, "eval_s": 1.0}
+    if 2 in tracks:
+        out["track2"] = {"wikitext2": {"ppl": values["wikitext2_ppl"]}}
+    if 4 in tracks:
+        out["track4"] = {"inference_memory_bytes": int(round(values["gpu_memory_gb"] * 1e9)),
+                         "model_size_bytes": int(round(values["model_size_gb"] * 1e9)),
+                         "macs": {"effective_macs": values["tmacs"] * 1e12, "raw_macs": 0.85e12}, "macs_seqlen": 128}
+    return out
 
 
 class SyntheticStore:
@@ -99,11 +103,15 @@ class SyntheticStore:
                                         "model.safetensors": f"weights of {method} {preset}".encode()},
                            provenance=Provenance(runner="docker" if image_digest else "local",
                                                  image=f"llmcbench/{method}" if image_digest else None, image_digest=image_digest))
+        return comp, self.evaluate(model, comp, values, profile, tracks)
+
+    def evaluate(self, model: ModelRef, comp: Path, values: dict, profile: str = "paper", tracks: tuple = (1, 4)) -> Path:
+        """An evaluation of the artifact of the compress run in `comp` (bench runs one per track group)."""
+        comp_job = Job.model_validate_json((comp / "job.json").read_text())
         artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.name}", path=str(comp / "model"))
-        ev_job = Job(kind="eval", method=method, preset=preset, model=artifact, evaluation=EvalSettings(tracks=list(tracks)),
-                     profile=profile, device="cuda")
-        ev = self._write(cell, ev_job, eval_metrics(values, tracks))
-        return comp, ev
+        ev_job = Job(kind="eval", method=comp_job.method, preset=comp_job.preset, model=artifact,
+                     evaluation=EvalSettings(tracks=list(tracks)), profile=profile, device="cuda")
+        return self._write(cell_name(comp_job.method, comp_job.preset, model.name), ev_job, eval_metrics(values, tracks))
 
 
 def wanda_values() -> dict:
@@ -141,9 +149,10 @@ def test_compare_with_paper_known_deltas(llama_store):
     for metric, paper in PAPER_WANDA.items():
         row = _row(report, "wanda", "unstructured-50", metric)
         assert (row.paper_model, row.paper_method, row.paper_setting) == ("LLaMA-2-7B", "Wanda", "50%")
-        assert row.paper == pytest.approx(paper)
-        assert row.measured == pytest.approx(paper + WANDA_OFFSET.get(metric, 0.0))
-        assert row.delta == pytest.approx(WANDA_OFFSET.get(metric, 0.0), abs=1e-6)
+        in_gb = paper * GIB_IN_GB if metric in ("gpu_memory_gb", "model_size_gb") else paper  # the paper's GiB
+        assert row.paper == pytest.approx(in_gb)
+        assert row.measured == pytest.approx(paper + WANDA_OFFSET.get(metric, 0.0))  # recorded in GB
+        assert row.delta == pytest.approx(paper + WANDA_OFFSET.get(metric, 0.0) - in_gb, abs=1e-6)
         assert row.source.startswith("wanda-unstructured-50-llama-2-7b-hf/") and row.source.endswith("/result.json")
     verdicts = {m: _row(report, "wanda", "unstructured-50", m).verdict for m in PAPER_WANDA}
     assert verdicts["mmlu"] == "ok"            # +0.5 pt, tolerance ±1 pt
@@ -156,7 +165,24 @@ def test_compare_with_paper_known_deltas(llama_store):
         row = _row(report, "wanda", "2:4", metric)
         assert row.paper_setting == "2:4" and row.delta == pytest.approx(0, abs=1e-9) and row.verdict == "ok"
     for metric in PAPER_DENSE:
-        assert _row(report, "dense", "-", metric).delta == pytest.approx(0, abs=1e-9)
+        if metric not in ("gpu_memory_gb", "model_size_gb"):
+            assert _row(report, "dense", "-", metric).delta == pytest.approx(0, abs=1e-9)
+
+
+GIB_IN_GB = 2**30 / 1e9
+
+
+def test_the_papers_sizes_are_gib_and_are_compared_in_gb():
+    """Table 3 prints GiB under "GB": LLaMA-2-7B's 6,738,415,616 fp16 weights are 12.55 GiB, its
+    printed size, and LLaMA-3-8B's 8,030,261,248 are 14.96. The store measures GB (10^9 bytes):
+    the paper's figure is converted before the comparison, else an exact fp16 checkpoint read
+    +7.4% against it."""
+    from llmcbench.driver.reporting.paper import _paper_value
+
+    for model, params in (("LLaMA-2-7B", 6_738_415_616), ("LLaMA-3-8B", 8_030_261_248)):
+        size = _paper_value(4, model, "dense", "FP16", "model_size_gb")
+        assert size == pytest.approx(params * 2 / 1e9, rel=1e-3), (model, size)
+    assert _paper_value(4, "LLaMA-2-7B", "dense", "FP16", "tmacs") == pytest.approx(0.85)  # not a size: as printed
 
 
 def test_compare_with_paper_oms_are_rescored_per_model(llama_store):
@@ -262,6 +288,39 @@ def test_cells_are_scored_against_their_dense_baseline(llama_store):
     assert group.fairness_flags == []
 
 
+def test_overlapping_evaluations_of_an_artifact_give_each_track_one_source(tmp_path):
+    """The default bench (tracks 1,3,4) evaluates tracks 1,4; a later `TRACKS=all` bench the
+    same artifact on 1,2,4, where inference memory reads a little different. Each track is
+    scored from the latest evaluation that covers it, with that one's dense twin: the cell
+    keeps all its OMs, and each OM links to the evaluation it came from."""
+    s = SyntheticStore(tmp_path / "runs")
+    s.dense(LLAMA2, PAPER_DENSE, tracks=(1, 4))
+    comp, old = s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, wanda_values(),
+                         60.0, 14.0, tracks=(1, 4))
+    dense = s.dense(LLAMA2, dict(PAPER_DENSE, gpu_memory_gb=22.97), tracks=(1, 2, 4))
+    new = s.evaluate(LLAMA2, comp, dict(wanda_values(), gpu_memory_gb=22.95), tracks=(1, 2, 4))
+    source = {d: f"{d.relative_to(tmp_path / 'runs').as_posix()}/result.json" for d in (old, dense, new)}
+    (cell,) = build_store_report(tmp_path / "runs").groups[0].cells
+    assert cell.notes == []
+    oms = {o.om: o for o in cell.oms}
+    assert set(oms) == {"om_ka", "om_ia", "om_perf", "om_gen", "om_train", "om_inf"}
+    assert all(oms[om].sources == [source[new], source[dense]] for om in ("om_ka", "om_ia", "om_perf", "om_gen", "om_inf"))
+    assert cell.compressed_eval.path == new.relative_to(tmp_path / "runs").as_posix()
+    metrics = [(m.track, m.metric) for m in cell.metrics]
+    assert len(metrics) == len(set(metrics)) and (2, "wikitext2_ppl") in metrics
+    memory = next(m for m in cell.metrics if m.metric == "gpu_memory_gb")
+    assert (memory.dense, memory.compressed) == (pytest.approx(22.97), pytest.approx(22.95))
+    assert {m.compressed_source for m in cell.metrics} == {source[new]}
+    # a later track-2-only evaluation takes track 2 over; tracks 1 and 4 stay with the 1,2,4 one
+    dense2 = s.dense(LLAMA2, {"wikitext2_ppl": 5.0}, tracks=(2,))
+    gen = s.evaluate(LLAMA2, comp, {"wikitext2_ppl": 6.0}, tracks=(2,))
+    (cell,) = build_store_report(tmp_path / "runs").groups[0].cells
+    oms = {o.om: o for o in cell.oms}
+    assert cell.notes == [] and oms["om_gen"].value == pytest.approx(100 * 5.0 / 6.0)
+    assert oms["om_gen"].sources == [f"{d.relative_to(tmp_path / 'runs').as_posix()}/result.json" for d in (gen, dense2)]
+    assert oms["om_ka"].sources == oms["om_inf"].sources == [source[new], source[dense]]
+
+
 def test_track2_across_models_is_table_2_with_om_gen(tmp_path):
     """Track 2 on three models: one table with a column per model and OM_gen as the RMS over
     the models of ppl_dense/ppl_c; a method measured on two of the three gets none."""
@@ -283,6 +342,48 @@ def test_track2_across_models_is_table_2_with_om_gen(tmp_path):
     expected = 100 * math.sqrt(sum((d / m["wanda"]) ** 2 for _, d, m in ppl) / 3)
     assert rows["wanda"][5] == f"{expected:.2f}" and rows["wanda"][2:5] == ["6.46", "18.41", "25.00"]
     assert rows["gptq"][4] == "-" and rows["gptq"][5] == "-"  # not on every model: no OM_gen over fewer
+
+
+def _compress(s: SyntheticStore, engine: str, compress_s: float, memory_gb: float, seed: int = 0) -> JobRun:
+    """A compress run of Wanda 50% on LLaMA-2-7B, as the bench that ran it holds it."""
+    job = Job(kind="compress", method="wanda", preset="unstructured-50", params={"pattern": "unstructured", "sparsity": 0.5},
+              engine=engine, model=LLAMA2, profile="paper", device="cuda", calibration=Calibration(nsamples=128, seqlen=2048, seed=seed))
+    d = s._write(cell_name("wanda", "unstructured-50", LLAMA2.name), job,
+                 {"track3": {"compress_s": compress_s, "compress_peak_rss_bytes": int(3e9),
+                             "compress_peak_gpu_bytes": int(memory_gb * 1e9), "device": "cuda"}})
+    return JobRun(job, d.name, d, Result.model_validate_json((d / "result.json").read_text()), cached=False)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["sorted", "reversed"])
+@pytest.mark.parametrize("engine", ["reference", "upstream"])
+def test_a_bench_scores_track3_on_its_own_compress_run(tmp_path, monkeypatch, engine, reverse):
+    """`bench --engine reference` beside an upstream run of the same preset, and a newer run of
+    the same preset and engine (other calibration seed): OM_train and the track-3 figures are
+    those of the bench's own run whatever order the store is read in, and the other engine is
+    a peer of its own, named in brackets."""
+    from types import SimpleNamespace
+
+    from llmcbench.driver import store
+    from llmcbench.driver.report import build_report
+
+    s = SyntheticStore(tmp_path / "runs")
+    runs = {"reference": _compress(s, "reference", 60.0, 14.0), "upstream": _compress(s, "upstream", 600.0, 12.0)}
+    _compress(s, "reference", 30.0, 20.0, seed=1)  # newer, same key: a peer only of the upstream bench
+    if reverse:
+        results = store.Store.results
+        monkeypatch.setattr(store.Store, "results", lambda self: list(results(self))[::-1])
+    plan = SimpleNamespace(runs={"compress": runs[engine]}, runs_dir=tmp_path / "runs", model=LLAMA2,
+                           method=SimpleNamespace(name="wanda"), setting="unstructured-50", tracks=[3], engine=engine,
+                           profile=SimpleNamespace(name="paper"), device="cuda", data_source="hub")
+    rep = build_report(plan)
+    own_s, own_gb = (60.0, 14.0) if engine == "reference" else (600.0, 12.0)
+    peers = {p["preset"]: p["compress_s"] for p in rep.track3_compared}
+    assert peers == {"unstructured-50": 60.0 if engine == "reference" else 30.0, "unstructured-50 [upstream]": 600.0}
+    assert rep.track3["compress_s"] == own_s
+    t_max, m_max = 600.0, 14.0 if engine == "reference" else 20.0
+    (om,) = [o for o in rep.oms if o.om == "om_train"]
+    assert om.value == pytest.approx(math.sqrt(((t_max / own_s) ** 2 + (m_max / own_gb) ** 2) / 2))
+    assert om.setting == ("unstructured-50" if engine == "reference" else "unstructured-50 [upstream]")
 
 
 def _two_methods(tmp_path, **sparsegpt_kw) -> Path:

@@ -8,8 +8,10 @@ Rules (all from the store's own records, so a bundle re-derives the same report)
   scored. Failed jobs are listed with their error.
 - A cell is one (model identity, profile, method, preset, engine, params); when the store
   holds several compress runs of a cell (code changed between runs), the latest counts.
-- Its compressed evaluations are the latest evals of the artifact (`artifact:<compress hash>`),
-  one per track group (tracks 1/2/4, 6, 7: `bench.EVAL_GROUPS`); each one's dense baseline is the latest dense eval of the same model with the same evaluation
+- Its compressed evaluations are the evals of the artifact (`artifact:<compress hash>`), per
+  track the latest that covers it (track groups 1/2/4, 6, 7: `bench.EVAL_GROUPS`; a store may
+  also hold an older 1/4 beside a newer 1/2/4, whose tracks 1 and 4 then come from the newer
+  only); each one's dense baseline is the latest dense eval of the same model with the same evaluation
   settings, device and dtype that finished before the compressed one started (what `bench`
   used), else the latest such.
 - A group (one model identity under one profile) is what gets compared: track 3's baseline
@@ -162,18 +164,44 @@ def _group(model: str, identity: str, profile: str, members: list[StoredRun], ev
     track3_sources = [r.source for r in members]
     cells = []
     for comp, setting in zip(members, settings):
-        # one evaluation per track group (bench.EVAL_GROUPS): the latest of each, each with its dense twin
-        by_tracks: dict[tuple[int, ...], list[StoredRun]] = {}
-        for e in evals:
-            if e.job.model.identity == f"artifact:{comp.result.job_hash}":
-                key = tuple(e.job.evaluation.tracks) if e.job.evaluation else (5, e.job.deploy.backend)
-                by_tracks.setdefault(key, []).append(e)
-        pairs = [(ce, _dense_for(ce, comp, evals)) for ce in (_latest(v) for _, v in sorted(by_tracks.items()))]
+        artifact_evals = [e for e in evals if e.job.model.identity == f"artifact:{comp.result.job_hash}"]
+        pairs = [(ce, _dense_for(ce, comp, evals), tracks) for ce, tracks in _sources_per_track(artifact_evals)]
         cells.append(_cell(model, comp, setting, pairs, track3_records, track3_sources))
     flags = [name for name in FAIRNESS_FIELDS
              if len({getattr(c.fairness, name) for c in cells}) > 1]
     return GroupReport(model=model, model_identity=identity, profile=profile, paper_model=paper_model, cells=cells,
                        fairness_flags=flags)
+
+
+def _coverage(e: StoredRun) -> list[tuple]:
+    """What one evaluation measures, in units no two sources may share: each of its tracks,
+    or for a deploy job track 5 on its backend (each backend is a metric of its own)."""
+    if e.job.evaluation is None:
+        return [(5, e.job.deploy.backend)]
+    return [(t,) for t in e.job.evaluation.tracks]
+
+
+def _sources_per_track(artifact_evals: list[StoredRun]) -> list[tuple[StoredRun, tuple[int, ...]]]:
+    """Each evaluation that is the latest to cover some track, with the tracks it is used for.
+
+    Evaluations of one artifact overlap when the bench ran again with other tracks (the default
+    tracks 1,4, later `TRACKS=all` as 1,2,4): both measure tracks 1 and 4, with inference memory
+    measured twice, and two values of one dense metric make the cell unscorable. So per track
+    only the latest evaluation covering it (and its dense twin) counts; an older one gives only
+    the tracks no newer one covers, and none when a newer covers them all. Ordered by the first
+    track each is used for, so the cell's main evaluation is the one of track 1 when it has one."""
+    chosen: dict[tuple, StoredRun] = {}
+    for e in artifact_evals:
+        for unit in _coverage(e):
+            if unit not in chosen or _newer(e, chosen[unit]):
+                chosen[unit] = e
+    used: dict[str, tuple[StoredRun, list[int]]] = {}
+    for unit in sorted(chosen):
+        e = chosen[unit]
+        tracks = used.setdefault(e.path, (e, []))[1]
+        if unit[0] not in tracks:
+            tracks.append(unit[0])
+    return [(e, tuple(tracks)) for e, tracks in used.values()]
 
 
 def _latest(runs: list[StoredRun]) -> StoredRun | None:
@@ -193,29 +221,30 @@ def _dense_for(comp_eval: StoredRun, comp: StoredRun, evals: list[StoredRun]) ->
     return _latest(before) or _latest(candidates)
 
 
-def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun, StoredRun | None]],
+def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun, StoredRun | None, tuple[int, ...]]],
           track3_records: list[MetricRecord], track3_sources: list[str]) -> CellReport:
+    """`pairs`: (compressed evaluation, its dense twin, the tracks it is the source of)."""
     method = comp.job.method
     metrics: list[MetricCell] = []
     records: list[MetricRecord] = list(track3_records)
-    comp_eval, dense = pairs[0] if pairs else (None, None)
+    comp_eval, dense, _ = pairs[0] if pairs else (None, None, ())
     om_sources: dict[int, list[str]] = {}
-    for comp_eval_i, dense_i in pairs:
+    for comp_eval_i, dense_i, tracks in pairs:
         comp_recs = eval_records(comp_eval_i.result.metrics, model, method, setting)
         judged_dense: list[MetricRecord] = []
-        tracks = comp_eval_i.job.evaluation.tracks if comp_eval_i.job.evaluation else [5]
         if 7 in tracks and dense_i is not None:
             judged = comp_eval_i.judged
             if judged and judged.get("identity", {}).get("dense_job") == dense_i.result.job_hash:
                 judged_dense, judged_comp = judge_records(judged, model, method, setting)
                 comp_recs += judged_comp
-        for t in tracks:
-            om_sources[t] = [comp_eval_i.source] + ([dense_i.source] if dense_i else [])
-        _metric_cells(comp_recs, comp_eval_i, dense_i, model, metrics, records, judged_dense)
+        for t in tracks:  # track 5 has one source per backend
+            sources = om_sources.setdefault(t, [])
+            sources += [s for s in [comp_eval_i.source] + ([dense_i.source] if dense_i else []) if s not in sources]
+        _metric_cells(comp_recs, comp_eval_i, dense_i, model, metrics, records, judged_dense, tracks)
     oms, notes = [], []
     if comp_eval is None:
         notes.append("no evaluation of this artifact in the store: tracks 1 and 4 not scored")
-    elif any(d is None for _, d in pairs):
+    elif any(d is None for _, d, _ in pairs):
         notes.append("no dense evaluation with the same settings in the store: ratios and OMs of its tracks not scored")
     records, left_out = drop_undefined_ratios(records)
     notes += left_out
@@ -243,9 +272,13 @@ def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun
 
 
 def _metric_cells(comp_recs: list[MetricRecord], comp_eval: StoredRun, dense: StoredRun | None, model: str,
-                  metrics: list[MetricCell], records: list[MetricRecord], extra_dense: list[MetricRecord] = ()) -> None:
-    """Adds one evaluation's metric cells (with their dense twins) and scoring records."""
+                  metrics: list[MetricCell], records: list[MetricRecord], extra_dense: list[MetricRecord],
+                  tracks: tuple[int, ...]) -> None:
+    """Adds one evaluation's metric cells (with their dense twins) and scoring records, of the
+    `tracks` it is the source of only: an overlapping evaluation must not give a second value."""
     dense_recs = (eval_records(dense.result.metrics, model, "dense", "dense") if dense else []) + list(extra_dense)
+    comp_recs = [r for r in comp_recs if r.track in tracks]
+    dense_recs = [r for r in dense_recs if r.track in tracks]
     dense_values = {(r.track, r.metric): r.value for r in dense_recs}
     records += comp_recs + dense_recs
     for r in comp_recs:

@@ -85,11 +85,19 @@ def paper_table_file(track: int) -> str:
     return PAPER_TABLES[track].name
 
 
+# Table 3's "GB" are GiB (2^30 bytes): LLaMA-2-7B's 6,738,415,616 fp16 weights are 12.55 GiB, its
+# printed size (13.48 GB), and LLaMA-3-8B's 14.96 likewise. The store measures GB (10^9 bytes,
+# tracks/records.py), so the paper's figure is converted before the two are compared: unconverted,
+# a perfect reproduction read +7.4% against a 10% tolerance. The OMs are ratios, unaffected.
+PAPER_GIB_METRICS = {(4, "gpu_memory_gb"), (4, "model_size_gb")}
+
+
 def _paper_value(track: int, model: str, method: str, setting: str, metric: str) -> float | None:
+    """The paper's figure in the store's unit (GB of 10^9 bytes where the paper printed GiB)."""
     for r in paper_records()[track]:
         if r.model == model and r.metric == metric and r.method.lower() == method.lower():
             if r.is_dense or r.setting == setting:
-                return r.value
+                return r.value * 2**30 / 1e9 if (track, metric) in PAPER_GIB_METRICS else r.value
     return None
 
 
