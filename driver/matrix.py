@@ -175,6 +175,10 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
         matrix.workers = spec.jobs or max(1, sum(c.plan is not None for c in matrix.cells))
     else:
         matrix.workers = spec.jobs or _gpu_count(matrix)
+        pinned = spec.device if spec.device and spec.device.startswith("cuda:") else None
+        if pinned and matrix.workers > 1:  # each worker's jobs see one GPU, as their cuda:0
+            raise UserError(f"--device {pinned} with {matrix.workers} parallel cells: each cell gets a GPU of its own; "
+                            "use --device cuda (or --jobs 1 to run every cell on that one GPU)")
     return matrix
 
 
@@ -264,17 +268,33 @@ class _Forced:
                 self.done.add(p.run_dir)
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this driver may hand out, as the host names them: the user's CUDA_VISIBLE_DEVICES
+    where it is set (with "2,3" worker 0 must get GPU 2, not 0), else every device torch sees."""
+    import os
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
 def _cell_runner(plan: BenchPlan, gpu: int | None):
-    """The cell's runner (the bench's own), pinned to a parallel worker's GPU when it has one.
+    """The cell's runner (the bench's own), pinned to a parallel worker's GPU when it has one:
+    worker i gets the i-th visible GPU (wrapping when --jobs exceeds them: two cells share one).
 
     Only a CUDA job gets a GPU: a CPU job in Docker must not demand the NVIDIA runtime."""
     from .runners import get_runner
 
-    if gpu is None:
+    if gpu is None or not plan.device.startswith("cuda"):
         return get_runner(plan.runner_name, plan.gpus, slurm=plan.slurm, device=plan.device)
-    if plan.runner_name == "docker" and plan.device.startswith("cuda"):
-        plan.gpus = str(gpu)
-    return get_runner(plan.runner_name, plan.gpus, cuda_visible=str(gpu) if plan.runner_name == "local" else None)
+    visible = visible_gpus()
+    device = visible[gpu % len(visible)] if visible else str(gpu)
+    if plan.runner_name == "docker":
+        plan.gpus = device
+    return get_runner(plan.runner_name, plan.gpus, cuda_visible=device if plan.runner_name == "local" else None)
 
 
 def _run_cell(cell: MatrixCell, gpu: int | None, forced: _Forced | None, notify: Callable[[MatrixCell], None]) -> None:

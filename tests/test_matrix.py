@@ -550,3 +550,23 @@ def test_matrix_cli_user_error_is_one_line_with_the_summary(tmp_path, tiny_llama
     assert res.stderr.strip().startswith("error:") and "the runner broke" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert [c["method"] for c in _summary(tmp_path / "runs")["cells"]] == ["wanda"]
+
+
+def test_parallel_workers_get_the_users_visible_gpus(tmp_path, tiny_llama_dir, monkeypatch):
+    """Worker i's jobs run on the i-th GPU the user made visible (CUDA_VISIBLE_DEVICES=2,3: GPUs 2
+    and 3, not 0 and 1), wrapping when --jobs exceeds them; CPU jobs are pinned to none; a
+    pinned --device cuda:N with parallel cells is a one-line error (each cell sees one GPU)."""
+    from llmcbench.driver.errors import UserError
+    from llmcbench.driver.matrix import _cell_runner
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    plan = _fake_matrix(tmp_path, tiny_llama_dir, jobs=3).cells[0].plan
+    assert _cell_runner(plan, 1).cuda_visible is None  # a CPU job
+    plan.device = "cuda"  # as planned on a GPU host
+    assert [_cell_runner(plan, slot).cuda_visible for slot in range(3)] == ["2", "3", "2"]
+
+    monkeypatch.setattr("llmcbench.driver.bench.resolve_device", lambda device: device)  # no GPU here
+    spec = parse_spec({"methods": ["wanda"], "models": [str(tiny_llama_dir)], "tracks": "2", "device": "cuda:1", "jobs": 2})
+    with pytest.raises(UserError, match=r"--device cuda:1 with 2 parallel cells.*use --device cuda"):
+        plan_matrix(spec, tmp_path / "runs2")
+    assert plan_matrix(parse_spec({**spec.model_dump(exclude_none=True), "jobs": 1}), tmp_path / "runs3").workers == 1
