@@ -10,7 +10,7 @@ LLM-KICK's five knowledge-intensive tasks and how each is measured here:
 | summarization | CNN/DM stories | - | judge score (not scored here) |
 | instruction following | 80 Vicuna-bench questions | greedy, chat template | judge score (not scored here) |
 
-EM/F1 are the SQuAD/TriviaQA official ones (metrics.py). LLM-KICK's own looser match
+EM/F1 are TriviaQA's official ones (metrics.py). LLM-KICK's own looser match
 (substring either way) is kept in the details as `kick_protocol_match_pct`. Differences
 from LLM-KICK's scripts, on purpose: FreebaseQA eval split instead of train (the slice);
 MMLU scored by lm-eval's log-likelihood over A-D instead of generating one token and
@@ -186,6 +186,6 @@ def _notes(details: dict, instruction: bool) -> list[str]:
                      "not yet judged")
     else:
         notes.append("instruction-following answers not generated (instruction=False)")
-    notes.append("EM/F1 are the SQuAD/TriviaQA official ones on the first line of the answer; LLM-KICK's looser "
+    notes.append("EM/F1 are TriviaQA's official ones on the first line of the answer; LLM-KICK's looser "
                  "substring match is in details as kick_protocol_match_pct")
     return notes

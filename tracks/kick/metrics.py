@@ -1,9 +1,11 @@
 """Answer normalisation and matching for LLM-KICK's short-answer QA tasks, as pure functions.
 
-`normalize_answer` is the SQuAD v1.1 / TriviaQA official one (lower case, punctuation ->
-space, articles a/an/the dropped, whitespace collapsed; TriviaQA's variant also turns
-underscores and the quote marks ‘ ’ ´ ` into spaces). EM and token F1 are the official
-ones; a prediction is scored against every reference alias and the best score is kept.
+`normalize_answer` is TriviaQA's official one (lower case, punctuation -> space, articles
+a/an/the dropped, whitespace collapsed, underscores and the quote marks ‘ ’ ´ ` -> space).
+SQuAD v1.1's deletes punctuation instead: "U.S.A." is "usa" there and "u s a" here, so an
+answer written "USA" matches the alias "U.S.A." only where the aliases list both (TriviaQA's
+do, with their normalized_aliases). EM and token F1 are the official ones; a prediction is
+scored against every reference alias and the best score is kept.
 
 `kick_match` is the looser rule LLM-KICK's own scripts use (VITA-Group/llm-kick):
 `incontext_qa/main_icrqa.py` counts a prediction right when the normalised reference is a
@@ -26,7 +28,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD/TriviaQA normalisation: 'The Eiffel Tower!' -> 'eiffel tower'."""
+    """TriviaQA's normalisation: 'The Eiffel Tower!' -> 'eiffel tower'."""
     text = text.replace("_", " ").lower()
     text = "".join(" " if ch in _PUNCT else ch for ch in text)
     text = _ARTICLES.sub(" ", text)
