@@ -163,6 +163,32 @@ def test_a_smoothquant_w8a8_artifact_deploys_on_the_integer_gemm_as_it_is_scored
     assert err < 1e-3 and gap > 10 * err, (err, gap)  # what is scored, not the unquantized activations
 
 
+def test_a_per_channel_gptq_artifact_deploys_on_the_int4_kernel(tiny_llama_dir):
+    """GPTQ's W3A16 (and OmniQuant's W4A4) are per output channel and declare group_size -1, as
+    upstream writes it: the int4 kernel took -1 for a group width and found none ("in groups
+    of -1: no int4 kernel group"); it is one group per channel, and the 3-bit grid is exact."""
+    from transformers import AutoModelForCausalLM
+
+    from llmcbench.driver.registry import get_method
+    from llmcbench.tracks.acceleration.backends import prepare_native
+
+    spec = get_method("gptq")
+    _, params = spec.preset("w3a16")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    calibration = torch.randint(3, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    out = spec.engine_module("reference").compress(model, calibration, dict(params), torch.device("cpu"))
+    declaration = getattr(out, "declaration", out)
+    assert (declaration.weight_bits, declaration.group_size) == (3, -1)
+    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        artifact = model(ids).logits
+        prepared = prepare_native(model, declaration, torch.device("cpu"))
+        deployed = prepared.model(ids).logits
+    assert prepared.category == "INT4 quantization" and prepared.kernel == "aten._weight_int4pack_mm_for_cpu"
+    assert prepared.max_abs_err < 0.01  # the grid held exactly, bf16 scales apart
+    assert float((deployed - artifact).norm() / artifact.norm()) < 0.02
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_an_fp32_model_runs_the_kernels_in_bf16_within_bf16_rounding(bits):
     """On an fp32 (CPU) model the kernels take their fast bf16 path: activations cast in and

@@ -80,7 +80,7 @@ def plan(backend: str, declaration) -> CompiledPlan:
         if cat in ("INT8 quantization", "INT4 quantization"):
             bits = "int8" if cat.startswith("INT8") else "int4"
             notes = ["TensorRT-LLM re-quantizes the artifact's dequantized weights per channel (weight-only)"]
-            if declaration.group_size and bits == "int4":
+            if declaration.group_size and declaration.group_size > 0 and bits == "int4":
                 notes.append(f"the artifact's groups of {declaration.group_size} become per-channel scales in the engine")
             return CompiledPlan(backend, cat, True, f"TensorRT-LLM weight-only {bits} GEMM", bits, notes=notes)
         if cat == "2:4 sparsity":

@@ -116,8 +116,10 @@ class Int8DynamicActivationLinear(nn.Module):
 
 class Int4WeightOnlyLinear(nn.Module):
     def __init__(self, linear: nn.Linear, artifact_group: int | None = 128, compute_dtype: torch.dtype | None = None):
-        """`artifact_group`: the artifact's group size (None: one group per output channel)."""
+        """`artifact_group`: the artifact's group size (None, or GPTQ's and OmniQuant's -1: one
+        group per output channel)."""
         super().__init__()
+        artifact_group = artifact_group if artifact_group and artifact_group > 0 else None
         w = linear.weight.detach().float()
         n, k = w.shape
         # the artifact's groups (the last one shorter where the width is no multiple of group_size:
