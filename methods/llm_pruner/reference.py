@@ -206,9 +206,15 @@ def layer_ranges(settings: PrunerSettings, depth: int) -> tuple[range, range]:
     return out[0], out[1]
 
 
-def pruned_count(groups: int, ratio: float) -> int:
-    """Groups removed from a layer: ratio of them rounded half up, keeping at least one."""
-    return min(groups - 1, int(math.floor(groups * ratio + 0.5)))
+def pruned_count(groups: int, ratio: float, width: int = 1) -> int:
+    """Groups removed from a layer, counted as upstream's pruner does (torch_pruning's
+    `prune_local`): of the C = groups x width channels, C - int(C x (1 - ratio)) are to go, in
+    whole groups of `width` channels (an attention group: its query heads' rows in q_proj),
+    keeping at least one group. Rounding half up instead removed one head more than upstream
+    at ratios such as 0.3 or 0.62 (10 of LLaMA-7B's 32 heads where upstream removes 9) and one
+    MLP channel less (3302 of 11008 where upstream removes 3303)."""
+    channels = groups * width
+    return max(0, min(groups - 1, (channels - int(channels * (1 - ratio))) // width))
 
 
 # ----------------------------------------------------------------------------- importance
@@ -441,7 +447,7 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
             for i in attn_range:
                 attn, layout = layers[i].self_attn, layouts[i]
                 scores = attention_importance(attn, layout, settings) if generator is None else torch.zeros(layout.kv_heads)
-                prune_attention(attn, layout, lowest(scores, pruned_count(layout.kv_heads, settings.pruning_ratio), generator))
+                prune_attention(attn, layout, lowest(scores, pruned_count(layout.kv_heads, settings.pruning_ratio, layout.head_dim * layout.heads_per_group), generator))
             for i in mlp_range:
                 mlp, layout = layers[i].mlp, layouts[i]
                 scores = mlp_importance(mlp, settings) if generator is None else torch.zeros(layout.intermediate)

@@ -94,13 +94,14 @@ def check_group_counts(model, dense_layouts, settings: PrunerSettings):
     attn_range, mlp_range = layer_ranges(settings, len(dense_layouts))
     for i, (dense, now) in enumerate(zip(dense_layouts, layouts(model))):
         assert (now.head_dim, now.heads_per_group) == (dense.head_dim, dense.heads_per_group), i
-        want_kv = dense.kv_heads - (pruned_count(dense.kv_heads, settings.pruning_ratio) if i in attn_range else 0)
+        width = dense.head_dim * dense.heads_per_group
+        want_kv = dense.kv_heads - (pruned_count(dense.kv_heads, settings.pruning_ratio, width) if i in attn_range else 0)
         want_mlp = dense.intermediate - (pruned_count(dense.intermediate, settings.pruning_ratio) if i in mlp_range else 0)
         assert (now.kv_heads, now.intermediate) == (want_kv, want_mlp), i
         if i in attn_range:  # the share removed is the ratio within one group's granularity
-            assert abs((dense.kv_heads - now.kv_heads) / dense.kv_heads - settings.pruning_ratio) <= 0.5 / dense.kv_heads + 1e-9
+            assert abs((dense.kv_heads - now.kv_heads) / dense.kv_heads - settings.pruning_ratio) < 1 / dense.kv_heads
         if i in mlp_range:
-            assert abs((dense.intermediate - now.intermediate) / dense.intermediate - settings.pruning_ratio) <= 0.5 / dense.intermediate + 1e-9
+            assert abs((dense.intermediate - now.intermediate) / dense.intermediate - settings.pruning_ratio) < 1 / dense.intermediate
 
 
 def check_coupled_shapes(model):
@@ -152,10 +153,12 @@ def test_embedded_model_prunes_the_ratio_in_the_middle_layers(embedded_pruned, e
     check_coupled_shapes(model)
     now = layouts(model)
     assert all(now[i] == dense[i] for i in (0, 1, 2, 3, 28, 29))  # first 4 and last 2 kept, as upstream
-    assert all((now[i].kv_heads, now[i].intermediate) == (1, 768) for i in range(4, 28))  # 3 groups -> 1 (round half up)
-    # parameter share removed in the pruned layers: between the MLP's 50% and the attention's 2/3
+    # 3 KV groups of 3 query heads (192 of q_proj's 576 rows each): upstream's count removes
+    # 576 - int(576 x 0.5) = 288 rows, one whole group; the MLP loses half its 1536 channels
+    assert all((now[i].kv_heads, now[i].intermediate) == (2, 768) for i in range(4, 28))
+    # parameter share removed in the pruned layers: between the attention's 1/3 and the MLP's 50%
     fraction = prunable_fraction_removed(declaration, ranges)
-    assert 0.5 <= fraction <= 2 / 3
+    assert 1 / 3 <= fraction <= 0.5
     after = sum(p.numel() for p in model.parameters())
     assert f"parameters {dense_params} -> {after}" in " ".join(declaration.notes)
 
@@ -171,7 +174,7 @@ def test_pruned_model_runs_and_round_trips_through_the_loader(embedded_pruned, e
     model.save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(embedded_model_dir).save_pretrained(tmp_path)
     write_record(tmp_path / "compression.json", declaration)
-    assert declared_shapes(tmp_path)["model.layers.4.self_attn.q_proj"] == [192, 576]
+    assert declared_shapes(tmp_path)["model.layers.4.self_attn.q_proj"] == [384, 576]
     with pytest.raises(Exception):  # per-layer shapes: a plain from_pretrained cannot build it
         AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     reloaded = load_structured_pruned(tmp_path)
@@ -343,3 +346,14 @@ def test_the_compress_job_prunes_on_the_drawn_examples(tiny_llama_dir, data_dir,
     taylor = next(n for n in notes if n.startswith("taylor"))
     expected = draw_examples(AutoTokenizer.from_pretrained(tiny_llama_dir), local_documents(c4_file(data_dir)), params)
     assert "drawn as upstream's get_examples (seed 42)" in taylor and f"examples sha256 {examples_digest(expected)}" in taylor
+
+
+def test_groups_pruned_are_counted_as_upstream():
+    """Upstream's pruner (torch_pruning's prune_local) removes C - int(C x (1 - ratio)) of a
+    layer's C channels, in whole groups: at LLaMA-7B's shapes (32 heads of 128, 11008 MLP
+    channels) that is 9 heads and 3303 channels at 0.3, 19 heads at 0.62, and exactly half at 0.5."""
+    for ratio, heads, channels in ((0.25, 8, 2752), (0.3, 9, 3303), (0.5, 16, 5504), (0.62, 19, 6825), (0.65, 20, 7156)):
+        assert pruned_count(32, ratio, 128) == heads, ratio
+        assert pruned_count(11008, ratio) == channels, ratio
+    assert pruned_count(8, 0.5, 4 * 64) == 4  # GQA: 8 KV groups of 4 query heads of 64
+    assert pruned_count(4, 0.99, 128) == 3 and pruned_count(4, 0.0, 128) == 0  # one group always kept
