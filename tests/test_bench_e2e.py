@@ -44,6 +44,9 @@ def test_run_dirs_hold_the_contract_files(bench_run):
     assert result.environment.torch and result.environment.transformers and result.environment.python
     assert result.provenance.upstream_commit == "8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6"
     assert result.compress_s > 0 and result.load_s > 0 and result.save_s > 0 and result.peak_rss_bytes > 0
+    # track 3's host memory is the compression step's (the peak reset after loading), below the job's lifetime peak
+    t3 = result.metrics["track3"]
+    assert t3["compress_peak_rss_scope"] == "compress_step" and 0 < t3["compress_peak_rss_bytes"] <= result.peak_rss_bytes
     assert result.input_sha256["job.json"] == sha256_file(run_dir / "job.json")
     assert result.input_sha256["calibration"] == sha256_file(
         __import__("llmcbench.driver.data", fromlist=["x"]).SHIPPED_DATA / "hf/allenai__c4/en/train.jsonl")

@@ -127,6 +127,19 @@ def test_size_on_disk_is_the_safetensors_bytes(tiny_llama_dir):
     assert model_size(tiny_llama_dir) == {"checkpoint_bytes": weights, "packed_bytes": None, "size_bytes": weights}
 
 
+def test_a_checkpoint_in_two_formats_counts_once(tiny_llama_dir, tmp_path):
+    """A hub repo cloned with git ships model.safetensors and pytorch_model.bin: the loader reads
+    the safetensors, and the size is theirs alone, not both summed."""
+    both = tmp_path / "both"
+    shutil.copytree(tiny_llama_dir, both)
+    weights = size_on_disk_bytes(tiny_llama_dir)
+    (both / "pytorch_model.bin").write_bytes(b"\0" * (weights + 123))
+    assert size_on_disk_bytes(both) == weights
+    for p in both.glob("*.safetensors"):
+        p.unlink()
+    assert size_on_disk_bytes(both) == weights + 123  # pickled weights alone are counted
+
+
 def test_size_on_disk_prefers_a_packed_export(tiny_llama_dir, tmp_path):
     model_dir = tmp_path / "out" / "model"
     shutil.copytree(tiny_llama_dir, model_dir)
@@ -136,6 +149,26 @@ def test_size_on_disk_prefers_a_packed_export(tiny_llama_dir, tmp_path):
     report = model_size(model_dir)
     assert report["packed_bytes"] == 1000 and report["size_bytes"] == 1000
     assert report["checkpoint_bytes"] == size_on_disk_bytes(tiny_llama_dir)
+
+
+def test_a_dense_checkpoint_in_another_dtype_is_sized_in_the_jobs(tiny_llama_dir, tmp_path):
+    """A CUDA job runs in fp16 and saves its artifacts in fp16; a dense checkpoint stored in
+    fp32 (as the embedded model is cached) is sized in fp16 too, or a method that stores as
+    much as dense (Wanda 50%) read a 2x size ratio. A compressed artifact keeps its files' size."""
+    from llmcbench.tracks.inference.measure import checkpoint_dtype, eval_model_size
+
+    fp32_dir = tmp_path / "fp32"
+    load(tiny_llama_dir).save_pretrained(fp32_dir)
+    assert checkpoint_dtype(fp32_dir) == "float32"
+    on_disk = size_on_disk_bytes(fp32_dir)
+    fp16 = AutoModelForCausalLM.from_pretrained(fp32_dir, dtype=torch.float16)
+    fp16_dir = tmp_path / "fp16"
+    fp16.save_pretrained(fp16_dir)  # what a fp16 job's artifact of the same weights stores
+    sized = eval_model_size(fp32_dir, fp16, "float16", compressed=False)
+    assert sized["model_size_bytes"] == pytest.approx(size_on_disk_bytes(fp16_dir), rel=0.01)
+    assert sized["model_size_bytes"] == pytest.approx(on_disk / 2, rel=0.01) and "float32" in sized["model_size_note"]
+    assert eval_model_size(fp32_dir, load(fp32_dir), "float32", compressed=False) == {"model_size_bytes": on_disk, "checkpoint_dtype": "float32"}
+    assert eval_model_size(fp32_dir, fp16, "float16", compressed=True)["model_size_bytes"] == on_disk
 
 
 def test_missing_model_dir_is_named(tmp_path):

@@ -18,6 +18,7 @@ torch does, the full seqlen x seqlen score matrix is counted (no causal discount
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 from dataclasses import dataclass
@@ -122,7 +123,12 @@ def count_macs(model: nn.Module, seqlen: int = 128, compression: Compression | N
 
 
 def _weight_files_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    """The weight files a loader reads: the safetensors where there are any (transformers then
+    ignores the rest; a git clone of a hub repo often ships both formats, which counted twice),
+    else the pickled ones."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    safetensors = [p for p in files if p.name.endswith(".safetensors")]
+    return sum(p.stat().st_size for p in (safetensors or files))
 
 
 def _tree_bytes(folder: Path) -> int:
@@ -159,6 +165,45 @@ def model_size(model_dir: str | Path) -> dict:
         "packed_bytes": packed_bytes,
         "size_bytes": packed_bytes if packed_bytes is not None else checkpoint,
     }
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str | None:
+    """The floating dtype a checkpoint is stored in, as its config.json says ("dtype", or
+    "torch_dtype" before transformers 5); None where it says nothing."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if isinstance(dtype, str) else None
+
+
+def state_bytes(model: nn.Module) -> int:
+    """The bytes of a model's state as loaded (a tensor shared by two names, tied embeddings,
+    counted once): its checkpoint's size in the dtype it was loaded in, headers apart."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def eval_model_size(model_dir: str | Path, model: nn.Module, job_dtype: str, compressed: bool) -> dict:
+    """Track 4's model size for an evaluation: the bytes a user must store (`model_size`).
+    A dense checkpoint stored in another dtype than the job runs in (the embedded model is
+    cached in fp32; a CUDA job runs and saves its artifacts in fp16) is sized in the job's
+    dtype, the one its compressed artifacts are saved in: on disk, Wanda 50% on a GPU read
+    half the dense size, a 2x size ratio for a method that stores as much."""
+    sizes = model_size(model_dir)
+    stored = checkpoint_dtype(model_dir)
+    out = {"model_size_bytes": sizes["size_bytes"], "checkpoint_dtype": stored}
+    if not compressed and stored is not None and stored != job_dtype:
+        out["model_size_bytes"] = state_bytes(model)
+        out["model_size_note"] = (f"dense checkpoint stored in {stored} ({sizes['size_bytes']} bytes): sized in the job's "
+                                  f"{job_dtype}, the dtype its compressed artifacts are saved in")
+    return out
 
 
 def size_on_disk_bytes(model_dir: str | Path) -> int:
