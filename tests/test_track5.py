@@ -122,6 +122,21 @@ def test_int8_activation_kernel_compiled_is_the_eager_kernel_on_a_decode_step(gr
     torch._dynamo.reset()
 
 
+def _reference_artifact(model_dir, method: str, preset: str):
+    """(model compressed in place, its declaration): a method's reference engine at a preset on
+    four random calibration sequences."""
+    from transformers import AutoModelForCausalLM
+
+    from llmcbench.driver.registry import get_method
+
+    spec = get_method(method)
+    _, params = spec.preset(preset)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    calibration = torch.randint(3, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    out = spec.engine_module("reference").compress(model, calibration, dict(params), torch.device("cpu"))
+    return model, getattr(out, "declaration", out)
+
+
 def test_a_smoothquant_w8a8_artifact_deploys_on_the_integer_gemm_as_it_is_scored(tiny_llama_dir):
     """SmoothQuant's reference engine on the tiny LLaMA, then torch_native's preparation: its
     decoder linears take int8 activations on `aten._int_mm`, and the logits are those the
@@ -129,19 +144,11 @@ def test_a_smoothquant_w8a8_artifact_deploys_on_the_integer_gemm_as_it_is_scored
     W8A16 model's."""
     import copy
 
-    from transformers import AutoModelForCausalLM
-
-    from llmcbench.driver.registry import get_method
     from llmcbench.tracks.acceleration.backends import prepare_native
     from llmcbench.tracks.acceleration.int_kernels import Int8DynamicActivationLinear
     from llmcbench.tracks.fakequant import apply_declared_activation_quant
 
-    spec = get_method("smoothquant")
-    _, params = spec.preset("w8a8")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    calibration = torch.randint(3, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    out = spec.engine_module("reference").compress(model, calibration, dict(params), torch.device("cpu"))
-    declaration = getattr(out, "declaration", out)
+    model, declaration = _reference_artifact(tiny_llama_dir, "smoothquant", "w8a8")
     assert (declaration.weight_bits, declaration.act_bits) == (8, 8)
 
     ids = torch.randint(3, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -167,17 +174,9 @@ def test_a_per_channel_gptq_artifact_deploys_on_the_int4_kernel(tiny_llama_dir):
     """GPTQ's W3A16 (and OmniQuant's W4A4) are per output channel and declare group_size -1, as
     upstream writes it: the int4 kernel took -1 for a group width and found none ("in groups
     of -1: no int4 kernel group"); it is one group per channel, and the 3-bit grid is exact."""
-    from transformers import AutoModelForCausalLM
-
-    from llmcbench.driver.registry import get_method
     from llmcbench.tracks.acceleration.backends import prepare_native
 
-    spec = get_method("gptq")
-    _, params = spec.preset("w3a16")
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    calibration = torch.randint(3, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    out = spec.engine_module("reference").compress(model, calibration, dict(params), torch.device("cpu"))
-    declaration = getattr(out, "declaration", out)
+    model, declaration = _reference_artifact(tiny_llama_dir, "gptq", "w3a16")
     assert (declaration.weight_bits, declaration.group_size) == (3, -1)
     ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
