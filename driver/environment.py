@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import re
 import sys
@@ -65,10 +66,14 @@ def source_digest() -> str:
     serves a stale cached result; the docker runner uses the image digest instead.
     """
     h = hashlib.sha256()
-    for d in _SOURCE_DIRS:
-        for p in sorted((PROJECT_ROOT / d).rglob("*")):
+    roots = [(PROJECT_ROOT / d, d) for d in _SOURCE_DIRS]
+    # method folders outside the package (LLMCBENCH_METHODS_PATH): an edited out-of-tree engine
+    # was a cache hit on the results of its old code
+    roots += [(Path(d), f"methods-path-{i}") for i, d in enumerate(os.environ.get("LLMCBENCH_METHODS_PATH", "").split(os.pathsep)) if d]
+    for root, name in roots:
+        for p in sorted(root.rglob("*")):
             if p.is_file() and p.suffix in _SOURCE_SUFFIXES and "__pycache__" not in p.parts and not p.name.startswith("test_"):
-                h.update(p.relative_to(PROJECT_ROOT).as_posix().encode())
+                h.update(f"{name}/{p.relative_to(root).as_posix()}".encode())
                 h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 

@@ -163,3 +163,21 @@ def test_a_judgement_is_not_reused_under_another_reply_budget(tmp_path, monkeypa
     plan = _judge_plan(tmp_path, 16)
     plan.judge = plan.judge.model_copy(update={"timeout_s": 5.0, "max_requests": 7})
     assert judging.judge_bench(plan)["score"] == 16 and calls == [256, 16]
+
+
+def test_an_out_of_tree_methods_code_enters_the_source_digest(tmp_path, monkeypatch):
+    """A method folder on LLMCBENCH_METHODS_PATH is code the local runner's jobs run: editing it
+    must change the jobs' identity (it was a cache hit on the old code's results)."""
+    from llmcbench.driver.environment import source_digest
+
+    in_tree = source_digest()
+    engine = tmp_path / "ext" / "mymethod" / "reference.py"
+    engine.parent.mkdir(parents=True)
+    engine.write_text("def compress(model, calibration, params, device):\n    return None\n")
+    monkeypatch.setenv("LLMCBENCH_METHODS_PATH", str(tmp_path / "ext"))
+    with_ext = source_digest()
+    engine.write_text("def compress(model, calibration, params, device):\n    return 1\n")
+    edited = source_digest()
+    assert len({in_tree, with_ext, edited}) == 3
+    monkeypatch.delenv("LLMCBENCH_METHODS_PATH")
+    assert source_digest() == in_tree
