@@ -121,6 +121,36 @@ def test_failed_job_keeps_log_and_result(tmp_path, tiny_llama_dir):
     shutil.rmtree(run_dir)
 
 
+def test_a_job_that_closes_its_output_is_still_held_to_its_time_limit(tmp_path, tiny_llama_dir, monkeypatch):
+    """The time limit held only while the job wrote: one that closed stdout and went on (a
+    daemonised child, a library closing fd 1) was waited for without end. It is killed at its
+    limit like any other, and result.json says timeout."""
+    import subprocess
+    import sys
+    import time
+
+    import llmcbench.driver.runners.local as local
+    from llmcbench.driver.bench import compress_job, plan_bench
+    from llmcbench.driver.contract import Limits
+    from llmcbench.driver.store import Store
+
+    real = subprocess.Popen
+    silent = "import os, time; print('started', flush=True); os.close(1); os.close(2); time.sleep(60)"
+    monkeypatch.setattr(local.subprocess, "Popen", lambda cmd, **kw: real([sys.executable, "-c", silent], **kw))
+    plan = plan_bench("wanda", model=str(tiny_llama_dir), tracks="3", runs_dir=tmp_path / "runs")
+    job = compress_job(plan).model_copy(update={"limits": Limits(time_limit_s=2)})
+    runner = local.LocalRunner()
+    h = job.job_hash(runner.environment_id())
+    store = Store(plan.runs_dir)
+    run_dir = store.run_dir(plan.cell, h)
+    store.prepare(run_dir, job)
+    t0 = time.monotonic()
+    result = runner.run(job, h, run_dir, Path(plan.model.path), plan.data_dir)
+    assert time.monotonic() - t0 < 20
+    assert result.status == "failed" and result.error.type == "timeout"
+    assert "started" in (run_dir / "log.txt").read_text()
+
+
 def test_a_cpu_allocation_failure_is_classified_oom_not_crash():
     """torch's CPU allocator fails with a RuntimeError ("DefaultCPUAllocator: can't allocate
     memory"), not a MemoryError; the matrix reports a cell's error class from this."""

@@ -111,7 +111,12 @@ class LocalRunner:
                     proc.wait()
                     _was_killed(proc.pid)
                     raise
-                rc = proc.wait()
+                try:  # output closed is not the job over: the time limit still holds until it exits
+                    rc = proc.wait(timeout=None if timed_out else max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    rc = proc.wait()
                 if _was_killed(proc.pid):  # the driver was interrupted: no failed result, a resume reruns it
                     log.write(b"[llmcbench] job killed: the driver was interrupted\n")
                     raise KeyboardInterrupt
