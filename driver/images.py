@@ -396,6 +396,20 @@ def deploy_image_name(backend: str, device: str) -> str:
     raise UserError(f"no deploy image for backend {backend} on {device} (deploy images exist for: {have})")
 
 
+def job_image_name(job) -> str:
+    """The image a job runs in, named as `llmcbench images build` names it: the method image for
+    compress (method-<name>), the eval image for eval and torch_native deploy jobs, a backend's
+    deploy image for the other deploy jobs (deploy-vllm, deploy-vllm-cpu, ...). The docker and
+    Slurm runners both ask this, so that a job runs in the same image whichever runs it."""
+    if job.kind == "compress":
+        return f"method-{job.method}"
+    if job.kind == "deploy":
+        backend = job.deploy.backend if job.deploy is not None else "torch_native"
+        # torch_native runs in the eval image; a backend with its own stack in its deploy image
+        return "eval" if backend == "torch_native" else deploy_image_name(backend, job.device)
+    return "eval"
+
+
 def specs_for(client, target: str) -> list[ImageSpec]:
     """The images `llmcbench images build TARGET` builds, parents first (base, eval, a method, all)."""
     from .registry import discover

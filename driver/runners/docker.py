@@ -110,11 +110,7 @@ class DockerRunner:
         and torch_native deploy jobs, a backend's deploy image (e.g. deploy-vllm-cpu) for the others."""
         from .. import images
 
-        key = job.method if job.kind == "compress" else job.kind
-        if job.kind == "deploy":
-            backend = job.deploy.backend
-            # torch_native runs in the eval image; a backend with its own stack in its deploy image
-            key = "eval" if backend == "torch_native" else images.deploy_image_name(backend, job.device)
+        key = images.job_image_name(job)  # the Slurm runner's image files are named alike
         if key not in self._images:
             if job.kind == "compress":
                 spec = images.method_spec(self.client, job.method)
@@ -212,8 +208,9 @@ class DockerRunner:
         image = self.image_for(job)
         uid, gid, _ = self.container_user()
         _check_readable([Path(model_path), Path(data_dir)], uid, gid)
-        handed_over = _hand_over(run_dir, uid, gid)
+        # the config first: what it refuses (a model's symlinks, the shm setting) leaves the run dir the driver's
         cfg = self.container_config(job, job_hash, run_dir, model_path, data_dir, image, command)
+        handed_over = _hand_over(run_dir, uid, gid)
         timed_out, exit_code, oom_killed, error = False, None, False, None
         container = None
         try:

@@ -18,8 +18,9 @@ project. What is left to do by hand is small: render a batch script
 - Every job carries the store in its `--comment`, so `llmcbench cancel` (and Ctrl-C, through
   `cancel_submitted`) cancels exactly what this store submitted.
 - The job hash's environment identity: the local environment for the `local` runtime (the
-  same job as the local runner's, so the two share the cache), the image file's sha256 for
-  apptainer/enroot.
+  same job as the local runner's, so the two share the cache; with `slurm.python`, that
+  interpreter's own versions, asked once), the image file's sha256 for apptainer/enroot,
+  which the job's result also records (provenance.image, provenance.image_digest).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -207,14 +209,21 @@ class SlurmRunner:
 
     def environment_id(self, job: Job | None = None) -> str:
         if self.config.runtime == "local":
+            if self.config.python and self.config.python != sys.executable:
+                return _python_environment_id(self.config.python)
             from ..environment import local_environment_id
 
             return local_environment_id()
+        return f"{self.config.runtime}:{self.image_digest(job).removeprefix('sha256:')[:16]}"
+
+    def image_digest(self, job: Job) -> str:
+        """apptainer/enroot: the sha256 of the image file that runs `job` (its prefix is the environment id)."""
         path = image_path(self.config, job)
         if not path.is_file():
             raise UserError(f"image {path} does not exist: convert the {path.stem} image for {self.config.runtime} "
                             "(docs/slurm.md)")
-        return f"{self.config.runtime}:{_file_digest(str(path), path.stat().st_size, path.stat().st_mtime_ns)}"
+        st = path.stat()
+        return "sha256:" + _file_digest(str(path), st.st_size, st.st_mtime_ns)
 
     # ------------------------------------------------------------------ one job
 
@@ -223,9 +232,12 @@ class SlurmRunner:
         run_dir = Path(run_dir).resolve()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         t0 = time.perf_counter()
+        container = self.config.runtime != "local"
+        provenance = Provenance(runner=self.name, image=str(image_path(self.config, job)) if container else None,
+                                image_digest=self.image_digest(job) if container else None)
         script = batch_script(self.config, job, job_hash, run_dir, model_inputs(job.model.name, model_path),
                               Path(data_dir).resolve(), f"llmcb-{job.kind}-{job.method}-{job_hash[:10]}",
-                              store_comment(run_dir.parent.parent))
+                              store_comment(run_dir.parent.parent), image_digest=provenance.image_digest)
         write_atomic(run_dir / "slurm.sh", script)
         attempts: list[dict] = []
         failure: ErrorInfo | None = None
@@ -253,9 +265,7 @@ class SlurmRunner:
                 continue
             failure = self._failure(job_id, state, exit_code, run_dir, attempts, job)
             break
-        return collect_result(run_dir, job_hash, started, time.perf_counter() - t0,
-                              Provenance(runner=self.name, image=str(image_path(self.config, job))
-                                         if self.config.runtime != "local" else None), failure)
+        return collect_result(run_dir, job_hash, started, time.perf_counter() - t0, provenance, failure)
 
     def _submit(self, run_dir: Path) -> str:
         proc = _run(["sbatch", "--parsable", f"--chdir={os.getcwd()}", str(run_dir / "slurm.sh")])
@@ -293,7 +303,29 @@ class SlurmRunner:
 
 @lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))[:16]
+    return sha256_file(Path(path))
+
+
+_PROBE = "from llmcbench.driver.environment import local_environment_id; print(local_environment_id())"
+
+
+@lru_cache(maxsize=None)
+def _python_environment_id(python: str) -> str:
+    """`local_environment_id()` as `python` (slurm.python) computes it: its Python and library versions and
+    the llmcbench sources it imports, which are what its jobs run. Asked once per interpreter, with the
+    working directory and environment the jobs get (sbatch --chdir, the exported environment)."""
+    try:
+        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+    except OSError as e:
+        raise UserError(f"slurm.python {python} cannot be run here ({e.strerror or e}): it must be an interpreter on "
+                        "the shared filesystem, with llmcbench importable") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"slurm.python {python} did not report its environment in 300 s") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("local:"):
+        why = ([ln.strip() for ln in proc.stderr.splitlines() if ln.strip()] or [f"exit code {proc.returncode}"])[-1]
+        raise UserError(f"slurm.python {python} cannot report its environment (the job hash's identity): {why}")
+    return lines[-1].strip()
 
 
 class _LogTail:

@@ -4,11 +4,15 @@ Pure functions of (config, job, paths), so every runtime's command line is unit-
 without a cluster: `local` (the driver's own Python environment on the shared filesystem),
 `apptainer` (`apptainer exec` of a SIF converted from the method or eval image) and `enroot`
 (`srun --container-image` through NVIDIA's pyxis plugin, from a squashfs made by
-`enroot import`). docs/slurm.md says how an image becomes a SIF or a squashfs.
+`enroot import`). docs/slurm.md says how an image becomes a SIF or a squashfs. A job runs in
+the image the docker runner would run it in, converted (`image_name`), and its result names
+that file and its sha256 (LLMCBENCH_IMAGE, LLMCBENCH_IMAGE_DIGEST, which jobrun records).
 
 Every runtime sees the volume contract exactly as the docker runner's container does:
-`/job/job.json`, `/models/<name>`, `/data`, `/out` (the run dir). The local runtime stages
-those paths as symlinks in a node-local temporary directory, like the local runner.
+`/job/job.json`, `/models/<name>`, `/data`, `/out` (the run dir), plus the read-only mounts
+that make the inputs' outward symlinks (a hub snapshot's `../../blobs/<sha>`) resolve inside
+the container. The local runtime stages the contract paths as symlinks in a node-local
+temporary directory, like the local runner (the inputs' own links resolve on the host).
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ class SlurmConfig(BaseModel):
     account: str | None = None
     qos: str | None = None
     runtime: Literal["local", "apptainer", "enroot"] = "local"
-    image_dir: str | None = Field(default=None, description="apptainer/enroot: folder with method-<name>.sif|.sqsh "
-                                                             "and eval.sif|.sqsh (docs/slurm.md)")
+    image_dir: str | None = Field(default=None, description="apptainer/enroot: folder with method-<name>.sif|.sqsh, "
+                                                             "eval.sif|.sqsh and deploy-<backend>[-cpu].sif|.sqsh "
+                                                             "(docs/slurm.md)")
     python: str | None = Field(default=None, description="runtime local: the interpreter on the compute nodes "
                                                           "(default: the driver's own, on the shared filesystem)")
     gpus_per_job: int = Field(default=1, ge=1, description="GPUs of a job whose device is CUDA")
@@ -59,8 +64,10 @@ class SlurmConfig(BaseModel):
 
 
 def image_name(job: Job) -> str:
-    """The converted image a job runs in: the method image for compress, the eval image for eval."""
-    return f"method-{job.method}" if job.kind == "compress" else job.kind
+    """The image a job runs in (driver/images.py `job_image_name`, the docker runner's too)."""
+    from ..images import job_image_name
+
+    return job_image_name(job)
 
 
 def image_path(cfg: SlurmConfig, job: Job) -> Path:
@@ -105,7 +112,8 @@ def job_command(cfg: SlurmConfig, job: Job, mounts: list[tuple[Path, str, bool]]
             cmd.append("--nv")
         for host, target, ro in mounts:
             cmd += ["--bind", f"{host}:{target}" + (":ro" if ro else "")]
-        for key in ("LLMCBENCH_JOB_HASH", "LLMCBENCH_RUNNER", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        for key in ("LLMCBENCH_JOB_HASH", "LLMCBENCH_RUNNER", "LLMCBENCH_IMAGE", "LLMCBENCH_IMAGE_DIGEST",
+                    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             cmd += ["--env", f"{key}=${{{key}:-}}"]
         return cmd + [str(image_path(cfg, job)), "python", "-u", *job_args()]
     # enroot through pyxis: srun starts the step inside the squashfs image
@@ -121,6 +129,23 @@ def contract_mounts(run_dir: Path, inputs: list[tuple[Path, str]], data_dir: Pat
     return mounts + [(data_dir, "/data", True), (run_dir, "/out", False)]
 
 
+def link_mounts(inputs: list[tuple[Path, str]], data_dir: Path,
+                mounted: list[tuple[Path, str, bool]] = ()) -> list[tuple[Path, str, bool]]:
+    """Read-only mounts that make the inputs' symlinks resolve in a container (a hub snapshot's
+    `../../blobs/<sha>`): the docker runner's `_symlink_mounts`, for every /models input and /data.
+    A host path already in `mounted` keeps its mount there."""
+    from .docker import _symlink_mounts  # no Docker SDK: runners/docker.py imports it lazily
+
+    seen = {str(host) for host, _, _ in mounted}
+    extra: list[tuple[Path, str, bool]] = []
+    for host_dir, container_dir in [*((host, f"/models/{name}") for host, name in inputs), (data_dir, "/data")]:
+        for host, target in _symlink_mounts(Path(host_dir), container_dir):
+            if host not in seen:
+                seen.add(host)
+                extra.append((Path(host), target, True))
+    return extra
+
+
 def _quote(arg: str) -> str:
     """Quote for bash, keeping the `${VAR:-}` references of apptainer's --env values live."""
     if "${" in arg:
@@ -129,16 +154,25 @@ def _quote(arg: str) -> str:
 
 
 def batch_script(cfg: SlurmConfig, job: Job, job_hash: str, run_dir: Path, inputs: list[tuple[Path, str]],
-                 data_dir: Path, job_name: str, comment: str) -> str:
-    """The sbatch script of one contract job. Its output (stdout and stderr) is the run dir's log.txt."""
+                 data_dir: Path, job_name: str, comment: str, image_digest: str | None = None) -> str:
+    """The sbatch script of one contract job. Its output (stdout and stderr) is the run dir's log.txt.
+
+    `image_digest`: apptainer/enroot, the image file's digest (the runner's `image_digest`), which the
+    job's result records with the image's path."""
     run_dir = Path(run_dir)
     mounts = contract_mounts(run_dir, inputs, Path(data_dir))
+    exports = f"LLMCBENCH_JOB_HASH={job_hash} LLMCBENCH_RUNNER=slurm"
+    if cfg.runtime != "local":
+        mounts += link_mounts(inputs, Path(data_dir), mounts)
+        exports += f" LLMCBENCH_IMAGE={shlex.quote(str(image_path(cfg, job)))}"
+        if image_digest:
+            exports += f" LLMCBENCH_IMAGE_DIGEST={shlex.quote(image_digest)}"
     directives = [f"--job-name={job_name}", f"--comment={comment}", f"--output={run_dir / 'log.txt'}",
                   "--open-mode=append", "--ntasks=1", "--nodes=1", *resource_args(cfg, job)]
     lines = ["#!/bin/bash"] + [f"#SBATCH {d}" for d in directives] + [
         "# written by llmcbench's slurm runner: one contract job (see driver/runners/slurm_script.py)",
         "set -u",
-        f"export LLMCBENCH_JOB_HASH={job_hash} LLMCBENCH_RUNNER=slurm PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false",
+        f"export {exports} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false",
         'echo "[llmcbench] slurm job ${SLURM_JOB_ID:-?} on $(hostname) (restart ${SLURM_RESTART_COUNT:-0})"',
     ]
     command = " ".join(_quote(a) for a in job_command(cfg, job, mounts))
