@@ -9,13 +9,21 @@ raw reply included, to `judge.json` beside the compressed evaluation's result, a
 It is cached by what it depends on: the two evaluation jobs, the judge's URL, model and
 reply budget (max_tokens), and the prompt version. Summarization has no shipped data
 (CNN/DM news articles carry no licence), so it is never judged offline.
+
+`judge.json` is written after its evaluation's result.json is sealed, so nothing sealed
+records its hash: it seals itself as result.json does (`self_sha256` over its canonical
+JSON), and names the two evaluations it judged. A reader trusts it only when the seal holds
+and it judges the run it sits in (`judgement_problem`); the report also demands that its
+dense job be the cell's dense baseline. A bundle carries it under its manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+from .contract import canonical_json
 from .errors import JobFailed, UserError
 from .fsio import write_atomic
 
@@ -48,6 +56,32 @@ def load_judged(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def seal_judgement(body: dict) -> dict:
+    """`body` with `self_sha256`, the sha256 of the rest as canonical JSON (after a JSON round
+    trip, so the digest is the one a reader recomputes from the file)."""
+    body = {k: v for k, v in json.loads(json.dumps(body)).items() if k != "self_sha256"}
+    return {**body, "self_sha256": hashlib.sha256(canonical_json(body).encode()).hexdigest()}
+
+
+def judgement_problem(run_dir: Path, job_hash: str) -> str | None:
+    """Why the judge.json in the run dir of compressed evaluation `job_hash` is not to be
+    trusted (unreadable, seal broken by an edit, or the judgement of another job), or None,
+    also when there is none."""
+    path = Path(run_dir) / JUDGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        judged = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{JUDGE_FILE}: not valid JSON ({e.__class__.__name__})"
+    if not isinstance(judged, dict) or judged.get("self_sha256") != seal_judgement(judged)["self_sha256"]:
+        return f"{JUDGE_FILE}: checksum mismatch (edited, corrupted, or written unsealed)"
+    judged_job = (judged.get("identity") or {}).get("compressed_job")
+    if judged_job != job_hash:
+        return f"{JUDGE_FILE}: judges job {str(judged_job)[:12]}, not this run's"
+    return None
+
+
 def judge_identity(compressed_job: str, dense_job: str, judge, prompt_version: str) -> dict:
     """What a judgement depends on: the two evaluations, the judge (URL, model, and the reply
     budget `max_tokens`, which can cut a reply before its scores) and the prompt version.
@@ -62,7 +96,7 @@ def judge_bench(plan) -> dict:
 
     comp, dense = plan.runs["compressed eval t7"], plan.runs["dense eval t7"]
     identity = judge_identity(comp.job_hash, dense.job_hash, plan.judge, PROMPT_VERSION)
-    old = load_judged(comp.run_dir)
+    old = load_judged(comp.run_dir) if judgement_problem(comp.run_dir, comp.job_hash) is None else None
     if old is not None and old.get("identity") == identity:
         return old
     answers = [r.result.metrics.get("track7", {}).get("generations", {}).get("instruction") for r in (comp, dense)]
@@ -72,6 +106,6 @@ def judge_bench(plan) -> dict:
         judged = judge_generations(answers[0], answers[1], plan.judge)
     except JudgeError as e:
         raise JobFailed(f"track 7 judge: {e}", comp.run_dir, "judge") from None
-    body = {"identity": identity, "metric": "kick_instruction", **judged}
+    body = seal_judgement({"identity": identity, "metric": "kick_instruction", **judged})
     write_atomic(comp.run_dir / JUDGE_FILE, json.dumps(body, indent=2) + "\n")
     return body

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from filelock import FileLock
@@ -26,8 +27,13 @@ from filelock import FileLock
 from .contract import ContractError, Job, Result, read_record
 from .errors import StoreError
 from .fsio import sha256_file, write_record
+from .judging import judgement_problem
 
 RESULT = "result.json"
+# Outputs up to this size are re-hashed whenever the store is read as results (the records, a
+# small model's weights); larger ones (a 7B model's weights) are only checked to be there, as
+# re-hashing them on every report would take minutes. A cache check and `bundle` re-hash all.
+REHASH_BYTES = 64 << 20
 
 
 def cell_name(method: str, preset: str | None, model_name: str) -> str:
@@ -55,10 +61,9 @@ class Store:
             raise StoreError(f"corrupted result in the store: {path} belongs to job {result.job_hash[:12]}, not {run_dir.name[:12]}; rerun with --force")
         if result.status != "ok":
             return None
-        for rel, digest in result.output_sha256.items():
-            f = run_dir / rel
-            if not f.is_file() or sha256_file(f) != digest:
-                raise StoreError(f"corrupted artifact in the store: {f} is missing or does not match its recorded sha256; rerun with --force")
+        stale = stale_output(run_dir, result)
+        if stale:
+            raise StoreError(f"corrupted artifact in the store: {run_dir / stale[0]} is missing or does not match its recorded sha256; rerun with --force")
         return result
 
     def lock(self, run_dir: Path) -> FileLock:
@@ -75,9 +80,50 @@ class Store:
         write_record(run_dir / "job.json", job)
 
     def results(self):
-        """Every trusted, readable result in the store, with its job (for cross-method tracks)."""
+        """Every trusted, readable result in the store, with its job (for cross-method tracks):
+        trusted as the store report trusts a run (`run_problem`), so a bench's track-3 peers
+        are never a run its report would reject."""
         for path in sorted(self.root.glob(f"*/*/{RESULT}")):
             try:
-                yield read_record(path.parent / "job.json", Job), read_record(path, Result), path.parent
+                job, result = read_record(path.parent / "job.json", Job), read_record(path, Result)
             except ContractError:
                 continue
+            if run_problem(path.parent, result) is None:
+                yield job, result, path.parent
+
+
+def run_problem(run_dir: Path, result: Result, rehash_bytes: int | None = REHASH_BYTES,
+                listed: Mapping[str, str] | None = None) -> str | None:
+    """Why a run dir whose job.json and sealed result.json both validate is still not to be
+    trusted, or None. A seal only says the result is intact, not that it is this dir's: the
+    result must belong to the dir (`job_hash`), the job file must be the one it hashed, its
+    outputs must be there and unchanged (`stale_output`), and a track-7 judgement beside it
+    must be sealed and of this job. The one check of every reader of the store as results
+    (the store report, `bundle`, a bench's track-3 peers)."""
+    if result.job_hash != run_dir.name:
+        return f"result.json belongs to job {result.job_hash[:12]}, not to this run dir"
+    recorded = result.input_sha256.get("job.json")
+    if recorded and sha256_file(run_dir / "job.json") != recorded:
+        return "job.json does not match the sha256 its result.json recorded"
+    stale = stale_output(run_dir, result, rehash_bytes, listed)
+    if stale:
+        rel, why = stale
+        return f"{rel} {why}"
+    return judgement_problem(run_dir, result.job_hash)
+
+
+def stale_output(run_dir: Path, result: Result, rehash_bytes: int | None = None,
+                 listed: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """The first output the result recorded (`output_sha256`) that is missing or whose content
+    no longer matches its sha256, as (path in the run dir, why); None when all hold. Outputs
+    over `rehash_bytes` are only checked to be there (None: all are re-hashed). `listed`: the
+    outputs kept elsewhere with their sha256 (a bundle's artifacts.json lists the weights it
+    does not carry), which may be absent."""
+    for rel, digest in sorted(result.output_sha256.items()):
+        f = run_dir / rel
+        if not f.is_file():
+            if (listed or {}).get(rel) != digest:
+                return rel, "is missing: its result.json records it as an output"
+        elif (rehash_bytes is None or f.stat().st_size <= rehash_bytes) and sha256_file(f) != digest:
+            return rel, "does not match the sha256 its result.json recorded"
+    return None

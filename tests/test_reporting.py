@@ -776,3 +776,129 @@ def test_bundle_and_verify_refuse_what_is_not_there(tmp_path):
     with pytest.raises(BundleError, match="does not exist"):
         verify_bundle(tmp_path / "nope.tar.gz")
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+# ---------------------------------------------------------------- what a store may hold that a bundle must not trust
+
+
+def _judged_store(root: Path, mean_a: float = 3.0, compressed_job: str | None = None) -> tuple[Path, Path]:
+    """The LLaMA store plus a track-7 evaluation of dense and of Wanda 50% and the judgement of
+    the pair, sealed as `judge_bench` writes it. Returns (store, the judge.json)."""
+    from llmcbench.driver.judging import JUDGE_FILE, seal_judgement
+
+    store = write_llama_store(root)
+    s = SyntheticStore(store)
+    s.clock = 500
+    t7 = {"track7": {"tasks": {}, "generations": {}}}
+    dense = s._write("dense-llama-2-7b-hf", Job(kind="eval", method="dense", model=LLAMA2, evaluation=EvalSettings(tracks=[7]),
+                                                profile="paper", device="cuda"), t7)
+    comp = _run(store, "wanda-unstructured-50-*/*/model").parent
+    artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.name}", path=str(comp / "model"))
+    ev = s._write(comp.parent.name, Job(kind="eval", method="wanda", preset="unstructured-50", model=artifact,
+                                         evaluation=EvalSettings(tracks=[7]), profile="paper", device="cuda"), t7)
+    identity = {"compressed_job": compressed_job or ev.name, "dense_job": dense.name}
+    write_atomic(ev / JUDGE_FILE, json.dumps(seal_judgement({"identity": identity, "metric": "kick_instruction",
+                                                             "mean_a": mean_a, "mean_b": 4.0})))
+    return store, ev / JUDGE_FILE
+
+
+def _kick(report) -> list[float]:
+    return [m.compressed for g in report.groups for c in g.cells for m in c.metrics if m.metric == "kick_instruction"]
+
+
+def test_a_judgement_is_bundled_and_sealed(tmp_path):
+    store, judge = _judged_store(tmp_path / "runs")
+    assert _kick(build_store_report(store)) == [75.0]
+    digest, warnings, n = make_bundle(store, tmp_path / "b.tar.gz")
+    assert warnings == [] and n == 7
+    root = _unpack(tmp_path / "b.tar.gz", tmp_path / "x")
+    bundled = root / judge.relative_to(store.parent)
+    assert bundled.read_bytes() == judge.read_bytes()  # carried, under the manifest
+    assert _kick(build_store_report(root / "runs")) == [75.0] and verify_bundle(tmp_path / "b.tar.gz", digest)[0] == []
+    # edited in the bundle, the manifest rewritten too: its seal names it
+    bundled.write_text(bundled.read_text().replace('"mean_a": 3.0', '"mean_a": 4.0'))
+    _repack(root, tmp_path / "b.tar.gz", remanifest=True)
+    rel = bundled.relative_to(root).as_posix()
+    assert f"{rel}: checksum mismatch (edited, corrupted, or written unsealed)" in verify_bundle(tmp_path / "b.tar.gz")[0]
+    # edited in the store: the run is not trusted, so never scored with the edited figure
+    judge.write_text(judge.read_text().replace('"mean_a": 3.0', '"mean_a": 4.0'))
+    report = build_store_report(store)
+    assert _kick(report) == [] and [p.message for p in report.problems] == [
+        "judge.json: checksum mismatch (edited, corrupted, or written unsealed)"]
+
+
+def test_a_judgement_of_another_job_is_not_trusted(tmp_path):
+    store, judge = _judged_store(tmp_path / "runs", compressed_job="f" * 64)  # sealed, but copied from another run
+    report = build_store_report(store)
+    assert _kick(report) == [] and [p.message for p in report.problems] == ["judge.json: judges job ffffffffffff, not this run's"]
+    _, warnings, _ = make_bundle(store, tmp_path / "b.tar.gz")
+    assert warnings == [f"left out {judge.parent.relative_to(store).as_posix()}: untrusted: judge.json: judges job ffffffffffff, not this run's"]
+
+
+@pytest.mark.parametrize("damage", ["removed", "modified"])
+def test_a_run_whose_artifact_is_gone_is_not_bundled(tmp_path, damage):
+    store = write_llama_store(tmp_path / "runs")
+    comp = _run(store, "wanda-2-4-*/*/model").parent
+    weights = comp / "model" / "model.safetensors"
+    weights.unlink() if damage == "removed" else weights.write_bytes(b"other weights")
+    why = ("model/model.safetensors is missing: its result.json records it as an output" if damage == "removed"
+           else "model/model.safetensors does not match the sha256 its result.json recorded")
+    assert [(p.path, p.message) for p in build_store_report(store).problems] == [(comp.relative_to(store).as_posix(), why)]
+    digest, warnings, n = make_bundle(store, tmp_path / "b.tar.gz")
+    evaluation = _eval_result(store, "wanda-2-4-*").parent
+    assert warnings == [f"left out {comp.relative_to(store).as_posix()}: untrusted: {why}",
+                        f"left out {evaluation.relative_to(store).as_posix()}: evaluates artifact {comp.name[:12]}, "
+                        "whose compress run is not bundled"]
+    assert n == 3 and verify_bundle(tmp_path / "b.tar.gz", digest)[0] == []
+
+
+@pytest.mark.parametrize("link", ["log.txt", "run dir"])
+def test_a_bundle_never_follows_a_symlink_out_of_the_store(tmp_path, link):
+    store = write_llama_store(tmp_path / "runs")
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("HOST SECRET outside the store\n")
+    run = _run(store, "dense-*/*")
+    if link == "log.txt":  # what a job can do to its own /out
+        (run / "log.txt").unlink()
+        (run / "log.txt").symlink_to(secret)
+    else:  # the run dir itself, elsewhere
+        elsewhere = tmp_path / "elsewhere"
+        run.rename(elsewhere)
+        (elsewhere / "log.txt").write_text(secret.read_text())
+        run.symlink_to(elsewhere, target_is_directory=True)
+    digest, warnings, n = make_bundle(store, tmp_path / "b.tar.gz")
+    assert len(warnings) == 1 and warnings[0].startswith(f"left out {run.relative_to(store).as_posix()}: untrusted: ")
+    assert "a symbolic link or outside the store" in warnings[0]
+    with tarfile.open(tmp_path / "b.tar.gz") as tar:
+        assert not [m.name for m in tar.getmembers() if m.isfile() and b"HOST SECRET" in tar.extractfile(m).read()]
+    assert n == 4 and verify_bundle(tmp_path / "b.tar.gz", digest)[0] == []
+
+
+def test_store_results_trust_what_the_report_trusts(llama_store):
+    """A bench's track-3 peers (`Store.results`) are never a run its report rejects."""
+    import shutil
+
+    from llmcbench.driver.reporting.build import scan_store
+    from llmcbench.driver.store import Store
+
+    edited = _run(llama_store, "wanda-unstructured-50-*/*/model").parent
+    job = json.loads((edited / "job.json").read_text())
+    job["method"] = "sparsegpt"  # the result's job.json sha256 no longer matches
+    (edited / "job.json").write_text(json.dumps(job))
+    other = _run(llama_store, "wanda-2-4-*/*/model").parent
+    shutil.copytree(other, other.parent / ("f" * 64))  # a result in another job's dir
+    trusted, problems = scan_store(llama_store)
+    assert len(problems) == 2
+    assert sorted(d.relative_to(llama_store).as_posix() for _, _, d in Store(llama_store).results()) == sorted(r.path for r in trusted)
+
+
+def test_bundle_prints_the_digest_verify_expects(tmp_path, run_cli):
+    import re
+    import shlex
+
+    write_llama_store(tmp_path / "runs")
+    proc = run_cli("bundle", "runs", "-o", "b.tar.gz", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (suggested,) = re.findall(r"`(llmcbench verify [^`]*)`", proc.stdout.replace("\n", ""))
+    proc = run_cli(*shlex.split(suggested)[1:], cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok:"), proc.stdout + proc.stderr

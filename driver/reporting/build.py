@@ -3,8 +3,10 @@ cell, what each cell is scored against.
 
 Rules (all from the store's own records, so a bundle re-derives the same report):
 - A run dir is trusted when its `job.json` and sealed `result.json` validate, the result
-  belongs to the dir (`job_hash`), the job file is the one the result hashed, and a bundled
-  `model/compression.json` matches its recorded sha256. Others are listed as problems, never
+  belongs to the dir (`job_hash`), the job file is the one the result hashed, every output
+  the result recorded is there and matches its sha256 (`store.run_problem`; in a bundle, the
+  weights it does not carry are listed in its artifacts.json instead), and a track-7
+  `judge.json` beside it is sealed and judges this job. Others are listed as problems, never
   scored. Failed jobs are listed with their error.
 - A cell is one (model identity, profile, method, preset, engine, params); when the store
   holds several compress runs of a cell (code changed between runs), the latest counts.
@@ -21,6 +23,7 @@ Rules (all from the store's own records, so a bundle re-derives the same report)
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,7 +33,7 @@ from ...tracks.records import compress_records, eval_records, judge_records
 from ..judging import load_judged
 from ...tracks.scoring import MetricRecord, ScoringError, drop_undefined_ratios, score
 from ..contract import ContractError, Job, Result, canonical_json, read_record
-from ..fsio import sha256_file
+from ..store import REHASH_BYTES, run_problem
 from ..report import LABELS
 from .paper import compare_group, load_matching
 from .schema import (
@@ -63,10 +66,12 @@ def generator() -> str:
         return "llmcbench"
 
 
-def scan_store(root: Path) -> tuple[list[StoredRun], list[RunProblem]]:
-    """Every run dir (`<cell>/<hash>/` holding a job.json or result.json), trusted or not."""
+def scan_store(root: Path, rehash_all: bool = False) -> tuple[list[StoredRun], list[RunProblem]]:
+    """Every run dir (`<cell>/<hash>/` holding a job.json or result.json), trusted or not.
+    `rehash_all`: re-hash even the large outputs (the weights), not only check they are there."""
     runs, problems = [], []
     root = Path(root)
+    listed = _bundle_listed(root)
     dirs = sorted({p.parent for pattern in ("*/*/job.json", "*/*/result.json") for p in root.glob(pattern)})
     for d in dirs:
         rel = d.relative_to(root).as_posix()
@@ -83,7 +88,7 @@ def scan_store(root: Path) -> tuple[list[StoredRun], list[RunProblem]]:
         except ContractError as e:
             problems.append(RunProblem(path=f"{rel}/result.json", status="untrusted", message=_strip(str(e), d)))
             continue
-        message = _consistency(d, job, result)
+        message = _consistency(d, job, result, rehash_all, _listed_for(listed, rel))
         if message:
             problems.append(RunProblem(path=rel, status="untrusted", message=message))
         elif result.status != "ok":
@@ -99,17 +104,28 @@ def _strip(message: str, run_dir: Path) -> str:
     return message.replace(f"{run_dir}/", "")
 
 
-def _consistency(run_dir: Path, job: Job, result: Result) -> str | None:
-    if result.job_hash != run_dir.name:
-        return f"result.json belongs to job {result.job_hash[:12]}, not to this run dir"
-    recorded = result.input_sha256.get("job.json")
-    if recorded and sha256_file(run_dir / "job.json") != recorded:
-        return "job.json does not match the sha256 its result.json recorded"
-    declaration = run_dir / "model" / "compression.json"
-    recorded = result.output_sha256.get("model/compression.json")
-    if declaration.is_file() and recorded and sha256_file(declaration) != recorded:
-        return "model/compression.json does not match the sha256 its result.json recorded"
-    return None
+def _consistency(run_dir: Path, job: Job, result: Result, rehash_all: bool = False, listed: dict[str, str] | None = None) -> str | None:
+    """The store's one trust check (`store.run_problem`, also what a bench's track-3 peers pass):
+    the result is this dir's, its job file and outputs are the ones it hashed, a judge.json is
+    sealed and of this job. A recorded output that is gone (the weights) makes the run
+    untrusted, or a bundle would carry results whose artifact no longer exists."""
+    return run_problem(run_dir, result, None if rehash_all else REHASH_BYTES, listed)
+
+
+def _bundle_listed(root: Path) -> dict[str, str]:
+    """In a bundle (`<bundle>/runs` beside `artifacts.json`), the outputs it does not carry,
+    by `runs/<run dir>/<output>`, with their sha256: these may be absent (`bundle.verify`
+    checks the listing against each result). Empty for a store."""
+    try:
+        listed = json.loads((Path(root).parent / "artifacts.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return listed if isinstance(listed, dict) and Path(root).name == "runs" else {}
+
+
+def _listed_for(listed: dict[str, str], rel: str) -> dict[str, str]:
+    prefix = f"runs/{rel}/"
+    return {k.removeprefix(prefix): v for k, v in listed.items() if k.startswith(prefix)}
 
 
 def build_store_report(root: Path) -> StoreReport:

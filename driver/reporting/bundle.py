@@ -2,8 +2,9 @@
 submission checker).
 
 `bundle` packs, for every trusted run of the store, its records (job.json, result.json,
-log.txt, model/compression.json, the bench's report.md and bench.json) but not the model
-weights, whose hashes stay in result.json and are listed in `artifacts.json`; then the
+log.txt, model/compression.json, track 7's sealed judge.json, the bench's report.md and
+bench.json) but not the model weights, whose hashes stay in result.json and are listed in
+`artifacts.json` (a run whose recorded outputs are gone or changed is not trusted); then the
 store report built from exactly those files, `environment.json` (what ran each job, image
 digests), `reproduce.sh` (the `llmcbench bench` lines that recreate each cell, derived from
 the job records) and `MANIFEST.sha256` over everything. The bundle's digest is the sha256
@@ -15,6 +16,11 @@ re-checks every result.json seal and every hash a result recorded (its job.json,
 compression.json, its artifacts), re-derives the whole report from the raw results with
 the same scorer (tracks/scoring.py) and demands identity with the bundled report.json and
 report.md, and re-derives reproduce.sh. Each problem is one line naming the file.
+
+A bundle never follows a symbolic link: a job writes its run dir (`/out`), and a link there
+(log.txt -> a host file) would carry a file from outside the store into the bundle. A run
+with one is left out, as are the evaluations of an artifact whose compress run is left out
+(verify would reject them: their artifact is not in the bundle).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path, PurePosixPath
 
 from ..contract import ContractError, Job, Result, read_record
 from ..fsio import sha256_file, write_atomic
+from ..judging import JUDGE_FILE, judgement_problem
 from .write import REPORT_FILES, write_store_report
 from .build import StoredRun, build_store_report, generator, scan_store
 from .render import render_html, render_markdown
@@ -40,7 +47,7 @@ from .schema import StoreReport
 
 TOP = "llmcbench-bundle"
 MANIFEST = "MANIFEST.sha256"
-RUN_FILES = ("job.json", "result.json", "log.txt", "model/compression.json", "report.md", "bench.json")
+RUN_FILES = ("job.json", "result.json", "log.txt", "model/compression.json", JUDGE_FILE, "report.md", "bench.json")
 BUNDLE_FILES = ("environment.json", "artifacts.json", "reproduce.sh")
 
 
@@ -56,12 +63,13 @@ def make_bundle(runs_dir: Path, out_path: Path) -> tuple[str, list[str], int]:
     runs_dir, out_path = Path(runs_dir), Path(out_path)
     if not runs_dir.is_dir():
         raise BundleError(f"store {runs_dir} does not exist: pass the --runs-dir of your benches")
-    trusted, problems = scan_store(runs_dir)
-    failed = _failed_runs(runs_dir, problems)
-    bundled = trusted + failed
-    if not trusted:
-        raise BundleError(f"store {runs_dir} holds no trusted ok result to bundle")
+    trusted, problems = scan_store(runs_dir, rehash_all=True)  # what it publishes the hashes of must still be there
     warnings = [f"left out {p.path}: {p.status}: {p.message}" for p in problems if p.status != "failed"]
+    bundled, refused = _without_links(runs_dir, trusted + _failed_runs(runs_dir, problems))
+    bundled, orphans = _with_their_artifacts(bundled)
+    warnings += refused + orphans
+    if not any(r.result.status == "ok" for r in bundled):
+        raise BundleError(f"store {runs_dir} holds no trusted ok result to bundle")
     with tempfile.TemporaryDirectory(prefix="llmcbench-bundle-") as tmp:
         root = Path(tmp) / TOP
         for run in bundled:
@@ -70,11 +78,12 @@ def make_bundle(runs_dir: Path, out_path: Path) -> tuple[str, list[str], int]:
                 if src.is_file():
                     dst = root / "runs" / run.path / name
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dst)
+                    shutil.copyfile(src, dst, follow_symlinks=False)
+        # before the report: the staged store lacks the weights, which artifacts.json lists
+        write_atomic(root / "artifacts.json", json.dumps(artifacts_record(bundled), indent=2, sort_keys=True) + "\n")
         write_store_report(root / "runs", root / "report")
         staged = _staged_runs(root / "runs")
         write_atomic(root / "environment.json", json.dumps(environment_record(staged, bundler=True), indent=2, sort_keys=True) + "\n")
-        write_atomic(root / "artifacts.json", json.dumps(artifacts_record(staged), indent=2, sort_keys=True) + "\n")
         write_atomic(root / "reproduce.sh", reproduce_script(staged))
         manifest = "".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n"
                            for p in sorted(root.rglob("*")) if p.is_file())
@@ -82,6 +91,46 @@ def make_bundle(runs_dir: Path, out_path: Path) -> tuple[str, list[str], int]:
         write_atomic(out_path, _targz(root))
         out_path.chmod(0o644)
     return hashlib.sha256(manifest.encode()).hexdigest(), warnings, len(bundled)
+
+
+def _without_links(runs_dir: Path, runs: list[StoredRun]) -> tuple[list[StoredRun], list[str]]:
+    """The runs none of whose bundled files is reached through a symbolic link or lies outside
+    the store, and a warning for each other run (left out whole: a record swapped for a link
+    is not the run's own)."""
+    store = runs_dir.resolve()
+    kept, warnings = [], []
+    for run in runs:
+        bad = [name for name in RUN_FILES if _linked(runs_dir, PurePosixPath(run.path) / name, store)]
+        if bad:
+            warnings.append(f"left out {run.path}: untrusted: {', '.join(bad)}: a symbolic link or outside the store "
+                            "(a bundle never follows one)")
+        else:
+            kept.append(run)
+    return kept, warnings
+
+
+def _linked(runs_dir: Path, rel: PurePosixPath, store: Path) -> bool:
+    """Whether any part of `rel` under the store is a symbolic link, or it resolves outside the store."""
+    path = runs_dir
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            return True
+    return path.exists() and not path.resolve().is_relative_to(store)
+
+
+def _with_their_artifacts(runs: list[StoredRun]) -> tuple[list[StoredRun], list[str]]:
+    """The runs whose evaluated artifact (if any) is a compress run among them, and a warning
+    for each other: `verify` rejects an evaluation of an artifact the bundle does not hold."""
+    compressed = {r.result.job_hash for r in runs if r.job.kind == "compress"}
+    kept, warnings = [], []
+    for r in runs:
+        artifact = r.job.model.identity.removeprefix("artifact:")
+        if r.job.model.source == "artifact" and artifact not in compressed:
+            warnings.append(f"left out {r.path}: evaluates artifact {artifact[:12]}, whose compress run is not bundled")
+        else:
+            kept.append(r)
+    return kept, warnings
 
 
 def _failed_runs(runs_dir: Path, problems) -> list[StoredRun]:
@@ -285,6 +334,9 @@ def _check_runs(root: Path, summary: dict) -> list[str]:
                     problems.append(f"{rel}/{out_rel}: does not match the sha256 its result.json recorded (swapped or modified)")
             elif artifacts.get(f"{rel}/{out_rel}") != digest:
                 problems.append(f"artifacts.json: {rel}/{out_rel} is not listed with the sha256 its result.json recorded")
+        judge = judgement_problem(d, d.name)
+        if judge:
+            problems.append(f"{rel}/{judge}")
         if job.model.source == "artifact":
             source = hashes.get(job.model.identity.removeprefix("artifact:"))
             if source is None or source.parent != d.parent:

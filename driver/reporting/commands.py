@@ -101,7 +101,7 @@ def bundle(
     for w in warnings:
         console.print(f"[yellow]{escape(w)}[/yellow]", soft_wrap=True)
     console.print(f"bundle: {out} ({n} runs)\ndigest: {digest}  (sha256 of its MANIFEST.sha256; check with "
-                  f"`llmcbench verify {out} --expect-digest {digest[:12]}…`)", soft_wrap=True)
+                  f"`llmcbench verify {out} --expect-digest {digest}`: the whole digest, which verify compares exactly)", soft_wrap=True)
 
 
 def verify(
