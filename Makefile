@@ -15,6 +15,7 @@ DEVICE  ?= auto
 RUNS    ?= runs
 DATA    ?=
 SPARSITY ?=
+TRUST_REMOTE_CODE ?=
 PYTEST_ARGS ?=
 IMAGE   ?= all
 MATRIX  ?= docs/matrix-embedded.yaml
@@ -38,7 +39,8 @@ bench: $(STAMP)
 	$(BIN)/llmcbench bench --method "$(METHOD)" --tracks "$(TRACKS)" --profile "$(PROFILE)" \
 		--engine "$(ENGINE)" --runner "$(RUNNER)" --device "$(DEVICE)" --runs-dir "$(RUNS)" \
 		$(if $(PRESET),--preset "$(PRESET)") $(if $(MODEL),--model "$(MODEL)") \
-		$(if $(DATA),--data-dir "$(DATA)") $(if $(SPARSITY),--sparsity "$(SPARSITY)")
+		$(if $(DATA),--data-dir "$(DATA)") $(if $(SPARSITY),--sparsity "$(SPARSITY)") \
+		$(if $(TRUST_REMOTE_CODE),--trust-remote-code)
 
 # A whole comparison from a matrix file (methods x presets x models x tracks); resumable.
 matrix: $(STAMP)

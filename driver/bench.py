@@ -190,11 +190,32 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
                 raise UserError(str(e)) from None
             except FileNotFoundError as e:
                 raise UserError(str(e)) from None
+    check_runs_dir(runs_dir)
+    _check_model_support(spec.name, engine, model)
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
     return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
                      Path(runs_dir), runner, gpus, slurm, judge, backends, overrides=overrides or None, compile=compile,
                      data_sha256=data_digest(ddir) if source == "local" else None)
+
+
+def check_runs_dir(runs_dir: str | Path) -> None:
+    """The store must be a directory (or not exist yet): a file there failed deep in the lock
+    code with a traceback, after the plan was printed."""
+    if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
+        raise UserError(f"--runs-dir {runs_dir} is a file: the result store is a directory")
+
+
+def _check_model_support(method: str, engine: str, model: str | None) -> None:
+    """A registry model the method cannot compress (its architecture, or the reference engine's
+    LLaMA-only runner) is refused before anything is downloaded or written, as the matrix marks
+    such a cell unsupported; bench started the job and failed in it."""
+    from .model_registry import lookup
+
+    entry = lookup(model) if model else None
+    reason = entry.supports(method, engine) if entry is not None and not entry.embedded else None
+    if reason:
+        raise UserError(f"{method} on {entry.name}: {reason}")
 
 
 def _data_sha256(plan: BenchPlan) -> str | None:

@@ -94,6 +94,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
     sparsity: Optional[str] = typer.Option(None, "--sparsity", help="override the preset's sparsity, e.g. 0.6 or 60%"),
     force: bool = typer.Option(False, "--force", help="recompute even if cached (also replaces corrupted results)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default"),
 ):
     """Compress a model with METHOD, evaluate dense and compressed on the tracks, print the table."""
     from .bench import plan_bench, run_bench
@@ -108,7 +109,8 @@ def bench(
         from .judging import judge_config
 
         plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity,
-                          gpus=gpus, slurm=slurm, judge=judge_config(judge_url, judge_model, judge_key_env))
+                          gpus=gpus, slurm=slurm, judge=judge_config(judge_url, judge_model, judge_key_env),
+                          trust_remote_code=trust_remote_code)
         console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.setting} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
         with _job_progress() as on_job:
@@ -134,6 +136,7 @@ def deploy(
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
     compile: bool = typer.Option(False, "--compile", help="torch_native: decode steps under torch.compile over a static KV cache (dense and compressed alike)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default"),
 ):
     """Track 5: decode tokens/s of dense and compressed models on a deploy backend, measured in this run."""
     from .deploying import deploy_table, run_deploy
@@ -142,7 +145,8 @@ def deploy(
     try:
         rows = run_deploy([c.strip() for c in cells.split(",") if c.strip()], [b.strip() for b in backend.split(",") if b.strip()],
                           model, profile, runner, device,
-                          runs_dir, data_dir, on_start=lambda what: console.print(f"[dim]{what}[/dim]"), compile=compile)
+                          runs_dir, data_dir, on_start=lambda what: console.print(f"[dim]{what}[/dim]"), compile=compile,
+                          trust_remote_code=trust_remote_code)
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
     console.print(deploy_table(rows))
@@ -159,6 +163,7 @@ def parity(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default"),
 ):
     """Reference vs upstream engine on the same model: WikiText-2 ppl and mask/weight agreement."""
     from rich.table import Table
@@ -168,7 +173,8 @@ def parity(
     t0 = time.perf_counter()
     try:
         with _job_progress() as on_job:
-            rec = run_parity(method, preset, model, profile, runner, runs_dir, data_dir, device, on_job=on_job)
+            rec = run_parity(method, preset, model, profile, runner, runs_dir, data_dir, device, on_job=on_job,
+                             trust_remote_code=trust_remote_code)
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
     t = Table(title=f"Parity: {rec.method} {rec.preset} on {rec.model} (dense WikiText-2 ppl {_fmt(rec.dense_wikitext2_ppl)})")

@@ -34,7 +34,7 @@ class DeployRow:
 
 def run_deploy(cells: list[str], backends: list[str] | str, model: str | None, profile: str, runner: str, device: str,
                runs_dir: Path, data_dir: str | None, on_start: Callable[[str], None] | None = None,
-               compile: bool = False) -> list[DeployRow]:
+               compile: bool = False, trust_remote_code: bool = False) -> list[DeployRow]:
     """Dense and every cell on every backend; each speedup is against dense on the same backend, in this run."""
     backends = [backends] if isinstance(backends, str) else list(backends)
     if not cells:
@@ -45,7 +45,7 @@ def run_deploy(cells: list[str], backends: list[str] | str, model: str | None, p
     for cell in cells:
         method, _, preset = cell.partition(":")
         plans.append(plan_bench(method, preset or None, model, [5], profile, "reference", runner, runs_dir, data_dir, device,
-                                backends=backends, compile=compile))
+                                backends=backends, compile=compile, trust_remote_code=trust_remote_code))
     backends = plans[0].backends  # as plan_bench spells them (TensorRT-LLM: tensorrt_llm)
     remeasured: set[Path] = set()
     for plan in plans:  # timings of this run only: the deploy jobs run again

@@ -143,6 +143,9 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
     from .model_registry import check_access, lookup
     from .registry import get_method
 
+    from .bench import check_runs_dir
+
+    check_runs_dir(runs_dir)
     tracks = parse_tracks(spec.tracks if isinstance(spec.tracks, str) else list(spec.tracks))
     matrix = Matrix(spec, Path(runs_dir))
     for model in spec.models:
@@ -171,6 +174,9 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
                                            slurm=spec.slurm, judge=spec.judge, backends=spec.backends)
                     cell.model = cell.plan.model.name
                 matrix.cells.append(cell)
+    if not matrix.cells:  # e.g. --presets track2 without track 2: it ran nothing and said "0 cells"
+        hint = " (the track2 presets run track 2 only: add 2 to --tracks)" if "track2" in spec.presets and 2 not in tracks else ""
+        raise UserError(f"no cells to run: presets {','.join(spec.presets)} on tracks {','.join(map(str, tracks))} select nothing{hint}")
     if spec.runner == "slurm":  # every cell waits in Slurm's queue at once; Slurm decides what runs
         matrix.workers = spec.jobs or max(1, sum(c.plan is not None for c in matrix.cells))
     else:

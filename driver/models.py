@@ -36,7 +36,7 @@ def resolve_model(spec: str | None, revision: str | None = None, trust_remote_co
         return ModelRef(name=EMBEDDED_NAME, source="embedded", identity=f"sha256:{local_dir_digest(path)}", path=str(path))
     if entry is not None:
         check_access(entry, trust_remote_code)
-        ref = _resolve_hub(entry.hub_id, revision or entry.revision or None)
+        ref = _resolve_hub(entry.hub_id, revision or entry.revision or None, code=entry.trust_remote_code)
         return ref.model_copy(update={"name": entry.name, "trust_remote_code": entry.trust_remote_code})
     path = Path(spec).expanduser()
     looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or not _HUB_ID.match(spec)
@@ -50,19 +50,26 @@ def resolve_model(spec: str | None, revision: str | None = None, trust_remote_co
             raise UserError(f"model path {spec} is not a directory: pass an HF model dir (with config.json)")
         if not (path / "config.json").is_file():
             raise UserError(f"model dir {spec} has no config.json: it is not a Hugging Face model dir")
+        if not trust_remote_code and _needs_remote_code(path):
+            raise UserError(f"model dir {spec} runs its own modelling code (auto_map in its config.json): "
+                            "pass --trust-remote-code to allow it (off by default)")
         path = path.resolve()
         return ModelRef(name=_safe_name(path.name), source="local", identity=f"sha256:{local_dir_digest(path)}", path=str(path),
                         trust_remote_code=trust_remote_code)
-    return _resolve_hub(spec, revision).model_copy(update={"trust_remote_code": trust_remote_code})
+    return _resolve_hub(spec, revision, code=trust_remote_code).model_copy(update={"trust_remote_code": trust_remote_code})
 
 
-def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
-    """Download (or find in the HF cache) a hub model; the revision is pinned to a commit."""
+def _resolve_hub(repo_id: str, revision: str | None, code: bool = False) -> ModelRef:
+    """Download (or find in the HF cache) a hub model; the revision is pinned to a commit. `code`:
+    the model runs its own modelling code (trust_remote_code, opted in): its *.py files too,
+    without which even the opted-in load fails ("does not appear to have a file named
+    configuration_chatglm.py")."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.py"] if code else [])
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
         raise UserError(f"model {repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
@@ -71,6 +78,17 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ModelRef:
         raise UserError(f"model {repo_id} is not available offline and the hub cannot be reached ({type(e).__name__}): pass a local model dir") from None
     commit = path.name
     return ModelRef(name=_safe_name(repo_id.split("/")[-1]), source="hub", identity=f"hub:{repo_id}@{commit}", path=str(path), revision=commit)
+
+
+def _needs_remote_code(path: Path) -> bool:
+    """A model whose config maps its classes to its own code (ChatGLM's auto_map): loading it
+    needs trust_remote_code; without the opt-in the job started and failed in transformers."""
+    import json
+
+    try:
+        return bool(json.loads((path / "config.json").read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _safe_name(name: str) -> str:

@@ -167,22 +167,24 @@ def _ppl(run) -> float | None:
 
 
 def parity_plans(method: str, preset: str | None, model: str | None, profile: str, runner: str, runs_dir: Path,
-                 data_dir: str | None, device: str) -> dict:
+                 data_dir: str | None, device: str, trust_remote_code: bool = False) -> dict:
     """Both engines' track-2 bench plans, with the method's `[parity]` params on both."""
     from .bench import plan_bench
     from .registry import get_method
 
     params = get_method(method).parity.params or None
-    return {engine: plan_bench(method, preset, model, "2", profile, engine, runner, runs_dir, data_dir, device, params=params)
+    return {engine: plan_bench(method, preset, model, "2", profile, engine, runner, runs_dir, data_dir, device, params=params,
+                               trust_remote_code=trust_remote_code)
             for engine in ENGINES}
 
 
 def run_parity(method: str, preset: str | None, model: str | None, profile: str, runner: str, runs_dir: Path,
-               data_dir: str | None, device: str, on_job: Callable | None = None) -> ParityRecord:
+               data_dir: str | None, device: str, on_job: Callable | None = None, trust_remote_code: bool = False) -> ParityRecord:
     from .bench import run_bench
 
     plans = {engine: run_bench(plan, on_job=on_job)
-             for engine, plan in parity_plans(method, preset, model, profile, runner, runs_dir, data_dir, device).items()}
+             for engine, plan in parity_plans(method, preset, model, profile, runner, runs_dir, data_dir, device,
+                                              trust_remote_code).items()}
     ref, up = plans["reference"], plans["upstream"]
     figures = compare_artifacts(ref.runs["compress"].run_dir / "model", up.runs["compress"].run_dir / "model", Path(ref.model.path))
     sides = {}

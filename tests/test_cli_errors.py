@@ -21,6 +21,9 @@ import pytest
     (["--method", "wanda", "--sparsity", "-0.1"], ["out of range"]),
     (["--method", "wanda", "--sparsity", "150%"], ["out of range"]),
     (["--method", "wanda", "--profile", "fast"], ["unknown profile 'fast'"]),
+    # the registry says the reference engines are LLaMA-only: refused before any download
+    (["--method", "wanda", "--model", "opt-1.3b"], ["wanda on opt-1.3b", "LLaMA-architecture models only"]),
+    (["--method", "llm_pruner", "--model", "opt-1.3b", "--engine", "upstream"], ["llm_pruner does not support OPT"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_cli, one_line_error):
     runs = tmp_path / "runs"
@@ -163,3 +166,36 @@ def test_a_cpu_allocation_failure_is_classified_oom_not_crash():
     assert classify_exception(cpu.value) == "oom", str(cpu.value)
     assert classify_exception(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "oom"
     assert classify_exception(RuntimeError("shape mismatch")) == "crash"
+
+
+def test_a_runs_dir_that_is_a_file_is_one_line(tmp_path, run_cli, one_line_error):
+    afile = tmp_path / "afile"
+    afile.write_text("not a store\n")
+    for command in (["bench", "--method", "wanda"], ["matrix", "--methods", "wanda"]):
+        proc = run_cli(*command, "--runs-dir", str(afile))
+        one_line_error(proc, "is a file", "directory")
+        assert proc.returncode == 2 and afile.read_text() == "not a store\n"
+
+
+def test_remote_code_is_an_opt_in_every_command_offers(tmp_path, tiny_llama_dir, run_cli, one_line_error):
+    """The refusal says to pass --trust-remote-code: bench, deploy and parity take it (only
+    matrix did, so following the message gave 'No such option'); a local dir whose config maps
+    its classes to its own code (auto_map) is refused without it, before a job starts."""
+    for command in ("bench", "deploy", "parity"):
+        assert "--trust-remote-code" in run_cli(command, "--help").stdout, command
+    glm = tmp_path / "glm"
+    shutil.copytree(tiny_llama_dir, glm)
+    config = json.loads((glm / "config.json").read_text())
+    (glm / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_glm.GLMConfig"}}))
+    runs = tmp_path / "runs"
+    proc = run_cli("bench", "--method", "wanda", "--model", str(glm), "--runs-dir", str(runs))
+    one_line_error(proc, "runs its own modelling code", "--trust-remote-code")
+    assert proc.returncode == 2 and not runs.exists()
+
+
+def test_a_matrix_that_selects_no_cell_says_why(tmp_path, run_cli, one_line_error):
+    """--presets track2 runs track 2 only; without track 2 among the tracks the matrix ran
+    nothing, printed "0 cells" and exited 0."""
+    proc = run_cli("matrix", "--methods", "gptq,awq", "--presets", "track2", "--runs-dir", str(tmp_path / "runs"))
+    one_line_error(proc, "no cells to run", "add 2 to --tracks")
+    assert proc.returncode == 2
