@@ -19,7 +19,7 @@ from filelock import Timeout
 
 from .contract import Calibration, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result, setting_label
 from .data import data_digest, resolve_data
-from .errors import JobFailed, UserError
+from .errors import JobFailed, UnsupportedSetting, UserError
 from .models import resolve_model
 from .profiles import KNOWN_TRACKS, PROFILES, TRACK1_TASKS, Profile
 from .registry import MethodSpec, get_method
@@ -166,6 +166,13 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
             engine_module.validate_params(merged)
         except ValueError as e:
             raise UserError(f"{spec.name} {preset_name}: {e}") from None
+    if engine != "reference" and hasattr(engine_module, "settings_for"):
+        # what the upstream code hard-codes (SmoothQuant's W8A8, GPTQ's bits and block size, ...):
+        # refused here, where it failed in the job after its run dir was written
+        try:
+            engine_module.settings_for(merged)
+        except (ValueError, NotImplementedError) as e:
+            raise UnsupportedSetting(f"{spec.name} {preset_name} ({engine} engine): {e}") from None
     track_list = parse_tracks(tracks)
     if runner == "slurm":  # the jobs run on the cluster's nodes: their GPUs count, not this host's
         dev = get_runner(runner, gpus, slurm=slurm).resolve_device(device)

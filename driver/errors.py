@@ -9,6 +9,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class UnsupportedSetting(UserError):
+    """A method's engine cannot run a preset (the upstream code hard-codes what the preset sets):
+    bad input for a bench, an `unsupported` cell for a matrix, which goes on with the others."""
+
+
 class StoreError(UserError):
     """The result store holds something that cannot be trusted (corrupted, partial)."""
 

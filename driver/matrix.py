@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..tracks.records import compress_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
 from .bench import BenchPlan, cached_jobs, parse_tracks, plan_bench, planned_jobs, run_bench
-from .errors import JobFailed, StoreError, UserError
+from .errors import JobFailed, StoreError, UnsupportedSetting, UserError
 from .fsio import write_atomic
 from .report import plan_eval_records
 from .store import Store
@@ -169,10 +169,13 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
                 if reason:
                     cell.status, cell.error_type, cell.message = "unsupported", "unsupported", reason
                 else:
-                    cell.plan = plan_bench(method.name, preset, model, cell_tracks, spec.profile, spec.engine, spec.runner,
-                                           runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code,
-                                           slurm=spec.slurm, judge=spec.judge, backends=spec.backends)
-                    cell.model = cell.plan.model.name
+                    try:
+                        cell.plan = plan_bench(method.name, preset, model, cell_tracks, spec.profile, spec.engine, spec.runner,
+                                               runs_dir, spec.data_dir, spec.device, trust_remote_code=spec.trust_remote_code,
+                                               slurm=spec.slurm, judge=spec.judge, backends=spec.backends)
+                        cell.model = cell.plan.model.name
+                    except UnsupportedSetting as e:  # the engine cannot run this preset: this cell only
+                        cell.status, cell.error_type, cell.message = "unsupported", "unsupported", str(e)
                 matrix.cells.append(cell)
     if not matrix.cells:  # e.g. --presets track2 without track 2: it ran nothing and said "0 cells"
         hint = " (the track2 presets run track 2 only: add 2 to --tracks)" if "track2" in spec.presets and 2 not in tracks else ""

@@ -24,6 +24,9 @@ import pytest
     # the registry says the reference engines are LLaMA-only: refused before any download
     (["--method", "wanda", "--model", "opt-1.3b"], ["wanda on opt-1.3b", "LLaMA-architecture models only"]),
     (["--method", "llm_pruner", "--model", "opt-1.3b", "--engine", "upstream"], ["llm_pruner does not support OPT"]),
+    # what the upstream code hard-codes is refused at planning, not in the job after its run dir
+    (["--method", "smoothquant", "--preset", "w4a4", "--engine", "upstream", "--tracks", "2"],
+     ["smoothquant w4a4 (upstream engine)", "W8A8 with per-token activations only"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_cli, one_line_error):
     runs = tmp_path / "runs"

@@ -570,3 +570,15 @@ def test_parallel_workers_get_the_users_visible_gpus(tmp_path, tiny_llama_dir, m
     with pytest.raises(UserError, match=r"--device cuda:1 with 2 parallel cells.*use --device cuda"):
         plan_matrix(spec, tmp_path / "runs2")
     assert plan_matrix(parse_spec({**spec.model_dump(exclude_none=True), "jobs": 1}), tmp_path / "runs3").workers == 1
+
+
+def test_a_preset_the_upstream_engine_cannot_run_is_an_unsupported_cell(tmp_path, tiny_llama_dir):
+    """SmoothQuant's upstream code is W8A8 only: its track-2 W4A4 cell is marked unsupported at
+    planning (it was planned, ran and failed in the job); the other cells plan as before."""
+    spec = parse_spec({"methods": ["smoothquant", "wanda"], "presets": ["track2"], "models": [str(tiny_llama_dir)],
+                       "tracks": "2", "engine": "upstream", "device": "cpu"})
+    m = plan_matrix(spec, tmp_path / "runs")
+    cells = {(c.method, c.preset): (c.status, c.error_type) for c in m.cells}
+    assert cells[("smoothquant", "w4a4")] == ("unsupported", "unsupported")
+    assert cells[("wanda", "unstructured-50")] == ("planned", None)
+    assert "W8A8" in next(c.message for c in m.cells if c.method == "smoothquant")
