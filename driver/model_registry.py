@@ -50,7 +50,22 @@ class RegisteredModel(BaseModel):
             return f"{method} does not support {self.family} ({self.arch}) upstream"
         if engine == "reference" and self.arch not in REFERENCE_ARCHS:
             return f"the reference engine of {method} supports LLaMA-architecture models only, not {self.arch}: use --engine upstream"
+        archs = upstream_archs(method) if engine == "upstream" else None
+        if archs is not None and self.arch not in archs:
+            # `methods` are the paper's Table 2 cells; this harness's adapter may run fewer
+            return (f"the upstream engine of {method} runs {', '.join(sorted(archs))} models here, not {self.arch} "
+                    "(the paper's cell needs upstream code this adapter does not run)")
         return None
+
+
+def upstream_archs(method: str) -> set[str] | None:
+    """The model_types a method's upstream adapter runs (its SUPPORTED_ARCHS), None if it says not."""
+    from .registry import get_method
+
+    spec = get_method(method)
+    if "upstream" not in spec.engines:
+        return None
+    return getattr(spec.engine_module("upstream"), "SUPPORTED_ARCHS", None)
 
 
 @functools.cache

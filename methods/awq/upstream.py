@@ -36,6 +36,12 @@ from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
 from .._upstream.convert import hf_dir_from_upstream, quantized_layers, require
 from .reference import AWQSettings
 
+# The model_types (config.json) this adapter runs: of the registry's architectures, those llm-
+# awq's auto_scale/auto_clip have a branch for (none for ChatGLM). The model registry refuses the
+# others up front (driver/model_registry.py `supports`).
+SUPPORTED_ARCHS = {"llama", "opt"}
+
+
 ENTRY = "awq/entry.py"
 
 

@@ -25,6 +25,12 @@ from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext, switch
 from .._upstream.convert import hf_dir_from_upstream, quantized_layers
 from .reference import GPTQSettings
 
+# The model_types (config.json) this adapter runs: llama.py, upstream's LLaMA script (opt.py and
+# bloom.py are not run). The model registry refuses the others up front (driver/model_registry.py
+# `supports`).
+SUPPORTED_ARCHS = {"llama"}
+
+
 UPSTREAM_BITS = (2, 3, 4, 8)
 
 

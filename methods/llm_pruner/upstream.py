@@ -53,6 +53,12 @@ from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
 from .._upstream.convert import ConversionError, copy_tokenizer, require
 from .reference import PrunerSettings, examples_digest, layer_ranges
 
+# The model_types (config.json) this adapter runs: hf_prune.py prunes its own LLaMA copy
+# (check_model refuses the rest). The model registry refuses the others up front
+# (driver/model_registry.py `supports`).
+SUPPORTED_ARCHS = {"llama"}
+
+
 LOG_NAME = "llmcbench"
 EXAMPLES_TARGET = "LLMPruner.datasets.example_samples:get_examples"
 EXPORT = Path(__file__).with_name("upstream_export.py")

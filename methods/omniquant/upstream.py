@@ -41,6 +41,9 @@ NET_CHOICES = ("opt-125m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-3
                "llama-30b", "llama-65b", "Llama-2-7b", "Llama-2-13b", "Llama-2-70b", "Llama-2-7b-chat", "Llama-2-13b-chat",
                "falcon-180b", "falcon-7b", "mixtral-8x7b")
 FAMILY_LABEL = {"llama": "Llama-2-7b", "opt": "opt-1.3b", "falcon": "falcon-7b", "mixtral": "mixtral-8x7b"}
+# The model_types (config.json) this adapter runs: main.py's --net dispatch: OPT, LLaMA, Falcon,
+# Mixtral. The model registry refuses the others up front (driver/model_registry.py `supports`).
+SUPPORTED_ARCHS = set(FAMILY_LABEL)
 
 
 def net_label(ctx: UpstreamContext) -> str:

@@ -28,6 +28,12 @@ from .._upstream.convert import hf_dir_from_upstream, quantized_layers
 from .reference import SmoothQuantSettings
 
 
+# The model_types (config.json) this adapter runs: of the registry's architectures, those
+# smooth_lm has a branch for (none for ChatGLM). The model registry refuses the others up front
+# (driver/model_registry.py `supports`).
+SUPPORTED_ARCHS = {"llama", "opt"}
+
+
 def settings_for(params: dict) -> SmoothQuantSettings:
     s = SmoothQuantSettings.from_params(params)
     if (s.weight_bits, s.act_bits) != (8, 8) or s.act_granularity != "per_token":

@@ -31,6 +31,12 @@ from .._upstream.convert import hf_dir_from_upstream
 from .reference import SparseGPTSettings
 
 
+# The model_types (config.json) this adapter runs: llama.py, upstream's LLaMA script (opt.py and
+# bloom.py are not run). The model registry refuses the others up front (driver/model_registry.py
+# `supports`).
+SUPPORTED_ARCHS = {"llama"}
+
+
 def check_tokenizer(ctx: UpstreamContext) -> None:
     if "llama" in str(ctx.model_dir).lower() and (ctx.input_model / "config.json").is_file() \
             and not (ctx.input_model / "tokenizer.model").is_file():

@@ -25,6 +25,12 @@ from .._upstream.convert import hf_dir_from_upstream
 from .reference import WandaSettings
 
 
+# The model_types (config.json) this adapter runs: main.py is upstream's LLaMA script (OPT has its
+# own main_opt.py, which this adapter does not run). The model registry refuses the others up
+# front (driver/model_registry.py `supports`).
+SUPPORTED_ARCHS = {"llama"}
+
+
 def sparsity_type(settings: WandaSettings) -> str:
     return "unstructured" if settings.pattern == "unstructured" else f"{settings.n}:{settings.m}"
 
