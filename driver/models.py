@@ -68,7 +68,7 @@ def _resolve_hub(repo_id: str, revision: str | None, code: bool = False) -> Mode
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.py"] if code else [])
+        patterns = download_patterns(_repo_files(repo_id, revision), code)
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except GatedRepoError:
         raise UserError(f"model {repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from None
@@ -78,6 +78,29 @@ def _resolve_hub(repo_id: str, revision: str | None, code: bool = False) -> Mode
         raise UserError(f"model {repo_id} is not available offline and the hub cannot be reached ({type(e).__name__}): pass a local model dir") from None
     commit = path.name
     return ModelRef(name=_safe_name(repo_id.split("/")[-1]), source="hub", identity=f"hub:{repo_id}@{commit}", path=str(path), revision=commit)
+
+
+def download_patterns(files: list[str] | None, code: bool = False) -> list[str]:
+    """What to fetch of a hub repo: config, tokenizer and the weights in one format, the
+    safetensors where the repo has any, else its pickled pytorch_model*.bin (the paper's OPT and
+    ChatGLM2 revisions publish no safetensors: fetching *.safetensors alone got no weights at
+    all). `files`: the repo's file list, None where it cannot be listed (offline: the cached
+    snapshot is what there is). `code`: the model's own *.py (trust_remote_code, opted in)."""
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja"] + (["*.py"] if code else [])
+    if files is not None and not any(f.endswith(".safetensors") for f in files):
+        return patterns + ["pytorch_model*.bin"]
+    return patterns + ["*.safetensors"]
+
+
+def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
+    if not hub_reachable():  # offline: no list to wait for, the cached snapshot is what there is
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().list_repo_files(repo_id, revision=revision)
+    except Exception:  # noqa: BLE001 - offline, gated (the download says so), or a hub error: decide without the list
+        return None
 
 
 def _needs_remote_code(path: Path) -> bool:

@@ -181,3 +181,17 @@ def test_an_out_of_tree_methods_code_enters_the_source_digest(tmp_path, monkeypa
     assert len({in_tree, with_ext, edited}) == 3
     monkeypatch.delenv("LLMCBENCH_METHODS_PATH")
     assert source_digest() == in_tree
+
+
+def test_a_hub_repo_without_safetensors_downloads_its_bin_weights():
+    """OPT and ChatGLM2 at the paper's revisions publish pytorch_model*.bin only: asking for
+    *.safetensors alone fetched a snapshot without weights. A repo with safetensors gets those
+    alone (LLaMA-2 ships both: 13 GB twice otherwise); offline (no file list) the cache decides."""
+    from llmcbench.driver.models import download_patterns
+
+    opt = ["config.json", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "vocab.json", "merges.txt"]
+    llama = ["config.json", "model-00001-of-00002.safetensors", "pytorch_model-00001-of-00002.bin", "tokenizer.model"]
+    assert "pytorch_model*.bin" in download_patterns(opt) and "*.safetensors" not in download_patterns(opt)
+    assert "*.safetensors" in download_patterns(llama) and not any(p.endswith(".bin") for p in download_patterns(llama))
+    assert "*.safetensors" in download_patterns(None)
+    assert "*.py" in download_patterns(opt, code=True) and "*.py" not in download_patterns(opt)
