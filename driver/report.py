@@ -31,7 +31,9 @@ TRACK6_LABELS = {"advglue_sst2": "AdvGLUE SST-2", "advglue_qqp": "AdvGLUE QQP", 
 TRACK7_LABELS = {"kick_factoid_em": "factoid QA EM (FreebaseQA)", "kick_mcqa_acc": "MCQA acc (MMLU 5-shot)",
                  "kick_icr_em": "retrieval EM (TriviaQA)", "kick_icr_f1": "retrieval F1 (TriviaQA)",
                  "kick_summarization": "summarization (judge)", "kick_instruction": "instruction following (judge)"}
-LABELS = {**TRACK1_LABELS, **TRACK4_LABELS, **TRACK6_LABELS, **TRACK7_LABELS}
+TRACK5_LABELS = {"torch_native": "torch_native tokens/s (batch 1)", "vllm": "vLLM tokens/s (batch 1)",
+                 "tensorrt_llm": "TensorRT-LLM tokens/s (batch 1)", "mlc_llm": "MLC-LLM tokens/s (batch 1)"}
+LABELS = {**TRACK1_LABELS, **TRACK4_LABELS, **TRACK5_LABELS, **TRACK6_LABELS, **TRACK7_LABELS}
 
 
 class Row(BaseModel):
@@ -189,7 +191,8 @@ def render_markdown(rep: BenchReport) -> str:
         *([""] if rep.notes else []),
     ]
     for track, title in ((1, "Track 1: compression performance"), (2, "Track 2: generalization (WikiText-2 ppl)"),
-                         (4, "Track 4: inference consumption"), (6, "Track 6: trustworthiness"), (7, "Track 7: LLM-KICK")):
+                         (4, "Track 4: inference consumption"), (5, "Track 5: hardware acceleration (decode tokens/s)"),
+                         (6, "Track 6: trustworthiness"), (7, "Track 7: LLM-KICK")):
         rows = [r for r in rep.rows if r.track == track]
         if rows:
             lines += [f"## {title}", "", "| metric | dense | compressed | ratio |", "|---|---|---|---|"]
