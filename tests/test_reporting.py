@@ -902,3 +902,50 @@ def test_bundle_prints_the_digest_verify_expects(tmp_path, run_cli):
     (suggested,) = re.findall(r"`(llmcbench verify [^`]*)`", proc.stdout.replace("\n", ""))
     proc = run_cli(*shlex.split(suggested)[1:], cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("ok:"), proc.stdout + proc.stderr
+
+
+def test_plots_draw_nothing_for_what_was_not_measured(monkeypatch):
+    """Fig. 3: a cell without a dense deploy zeroed the dense bar another cell had measured, and a
+    library a method was not deployed on was a 0 tokens/s bar; the radar drew an OM that was not
+    scored at 0, the worst value. Missing is left out (or a gap), never 0."""
+    import copy
+
+    import matplotlib
+    import matplotlib.axes
+
+    from llmcbench.driver.reporting import plots
+    from llmcbench.driver.reporting.schema import GroupReport, MetricCell, OMCell
+
+    g = _minimal_group()
+    other = copy.deepcopy(g["cells"][0])
+    other["preset"] = other["setting"] = "unstructured-50"
+    g["cells"].append(other)
+    group = GroupReport.model_validate(g)
+    a, b = group.cells
+
+    def tps(lib, dense, comp):
+        return MetricCell(track=5, metric=lib, label=lib, unit="tokens/s", dense=dense, compressed=comp,
+                          ratio=comp / dense if dense else None, dense_source="d/result.json" if dense else None,
+                          compressed_source="c/result.json")
+
+    a.metrics, b.metrics = [tps("vllm", 100.0, 120.0), tps("torch_native", 50.0, 60.0)], [tps("vllm", None, 130.0)]
+    seen = {}
+    monkeypatch.setattr(plots, "fig_grouped_bars", lambda title, ylabel, series: seen.setdefault("series", series) and b"")
+    plots.fig_tokens_per_s(group)
+    assert seen["series"]["dense"] == {"vllm": 100.0, "torch_native": 50.0}
+    assert "torch_native" not in seen["series"][plots._label(b)]
+    monkeypatch.undo()
+    heights = []
+    real_bar = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *args, **kw: (heights.append(list(h)), real_bar(self, x, h, *args, **kw))[1])
+    plots.fig_grouped_bars("t", "y", {"dense": {"vllm": 100.0, "torch_native": 50.0}, "m": {"vllm": 130.0}})
+    assert 0.0 not in [v for hs in heights for v in hs]
+
+    a.oms = [OMCell(track=1, om=o, value=v, n_cells=1, sources=["x"]) for o, v in (("om_ka", 90.0), ("om_ia", 95.0), ("om_inf", 150.0))]
+    b.oms = [OMCell(track=1, om=o, value=v, n_cells=1, sources=["x"]) for o, v in (("om_ka", 80.0), ("om_ia", 85.0))]
+    traces = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *args, **kw: (traces.append((kw.get("label"), list(args[1]))), real_plot(self, *args, **kw))[1])
+    plots.fig_radar(group)
+    b_trace = next(r for label, r in traces if label == plots._label(b))
+    assert 0.0 not in b_trace and any(math.isnan(v) for v in b_trace)

@@ -77,8 +77,8 @@ def fig_radar(group: GroupReport) -> bytes | None:
         values = {o.om: o.value / (best_train if o.om == "om_train" else 100.0) for o in cell.oms}
         if not any(a in values for a in axes):
             continue
-        r = [values.get(a, 0.0) for a in axes]
-        top = max(top, *r)
+        r = [values.get(a, math.nan) for a in axes]  # an OM not scored is a gap, not the worst value (0)
+        top = max(top, *(v for v in r if not math.isnan(v)))
         ax.plot(angles + angles[:1], r + r[:1], color=f"C{i % 10}", linewidth=1.5, label=_label(cell))
         ax.fill(angles + angles[:1], r + r[:1], color=f"C{i % 10}", alpha=0.12)
     ax.plot(angles + angles[:1], [1.0] * (len(axes) + 1), color="0.4", linestyle="--", linewidth=0.8, label="dense / cheapest (1)")
@@ -100,7 +100,9 @@ def fig_grouped_bars(title: str, ylabel: str, series: dict[str, dict[str, float]
     width = 0.8 / max(1, len(bars))
     for j, bar in enumerate(bars):
         xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(groups))]
-        ax.bar(xs, [series[g].get(bar, 0.0) for g in groups], width=width, label=bar, color=f"C{j % 10}")
+        # a bar a group lacks (a library a method was not deployed on) is left out, not drawn at 0
+        shown = [(x, series[g][bar]) for x, g in zip(xs, groups) if bar in series[g]]
+        ax.bar([x for x, _ in shown], [v for _, v in shown], width=width, label=bar, color=f"C{j % 10}")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=15, ha="right")
     ax.set_ylabel(ylabel)
@@ -116,7 +118,8 @@ def fig_tokens_per_s(group: GroupReport) -> bytes | None:
     for cell in group.cells:
         for m in cell.metrics:
             if m.track == 5 and m.compressed is not None:
-                series.setdefault("dense", {})[m.metric] = m.dense or 0.0
+                if m.dense is not None:  # a later cell without a dense deploy must not zero the dense bar
+                    series.setdefault("dense", {})[m.metric] = m.dense
                 series.setdefault(_label(cell), {})[m.metric] = m.compressed
     if not series:
         return None
