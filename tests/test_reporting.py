@@ -949,3 +949,24 @@ def test_plots_draw_nothing_for_what_was_not_measured(monkeypatch):
     plots.fig_radar(group)
     b_trace = next(r for label, r in traces if label == plots._label(b))
     assert 0.0 not in b_trace and any(math.isnan(v) for v in b_trace)
+
+
+def test_track3_compares_runs_on_one_kind_of_device(tmp_path):
+    """A CUDA Wanda run (60 s, 14 GB of GPU memory) and a CPU SparseGPT run (600 s, 3 GB of host
+    memory) of one model: each is scored among the runs on its own kind of device, as a bench
+    scores it (it had OM_train 7.11 and 3.37 from each other's time and memory)."""
+    from llmcbench.driver.contract import Calibration, Compression, Job
+    from llmcbench.driver.store import cell_name
+
+    s = SyntheticStore(tmp_path / "runs")
+    s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5}, {}, 60.0, 14.0, tracks=())
+    job = Job(kind="compress", method="sparsegpt", preset="unstructured-50", params={}, model=LLAMA2, profile="paper",
+              device="cpu", calibration=Calibration(nsamples=128, seqlen=2048, seed=0))
+    s._write(cell_name("sparsegpt", "unstructured-50", LLAMA2.name), job,
+             {"track3": {"compress_s": 600.0, "compress_peak_rss_bytes": int(3e9), "compress_peak_gpu_bytes": None, "device": "cpu"}},
+             inputs={"calibration": CALIB_SHA},
+             model_files={"compression.json": Compression(method="sparsegpt", preset="unstructured-50",
+                                                          sparsity_pattern="unstructured", measured_sparsity=0.5).model_dump_json()})
+    (group,) = build_store_report(tmp_path / "runs").groups
+    om_train = {c.method: next(o.value for o in c.oms if o.om == "om_train") for c in group.cells}
+    assert om_train == {"wanda": pytest.approx(1.0), "sparsegpt": pytest.approx(1.0)}  # each alone on its device

@@ -176,10 +176,14 @@ def _settings_labels(members: list[StoredRun]) -> list[str]:
 
 def _group(model: str, identity: str, profile: str, members: list[StoredRun], evals: list[StoredRun], paper_model: str | None) -> GroupReport:
     settings = _settings_labels(members)
-    track3_records = [rec for r, s in zip(members, settings) for rec in compress_records(r.result.metrics, model, r.job.method, s)]
-    track3_sources = [r.source for r in members]
     cells = []
     for comp, setting in zip(members, settings):
+        # track 3 compares runs on one kind of device, as a bench does: a CPU run's time and host
+        # memory beside a GPU run's set T_max and M_max for both (the store report and the bench
+        # report gave one run two OM_trains)
+        peers = [(r, s) for r, s in zip(members, settings) if _device_kind(r) == _device_kind(comp)]
+        track3_records = [rec for r, s in peers for rec in compress_records(r.result.metrics, model, r.job.method, s)]
+        track3_sources = [r.source for r, _ in peers]
         artifact_evals = [e for e in evals if e.job.model.identity == f"artifact:{comp.result.job_hash}"]
         pairs = [(ce, _dense_for(ce, comp, evals), tracks) for ce, tracks in _sources_per_track(artifact_evals)]
         cells.append(_cell(model, comp, setting, pairs, track3_records, track3_sources))
@@ -218,6 +222,10 @@ def _sources_per_track(artifact_evals: list[StoredRun]) -> list[tuple[StoredRun,
         if unit[0] not in tracks:
             tracks.append(unit[0])
     return [(e, tuple(tracks)) for e, tracks in used.values()]
+
+
+def _device_kind(run: StoredRun) -> str:
+    return run.job.device.split(":")[0]
 
 
 def _latest(runs: list[StoredRun]) -> StoredRun | None:
