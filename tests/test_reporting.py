@@ -970,3 +970,24 @@ def test_track3_compares_runs_on_one_kind_of_device(tmp_path):
     (group,) = build_store_report(tmp_path / "runs").groups
     om_train = {c.method: next(o.value for o in c.oms if o.om == "om_train") for c in group.cells}
     assert om_train == {"wanda": pytest.approx(1.0), "sparsegpt": pytest.approx(1.0)}  # each alone on its device
+
+
+def test_the_track2_models_table_scores_each_row_against_its_own_dense_and_keeps_revisions_apart(tmp_path):
+    """Table 2's layout: a row's OM_gen is the RMS of its own cells' ppl_dense/ppl_c (it was
+    re-scored against the first cell's dense of each model), and two revisions of one hub model
+    are two columns (keyed by name, the later overwrote the earlier)."""
+    from llmcbench.driver.reporting.tables import track2_models_table
+
+    s = SyntheticStore(tmp_path / "runs")
+    other = LLAMA2.model_copy(update={"identity": LLAMA2.identity.rsplit("@", 1)[0] + "@" + "b" * 40})
+    for model, dense, comp in ((LLAMA2, 5.0, 6.0), (EMBEDDED, 20.0, 25.0), (other, 7.0, 9.0)):
+        s.dense(model, {"wikitext2_ppl": dense}, tracks=(2,))
+        s.method(model, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5},
+                 {"wikitext2_ppl": comp}, 5.0, 1.0, tracks=(2,))
+    table = track2_models_table(build_store_report(tmp_path / "runs"), "paper")
+    names = [c for c in table.columns[2:-1]]
+    assert len(names) == 3 and len(set(names)) == 3 and sum(n.startswith("llama-2-7b-hf") for n in names) == 2
+    row = next(r for r in table.rows if r[0].text == "wanda")
+    expected = 100 * math.sqrt(((5 / 6) ** 2 + (20 / 25) ** 2 + (7 / 9) ** 2) / 3)
+    assert float(row[-1].text) == pytest.approx(expected, abs=0.005)
+    assert sorted(float(c.text) for c in row[2:-1]) == [6.0, 9.0, 25.0]

@@ -9,6 +9,8 @@ table they come from.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from ..report import TRACK1_LABELS, TRACK6_LABELS, TRACK7_LABELS
@@ -119,41 +121,41 @@ def track2_models_table(report: StoreReport, profile: str) -> Table | None:
     """Table 2's layout: WikiText-2 ppl of every method/setting (rows) on every model (columns)
     of one profile, and OM_gen over all of them (SPEC 5: the RMS over models of
     ppl_dense/ppl_c); a method that lacks a model gets no OM_gen rather than one over fewer
-    models. Shown when the store holds track 2 on two or more models."""
-    from ...tracks.scoring import MetricRecord, ScoringError, score
+    models. Shown when the store holds track 2 on two or more models.
 
+    Columns are model identities (two revisions of one model are two columns, named apart), and
+    each row's OM_gen is computed from its own cells' dense baselines, those their ratios used:
+    keyed by name and re-scored against the first cell's dense, a later revision overwrote an
+    earlier one and a row's OM_gen could differ from its own group's."""
     groups = [g for g in report.groups if g.profile == profile]
     dense: dict[str, MetricCell] = {}
+    names: dict[str, str] = {}
     values: dict[tuple[str, str], dict[str, MetricCell]] = {}
     for g in groups:
         for c in g.cells:
             mc = _metric(c, "wikitext2_ppl", 2)
             if mc is not None and mc.compressed is not None and mc.dense is not None:
-                dense.setdefault(g.model, mc)
-                values.setdefault((c.method, c.setting), {})[g.model] = mc
-    models = sorted(dense)
+                dense.setdefault(g.model_identity, mc)
+                names[g.model_identity] = g.model
+                values.setdefault((c.method, c.setting), {})[g.model_identity] = mc
+    models = sorted(dense, key=lambda i: (names[i], i))
     if len(models) < 2:
         return None
-    records = [MetricRecord(track=2, model=m, method="dense", setting="dense", metric="wikitext2_ppl", value=dense[m].dense)
-               for m in models]
-    records += [MetricRecord(track=2, model=m, method=method, setting=setting, metric="wikitext2_ppl", value=mc.compressed)
-                for (method, setting), per_model in values.items() for m, mc in per_model.items()]
-    try:
-        om_gen = {(r.method, r.setting): r for r in score(records) if r.om == "om_gen"}
-    except ScoringError:  # e.g. a ppl of 0: the per-model values still show; the group tables say why
-        om_gen = {}
+    shared = {n for n in names.values() if list(names.values()).count(n) > 1}
+    header = [names[i] + (f" @{i.rsplit('@', 1)[-1][:7]}" if names[i] in shared else "") for i in models]
     rows = [[Cell("dense"), Cell("-")] + [num(dense[m].dense, "ppl", dense[m].dense_source) for m in models]
             + [Cell("100.00", number=True, title="the baseline: 100 by definition")]]
     for (method, setting), per_model in values.items():
-        om = om_gen.get((method, setting))
+        ratios = [per_model[m].dense / per_model[m].compressed for m in models if m in per_model and per_model[m].compressed > 0]
+        om = 100 * math.sqrt(sum(r * r for r in ratios) / len(ratios)) if len(ratios) == len(models) else None
         row = [Cell(method), Cell(setting)]
         row += [num(per_model[m].compressed, "ppl", per_model[m].compressed_source) if m in per_model else Cell("-")
                 for m in models]
-        row.append(Cell(fmt(om.value, "OM"), number=True, title=f"RMS over {om.n_cells} models") if om
-                   else Cell("-", title="not on every model: no OM_gen over fewer models"))
+        row.append(Cell(fmt(om, "OM"), number=True, title=f"RMS over {len(models)} models, each against its own dense run")
+                   if om is not None else Cell("-", title="not on every model: no OM_gen over fewer models"))
         rows.append(row)
     return Table(f"Track 2: generalization across models (Table 2 layout), profile {profile}",
-                 ["method", "setting"] + models + ["OM_gen"], rows,
+                 ["method", "setting"] + header + ["OM_gen"], rows,
                  "WikiText-2 perplexity (lower is better); OM_gen = 100 x RMS over the models of ppl_dense / ppl_compressed")
 
 
