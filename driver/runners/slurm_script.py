@@ -5,7 +5,7 @@ without a cluster: `local` (the driver's own Python environment on the shared fi
 `apptainer` (`apptainer exec` of a SIF converted from the method or eval image) and `enroot`
 (`srun --container-image` through NVIDIA's pyxis plugin, from a squashfs made by
 `enroot import`). docs/slurm.md says how an image becomes a SIF or a squashfs. A job runs in
-the image the docker runner would run it in, converted (`image_name`), and its result names
+the image the docker runner would run it in, converted (`image_path`), and its result names
 that file and its sha256 (LLMCBENCH_IMAGE, LLMCBENCH_IMAGE_DIGEST, which jobrun records).
 
 Every runtime sees the volume contract exactly as the docker runner's container does:
@@ -63,15 +63,11 @@ class SlurmConfig(BaseModel):
     max_resubmits: int = Field(default=2, ge=0, description="resubmissions of a preempted job")
 
 
-def image_name(job: Job) -> str:
-    """The image a job runs in (driver/images.py `job_image_name`, the docker runner's too)."""
+def image_path(cfg: SlurmConfig, job: Job) -> Path:
+    """The converted image file a job runs in, named as the docker runner's image (images.job_image_name)."""
     from ..images import job_image_name
 
-    return job_image_name(job)
-
-
-def image_path(cfg: SlurmConfig, job: Job) -> Path:
-    return Path(cfg.image_dir or ".") / (image_name(job) + IMAGE_SUFFIX[cfg.runtime])
+    return Path(cfg.image_dir or ".") / (job_image_name(job) + IMAGE_SUFFIX[cfg.runtime])
 
 
 def time_minutes(cfg: SlurmConfig, job: Job) -> int:
