@@ -5,7 +5,7 @@ subpackage, discovered), tracks/ -> llmcbench.tracks. Data files (method.toml, t
 YAMLs, the shipped data slices, the paper tables) travel as package data.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOTS = {"driver": "llmcbench.driver", "methods": "llmcbench.methods", "tracks": "llmcbench.tracks"}
 
@@ -13,7 +13,10 @@ packages, package_dir = [], {}
 for folder, name in ROOTS.items():
     package_dir[name] = folder
     packages.append(name)
-    packages += [f"{name}.{sub}" for sub in find_packages(folder, exclude=["tests", "*.tests"])]
+    # namespace discovery: the data folders (tracks/data/hf/..., tracks/paper) are packages to
+    # setuptools too, which warns about each one that a plain find_packages leaves out
+    subs = find_namespace_packages(folder, exclude=["tests", "tests.*", "*.tests", "*.tests.*", "*__pycache__*"])
+    packages += [f"{name}.{sub}" for sub in subs]
 
 setup(
     packages=packages,
