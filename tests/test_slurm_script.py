@@ -79,6 +79,59 @@ def test_every_end_state_is_classified():
     assert not {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "SUSPENDED"} & FINISHED
 
 
+
+def _runner_polling(monkeypatch, states, **cfg):
+    """A SlurmRunner whose job_state answers `states` in turn (the last one for ever)."""
+    from llmcbench.driver.runners import slurm
+
+    seen = iter(states)
+    last = [None]
+
+    def job_state(job_id):
+        last[0] = next(seen, last[0])
+        return last[0]
+
+    monkeypatch.setattr(slurm, "job_state", job_state)
+    runner = slurm.SlurmRunner.__new__(slurm.SlurmRunner)
+    runner.config = SlurmConfig(poll_s=0.01, **cfg)
+    return runner
+
+
+def test_a_job_slurm_forgot_is_given_up_after_lost_after_s(monkeypatch, tmp_path):
+    """Without accounting, a finished job vanishes from scontrol after MinJobAge and sacct never knew
+    it: the poll ends after lost_after_s, the job's own result.json decides if it wrote one, and
+    without one the cell is a crash that says so. A short gap (a controller restart) is waited out."""
+    from llmcbench.driver.runners import reset_stopping
+    from llmcbench.driver.runners.slurm import _LogTail
+
+    reset_stopping()
+    tail = _LogTail(tmp_path / "log.txt", None)
+    runner = _runner_polling(monkeypatch, [("RUNNING", ""), ("UNKNOWN", "")], lost_after_s=0.2)
+    assert runner._wait("7", tail) == ("UNKNOWN", "")
+    failure = runner._failure("7", "UNKNOWN", "", tmp_path, [{}], _job())
+    assert failure.type == "crash" and "neither scontrol nor sacct" in failure.message
+    (tmp_path / "result.json").write_text("{}")
+    assert runner._failure("7", "UNKNOWN", "", tmp_path, [{}], _job()) is None
+
+    runner = _runner_polling(monkeypatch, [("UNKNOWN", "")] * 3 + [("RUNNING", ""), ("COMPLETED", "0:0")],
+                             lost_after_s=60)
+    assert runner._wait("8", tail) == ("COMPLETED", "0:0")
+
+
+def test_an_interrupted_driver_stops_polling(monkeypatch, tmp_path):
+    """After terminate_all (a matrix's Ctrl-C) a worker thread's poll raises at once, so run() cancels its job."""
+    from llmcbench.driver import runners
+    from llmcbench.driver.runners.slurm import _LogTail
+
+    runner = _runner_polling(monkeypatch, [("RUNNING", "")])
+    runners._STOPPING.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner._wait("9", _LogTail(tmp_path / "log.txt", None))
+    finally:
+        runners.reset_stopping()
+
+
 @pytest.mark.parametrize("runtime", ["local", "apptainer", "enroot"])
 def test_batch_script_is_valid_bash(runtime, tmp_path):
     cfg = SlurmConfig(runtime=runtime, image_dir="/sif", partition="gpu")

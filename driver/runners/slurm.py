@@ -41,7 +41,7 @@ from typing import Callable
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..errors import UserError
 from ..fsio import sha256_file, write_atomic
-from . import collect_result, model_inputs
+from . import check_stopping, collect_result, model_inputs
 from .slurm_script import SlurmConfig, batch_script, image_path, resource_args, time_minutes
 
 # Slurm end state -> the contract's error class (COMPLETED and FAILED read the job's own result)
@@ -243,6 +243,7 @@ class SlurmRunner:
         failure: ErrorInfo | None = None
         tail = _LogTail(run_dir / "log.txt", on_line)
         while True:
+            check_stopping()  # an interrupted matrix resubmits nothing
             job_id = self._submit(run_dir)
             attempts.append({"job_id": job_id, "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             self._record(run_dir, attempts)
@@ -277,17 +278,31 @@ class SlurmRunner:
         return job_id
 
     def _wait(self, job_id: str, tail: "_LogTail") -> tuple[str, str]:
+        """The job's end state. UNKNOWN (neither scontrol nor sacct knows the job) is an end state too
+        once it lasts `lost_after_s`: a cluster without accounting forgets a finished job after
+        MinJobAge, and the poll would otherwise never end. A shorter gap (a controller restart) is waited out."""
+        unknown_since: float | None = None
         while True:
+            check_stopping()  # an interrupted matrix: the except in run() cancels this job
             state, exit_code = job_state(job_id)
             tail.poll()
             if state in FINISHED:
+                return state, exit_code
+            if state != "UNKNOWN":
+                unknown_since = None
+            elif unknown_since is None:
+                unknown_since = time.monotonic()
+            elif time.monotonic() - unknown_since >= self.config.lost_after_s:
                 return state, exit_code
             time.sleep(self.config.poll_s)
 
     def _failure(self, job_id, state, exit_code, run_dir: Path, attempts, job: Job) -> ErrorInfo | None:
         """None when the job's own result.json decides (COMPLETED, or FAILED after the job wrote it)."""
-        if state in ("COMPLETED", "FAILED") and (run_dir / "result.json").exists():
+        if state in ("COMPLETED", "FAILED", "UNKNOWN") and (run_dir / "result.json").exists():
             return None
+        if state == "UNKNOWN":
+            return ErrorInfo(type="crash", message=f"slurm job {job_id} is known to neither scontrol nor sacct "
+                                                   f"(for {self.config.lost_after_s:.0f} s) and left no result")
         if state in SLURM_ERRORS:
             what = {"TIMEOUT": f"exceeded its Slurm time limit of {time_minutes(self.config, job)} min",
                     "PREEMPTED": f"was preempted {len(attempts)} times (max_resubmits {self.config.max_resubmits})"}

@@ -60,6 +60,9 @@ class SlurmConfig(BaseModel):
                                                                       "(default: the job's own)")
     extra_args: list[str] = Field(default_factory=list, description="more sbatch options, e.g. --constraint=a100")
     poll_s: float = Field(default=2.0, gt=0)
+    lost_after_s: float = Field(default=600.0, gt=0, description="a job that neither scontrol nor sacct knows "
+                                                                  "for this long is given up (no accounting, and "
+                                                                  "the controller forgot it after MinJobAge)")
     max_resubmits: int = Field(default=2, ge=0, description="resubmissions of a preempted job")
 
 
