@@ -464,15 +464,27 @@ def project_files(method: str | None) -> list[tuple[str, Path]]:
     files = [(name, PROJECT_ROOT / name) for name in ("setup.py", "pyproject.toml")]
     keep_methods = {"__init__.py", "_engine"} | ({method, "_upstream"} if method else set())
     for d in PROJECT_DIRS:
-        for p in sorted((PROJECT_ROOT / d).rglob("*")):
-            rel = p.relative_to(PROJECT_ROOT)
-            if not p.is_file() or "__pycache__" in rel.parts or p.suffix in {".pyc", ".pyo"} \
-                    or any(part.startswith(".") for part in rel.parts):
-                continue
-            if d == "methods" and rel.parts[1] not in keep_methods:
-                continue
-            files.append((rel.as_posix(), p))
+        files += [(rel, p) for rel, p in _source_files(PROJECT_ROOT / d, d)
+                  if d != "methods" or rel.split("/")[1] in keep_methods]
+    if method:  # a method folder outside the package (LLMCBENCH_METHODS_PATH) is methods/<name>/ in its image
+        from .registry import get_method
+
+        folder = get_method(method).folder
+        if folder is not None and Path(folder).resolve().parent != (PROJECT_ROOT / "methods").resolve():
+            files += _source_files(Path(folder), f"methods/{Path(folder).name}")
     return files
+
+
+def _source_files(root: Path, prefix: str) -> list[tuple[str, Path]]:
+    """(path under `prefix`, file) for the files below `root`, without caches and hidden files."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or "__pycache__" in rel.parts or p.suffix in {".pyc", ".pyo"} \
+                or any(part.startswith(".") for part in rel.parts):
+            continue
+        out.append((f"{prefix}/{rel.as_posix()}", p))
+    return out
 
 
 def project_digest(method: str | None) -> str:

@@ -167,6 +167,41 @@ def test_a_method_image_holds_every_module_its_engines_import(tmp_path, monkeypa
         assert loaded - in_image == set(), f"method image {spec.name} lacks {sorted(loaded - in_image)}"
 
 
+
+def test_a_method_outside_the_package_travels_into_its_image(tmp_path, monkeypatch):
+    """A method folder on LLMCBENCH_METHODS_PATH is methods/<name>/ of its image's wheel: installed
+    where no LLMCBENCH_METHODS_PATH is set (a container), the registry finds it and its engine
+    imports as a packaged one. (The image had only the shared engine code: its job failed inside the
+    container with "unknown method".) An edit to it is a new image."""
+    import os
+    import shutil
+    import sys
+    import zipfile
+
+    ext = tmp_path / "ext"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "methods" / "oom_inject", ext / "oom_inject")
+    monkeypatch.setenv("LLMCBENCH_METHODS_PATH", str(ext))
+    monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    names = {rel for rel, _ in images.project_files("oom_inject")}
+    assert {"methods/oom_inject/method.toml", "methods/oom_inject/reference.py"} <= names
+    assert not any(n.startswith("methods/wanda/") for n in names)
+    before = images.project_digest("oom_inject")
+    with zipfile.ZipFile(images.project_wheel("oom_inject", log=lambda _m: None)) as wheel:
+        wheel.extractall(tmp_path / "site")
+    code = ("from llmcbench.driver.registry import get_method\n"
+            "m = get_method('oom_inject').engine_module('reference')\n"
+            "print(m.__name__, m.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "LLMCBENCH_METHODS_PATH"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    name, file = proc.stdout.split()
+    assert name == "llmcbench.methods.oom_inject.reference" and file.startswith(str(tmp_path / "site"))
+
+    (ext / "oom_inject" / "reference.py").write_text((ext / "oom_inject" / "reference.py").read_text() + "\n# edited\n")
+    assert images.project_digest("oom_inject") != before
+
+
 def test_build_files_travel_beside_the_build_script(monkeypatch):
     """[upstream.image].build_files: copied from the method folder into the layer's files/, named
     to the build by LLMCBENCH_BUILD_FILES; their content is part of the image's identity, and a
