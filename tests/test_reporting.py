@@ -433,6 +433,63 @@ def test_untrusted_and_failed_runs_are_listed_not_scored(llama_store):
     assert cell.notes == ["no evaluation of this artifact in the store: tracks 1 and 4 not scored"]
 
 
+
+def _failed_run(store: SyntheticStore, job: Job, env: str) -> Path:
+    """A run of `job` under other code (`env`: another job hash) that crashed, as the job process records it."""
+    from llmcbench.driver.contract import ErrorInfo
+
+    h = job.job_hash(env)
+    d = store.root / cell_name(job.method, job.preset, LLAMA2.name) / h
+    write_record(d / "job.json", job)
+    write_atomic(d / "log.txt", "Traceback: boom\n")
+    result = Result(job_hash=h, status="failed", started_at=store._time(), finished_at=store._time(), wall_s=1.0,
+                    environment=Environment(python="3.11"), provenance=Provenance(runner="local"),
+                    input_sha256={"job.json": sha256_file(d / "job.json")},
+                    error=ErrorInfo(type="crash", message="RuntimeError: boom")).sealed()
+    write_record(d / "result.json", result)
+    return d
+
+
+def test_a_later_failed_run_of_a_cell_is_said_beside_its_figures(tmp_path):
+    """The code changed and the cell's new compress run (or a new evaluation of its artifact) failed:
+    the row still shows the earlier runs' figures, and says so, or the latest attempt's failure
+    would be visible only in the problems list, far from the numbers it puts in doubt."""
+    s = SyntheticStore(tmp_path)
+    s.dense(LLAMA2, PAPER_DENSE)
+    comp, ev = s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5},
+                        wanda_values(), 60.0, 14.0)
+    cell = build_store_report(tmp_path).groups[0].cells[0]
+    assert cell.notes == [] and any(o.track == 1 for o in cell.oms)
+
+    failed = _failed_run(s, Job.model_validate_json((comp / "job.json").read_text()), "changed-code")
+    report = build_store_report(tmp_path)
+    cell = report.groups[0].cells[0]
+    assert cell.compress.path == comp.relative_to(tmp_path).as_posix() and any(o.track == 1 for o in cell.oms)
+    (note,) = cell.notes
+    assert note.startswith("a later compress run failed") and failed.relative_to(tmp_path).as_posix() in note and "crash" in note
+    assert [p.status for p in report.problems] == ["failed"]
+    write_store_report(tmp_path, tmp_path / "report")
+    assert "a later compress run failed" in (tmp_path / "report" / "report.md").read_text()
+
+    _failed_run(s, Job.model_validate_json((ev / "job.json").read_text()), "changed-code")
+    notes = build_store_report(tmp_path).groups[0].cells[0].notes
+    assert len(notes) == 2 and notes[1].startswith("a later eval of this artifact failed")
+
+
+def test_an_earlier_failed_run_is_no_note(tmp_path):
+    """A failure that a later run of the same cell mended is only a problem of the store."""
+    s = SyntheticStore(tmp_path)
+    s.dense(LLAMA2, PAPER_DENSE)
+    params = {"pattern": "unstructured", "sparsity": 0.5}
+    job = Job(kind="compress", method="wanda", preset="unstructured-50", params=params, model=LLAMA2, profile="paper",
+              device="cuda", calibration=Calibration(nsamples=128, seqlen=2048, seed=0))
+    _failed_run(s, job, "older-code")
+    comp, _ = s.method(LLAMA2, "wanda", "unstructured-50", params, wanda_values(), 60.0, 14.0)
+    assert Job.model_validate_json((comp / "job.json").read_text()) == job  # the same cell, mended by the later run
+    report = build_store_report(tmp_path)
+    assert report.groups[0].cells[0].notes == [] and [p.status for p in report.problems] == ["failed"]
+
+
 # ---------------------------------------------------------------- the report files
 
 

@@ -69,7 +69,14 @@ def generator() -> str:
 def scan_store(root: Path, rehash_all: bool = False) -> tuple[list[StoredRun], list[RunProblem]]:
     """Every run dir (`<cell>/<hash>/` holding a job.json or result.json), trusted or not.
     `rehash_all`: re-hash even the large outputs (the weights), not only check they are there."""
-    runs, problems = [], []
+    runs, _failed, problems = scan_runs(root, rehash_all)
+    return runs, problems
+
+
+def scan_runs(root: Path, rehash_all: bool = False) -> tuple[list[StoredRun], list[StoredRun], list[RunProblem]]:
+    """scan_store, plus the trusted runs that failed (each also a problem): part of the record
+    (sealed result + log), bundled, never scored."""
+    runs, failed, problems = [], [], []
     root = Path(root)
     listed = _bundle_listed(root)
     dirs = sorted({p.parent for pattern in ("*/*/job.json", "*/*/result.json") for p in root.glob(pattern)})
@@ -95,9 +102,10 @@ def scan_store(root: Path, rehash_all: bool = False) -> tuple[list[StoredRun], l
             err = result.error
             problems.append(RunProblem(path=f"{rel}/result.json", status="failed",
                                        message=f"{err.type}: {err.message}" if err else "failed"))
+            failed.append(StoredRun(job, result, rel))
         else:
             runs.append(StoredRun(job, result, rel, load_judged(d)))
-    return runs, problems
+    return runs, failed, problems
 
 
 def _strip(message: str, run_dir: Path) -> str:
@@ -129,14 +137,14 @@ def _listed_for(listed: dict[str, str], rel: str) -> dict[str, str]:
 
 
 def build_store_report(root: Path) -> StoreReport:
-    runs, problems = scan_store(root)
+    runs, failed, problems = scan_runs(root)
     matching = load_matching()
     compress = [r for r in runs if r.job.kind == "compress"]
     evals = [r for r in runs if r.job.kind in ("eval", "deploy")]  # deploy jobs measure track 5
 
     latest: dict[tuple, StoredRun] = {}
     for r in compress:
-        key = (r.job.model.identity, r.job.profile, r.job.method, r.job.preset or "", r.job.engine, canonical_json(r.job.params))
+        key = _cell_key(r)
         if key not in latest or _newer(r, latest[key]):
             latest[key] = r
     by_group: dict[tuple[str, str], list[StoredRun]] = {}
@@ -146,12 +154,34 @@ def build_store_report(root: Path) -> StoreReport:
     groups = []
     for (identity, profile), members in sorted(by_group.items()):
         model = members[0].job.model.name
-        groups.append(_group(model, identity, profile, members, evals, matching.paper_model(identity)))
+        groups.append(_group(model, identity, profile, members, evals, matching.paper_model(identity), failed))
     paper_rows = [row for g in groups for row in compare_group(g, matching)]
     notes = _paper_notes(groups, paper_rows)
     profiles = sorted({g.profile for g in groups} | {r.job.profile for r in runs})
     return StoreReport(generator=generator(), profiles=profiles, n_runs=len(runs), groups=groups, paper=paper_rows,
                        paper_notes=notes, runs=[r.ref for r in sorted(runs, key=lambda r: r.path)], problems=problems)
+
+
+def _cell_key(r: StoredRun) -> tuple:
+    return (r.job.model.identity, r.job.profile, r.job.method, r.job.preset or "", r.job.engine, canonical_json(r.job.params))
+
+
+def _failed_since(comp: StoredRun, used: list[StoredRun], failed: list[StoredRun]) -> list[str]:
+    """Notes for the failed runs that came after what a cell shows: a later compress run of the same
+    cell (the code changed, and the new code fails), or a later evaluation of its artifact. The cell's
+    figures are the older runs'; without the note nothing in the row would say the latest attempt failed."""
+    notes = []
+    for f in sorted(failed, key=lambda r: r.result.finished_at):
+        if f.job.kind == "compress" and _cell_key(f) == _cell_key(comp) and _newer(f, comp):
+            what = "compress run"
+        elif f.job.model.identity == f"artifact:{comp.result.job_hash}" and all(_newer(f, u) for u in used):
+            what = f"{f.job.kind} of this artifact"
+        else:
+            continue
+        err = f.result.error
+        notes.append(f"a later {what} failed ({f.path}, {f.result.finished_at}: {err.type if err else 'failed'}); "
+                     f"the figures shown are from the earlier runs")
+    return notes
 
 
 def _newer(a: StoredRun, b: StoredRun) -> bool:
@@ -174,7 +204,8 @@ def _settings_labels(members: list[StoredRun]) -> list[str]:
     return labels
 
 
-def _group(model: str, identity: str, profile: str, members: list[StoredRun], evals: list[StoredRun], paper_model: str | None) -> GroupReport:
+def _group(model: str, identity: str, profile: str, members: list[StoredRun], evals: list[StoredRun], paper_model: str | None,
+           failed: list[StoredRun] = ()) -> GroupReport:
     settings = _settings_labels(members)
     cells = []
     for comp, setting in zip(members, settings):
@@ -186,7 +217,9 @@ def _group(model: str, identity: str, profile: str, members: list[StoredRun], ev
         track3_sources = [r.source for r, _ in peers]
         artifact_evals = [e for e in evals if e.job.model.identity == f"artifact:{comp.result.job_hash}"]
         pairs = [(ce, _dense_for(ce, comp, evals), tracks) for ce, tracks in _sources_per_track(artifact_evals)]
-        cells.append(_cell(model, comp, setting, pairs, track3_records, track3_sources))
+        cell = _cell(model, comp, setting, pairs, track3_records, track3_sources)
+        cell.notes += _failed_since(comp, [e for e, _, _ in pairs], list(failed))
+        cells.append(cell)
     flags = [name for name in FAIRNESS_FIELDS
              if len({getattr(c.fairness, name) for c in cells}) > 1]
     return GroupReport(model=model, model_identity=identity, profile=profile, paper_model=paper_model, cells=cells,

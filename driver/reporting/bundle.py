@@ -41,7 +41,7 @@ from ..contract import ContractError, Job, Result, read_record
 from ..fsio import sha256_file, write_atomic
 from ..judging import JUDGE_FILE, judgement_problem
 from .write import REPORT_FILES, write_store_report
-from .build import StoredRun, build_store_report, generator, scan_store
+from .build import StoredRun, build_store_report, generator, scan_runs
 from .render import render_html, render_markdown
 from .schema import StoreReport
 
@@ -63,9 +63,9 @@ def make_bundle(runs_dir: Path, out_path: Path) -> tuple[str, list[str], int]:
     runs_dir, out_path = Path(runs_dir), Path(out_path)
     if not runs_dir.is_dir():
         raise BundleError(f"store {runs_dir} does not exist: pass the --runs-dir of your benches")
-    trusted, problems = scan_store(runs_dir, rehash_all=True)  # what it publishes the hashes of must still be there
+    trusted, failed, problems = scan_runs(runs_dir, rehash_all=True)  # what it publishes the hashes of must still be there
     warnings = [f"left out {p.path}: {p.status}: {p.message}" for p in problems if p.status != "failed"]
-    bundled, refused = _without_links(runs_dir, trusted + _failed_runs(runs_dir, problems))
+    bundled, refused = _without_links(runs_dir, trusted + failed)
     bundled, orphans = _with_their_artifacts(bundled)
     warnings += refused + orphans
     if not any(r.result.status == "ok" for r in bundled):
@@ -133,19 +133,9 @@ def _with_their_artifacts(runs: list[StoredRun]) -> tuple[list[StoredRun], list[
     return kept, warnings
 
 
-def _failed_runs(runs_dir: Path, problems) -> list[StoredRun]:
-    """Failed jobs are part of the record (sealed result + log): bundled, never scored."""
-    out = []
-    for p in problems:
-        if p.status == "failed":
-            d = runs_dir / PurePosixPath(p.path).parent
-            out.append(StoredRun(read_record(d / "job.json", Job), read_record(d / "result.json", Result), d.relative_to(runs_dir).as_posix()))
-    return out
-
-
 def _staged_runs(runs_root: Path) -> list[StoredRun]:
-    trusted, problems = scan_store(runs_root)
-    return sorted(trusted + _failed_runs(runs_root, problems), key=lambda r: r.path)
+    trusted, failed, _problems = scan_runs(runs_root)
+    return sorted(trusted + failed, key=lambda r: r.path)
 
 
 def _targz(root: Path) -> bytes:
