@@ -574,6 +574,39 @@ def test_deploy_and_trust_results_get_their_table_and_figures():
     assert plots.fig_trust(report_group)[:4] == b"\x89PNG"
 
 
+
+def test_a_track_table_has_a_dense_row_per_baseline_its_ratios_used():
+    """Track 6's baseline is a job of its own: two cells with one main dense evaluation can have
+    been scored against two track-6 dense runs (rerun between their benches), and a cell can have
+    one with no main dense at all. Each baseline is a row, with its values; one shared is one row."""
+    from llmcbench.driver.reporting.schema import GroupReport, MetricCell
+    from llmcbench.driver.reporting.tables import track1_table, track6_table
+
+    def t6(dense_run, dense):
+        return [MetricCell(track=6, metric=m, label=m, unit="%", dense=dense, compressed=50.0, ratio=50 / dense,
+                           dense_source=f"dense/{dense_run}/result.json", compressed_source="c/result.json")
+                for m in ("advglue_sst2", "truthfulqa_mc1")]
+
+    group = _minimal_group()
+    group["cells"] = [dict(group["cells"][0], setting=s) for s in ("a", "b", "c")]
+    g = GroupReport.model_validate(json.loads(json.dumps(group)))
+    main = {"kind": "eval", "job_hash": "d1d1d1d1d1", "path": "dense/d1d1d1d1d1", "finished_at": "t"}
+    for c in g.cells[:2]:
+        c.dense_eval = type(g.cells[0].compress).model_validate(main)
+    g.cells[0].metrics = t6("aaaaaaaaaa", 60.0)
+    g.cells[1].metrics = t6("bbbbbbbbbb", 62.0)
+    g.cells[2].metrics = t6("aaaaaaaaaa", 60.0)[:1]  # a subset of cell a's baselines: no row of its own
+    table = track6_table(g)
+    dense_rows = [r for r in table.rows if r[0].text.startswith("dense")]
+    assert [r[0].text for r in dense_rows] == ["dense (aaaaaaaa)", "dense (bbbbbbbb)"]
+    assert [[c.text for c in r[2:4]] for r in dense_rows] == [["60.00", "60.00"], ["62.00", "62.00"]]
+    assert dense_rows[1][-1].source == "dense/bbbbbbbbbb/result.json"
+    assert track1_table(g) is None  # no track-1 metric: no table, and no dense row of another track's runs
+
+    g.cells[1].metrics = t6("aaaaaaaaaa", 60.0)
+    assert [r[0].text for r in track6_table(g).rows if r[0].text.startswith("dense")] == ["dense"]
+
+
 def _minimal_group() -> dict:
     ref = {"kind": "compress", "job_hash": "h", "path": "c", "finished_at": "t"}
     fairness = {k: None for k in ("calibration_dataset", "calibration_sha256", "calibration_nsamples", "calibration_seqlen",

@@ -58,14 +58,29 @@ def num(value: float | None, unit: str, source: str | None) -> Cell:
     return Cell(fmt(value, unit), source=source if value is not None else None, number=value is not None, title=source)
 
 
-def _dense_evals(group: GroupReport) -> list[CellReport]:
-    """One representative cell per distinct dense evaluation of the group."""
-    seen, out = set(), []
+def _dense_rows(group: GroupReport, present: list[str], track: int | None) -> list[tuple[CellReport, list[str]]]:
+    """One dense row per distinct set of dense runs the table's ratios were taken against: a
+    representative cell and those runs' sources. Keyed by the metrics' own dense sources, not by
+    the cell's main dense evaluation: a track-6, track-7 or track-5 baseline is another job, and
+    two cells with one main dense can have had different ones (a rerun between their benches).
+    A cell whose baselines are a subset of another's shows no second row."""
+    keyed = []
     for c in group.cells:
-        if c.dense_eval is not None and c.dense_eval.job_hash not in seen:
-            seen.add(c.dense_eval.job_hash)
-            out.append(c)
-    return out
+        sources = {mc.dense_source for m in present if (mc := _metric(c, m, track)) and mc.dense_source}
+        if sources:
+            keyed.append((c, sources))
+    rows: list[tuple[CellReport, set[str]]] = []
+    for c, sources in sorted(keyed, key=lambda cs: -len(cs[1])):  # stable: the group's order among equals
+        if not any(sources <= kept for _, kept in rows):
+            rows.append((c, sources))
+    order = {id(c): i for i, c in enumerate(group.cells)}
+    return [(c, sorted(src)) for c, src in sorted(rows, key=lambda r: order[id(r[0])])]
+
+
+def _run_id(source: str) -> str:
+    """The short job hash of a source (`<cell>/<job hash>/result.json`)."""
+    parts = source.split("/")
+    return parts[-2][:8] if len(parts) >= 2 else source
 
 
 def _metric(cell: CellReport, name: str, track: int | None = None) -> MetricCell | None:
@@ -83,15 +98,15 @@ def _metrics_table(group: GroupReport, title: str, order: list[str], labels: dic
         return None
     columns = ["method", "setting"] + [labels[m] for m in present] + [OM_LABEL[o] for o in oms]
     rows = []
-    denses = _dense_evals(group)
-    for d in denses:
-        label = "dense" if len(denses) == 1 else f"dense ({d.dense_eval.job_hash[:8]})"
+    denses = _dense_rows(group, present, track)
+    for d, sources in denses:
+        label = "dense" if len(denses) == 1 else f"dense ({', '.join(dict.fromkeys(_run_id(s) for s in sources))})"
         row = [Cell(label), Cell("-")]
         for m in present:
             mc = _metric(d, m, track)
             row.append(num(mc.dense if mc else None, mc.unit if mc else "", mc.dense_source if mc else None))
         # the dense model is its own baseline: 100 by definition (track 3 has no dense baseline)
-        row += [Cell("100.00", source=d.dense_eval.result, number=True, title="the baseline: 100 by definition")
+        row += [Cell("100.00", source=sources[0], number=True, title="the baseline: 100 by definition")
                 if o != "om_train" else Cell("-") for o in oms]
         rows.append(row)
     for c in group.cells:
