@@ -466,14 +466,25 @@ def test_a_later_failed_run_of_a_cell_is_said_beside_its_figures(tmp_path):
     cell = report.groups[0].cells[0]
     assert cell.compress.path == comp.relative_to(tmp_path).as_posix() and any(o.track == 1 for o in cell.oms)
     (note,) = cell.notes
-    assert note.startswith("a later compress run failed") and failed.relative_to(tmp_path).as_posix() in note and "crash" in note
+    assert note.startswith("a later compress run of this cell failed") and "crash" in note
+    assert failed.relative_to(tmp_path).as_posix() in note
     assert [p.status for p in report.problems] == ["failed"]
     write_store_report(tmp_path, tmp_path / "report")
-    assert "a later compress run failed" in (tmp_path / "report" / "report.md").read_text()
+    assert "a later compress run of this cell failed" in (tmp_path / "report" / "report.md").read_text()
 
     _failed_run(s, Job.model_validate_json((ev / "job.json").read_text()), "changed-code")
     notes = build_store_report(tmp_path).groups[0].cells[0].notes
-    assert len(notes) == 2 and notes[1].startswith("a later eval of this artifact failed")
+    assert len(notes) == 2 and notes[1].startswith("a later eval of this artifact for tracks 1, 4 failed")
+
+    # a track group that never succeeded: track 6 failed before the (older) tracks 1/4 evaluation was
+    # rerun, so it is not "later" than what is shown, but nothing shown answers it either
+    six = Job.model_validate_json((ev / "job.json").read_text())
+    six = six.model_copy(update={"evaluation": EvalSettings(tracks=[6])})
+    _failed_run(s, six, "changed-code")
+    s.evaluate(LLAMA2, comp, wanda_values())
+    notes = build_store_report(tmp_path).groups[0].cells[0].notes
+    assert not any(n.startswith("a later eval of this artifact for tracks 1, 4") for n in notes), notes  # mended
+    assert any(n.startswith("the eval of this artifact for track 6 failed") for n in notes), notes
 
 
 def test_an_earlier_failed_run_is_no_note(tmp_path):

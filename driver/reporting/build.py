@@ -167,20 +167,22 @@ def _cell_key(r: StoredRun) -> tuple:
 
 
 def _failed_since(comp: StoredRun, used: list[StoredRun], failed: list[StoredRun]) -> list[str]:
-    """Notes for the failed runs that came after what a cell shows: a later compress run of the same
-    cell (the code changed, and the new code fails), or a later evaluation of its artifact. The cell's
-    figures are the older runs'; without the note nothing in the row would say the latest attempt failed."""
+    """Notes for the failed runs a cell's figures do not answer: a later compress run of the same
+    cell (the code changed, and the new code fails), and an evaluation of its artifact that no
+    evaluation shown for the same tracks came after (a rerun that failed, or a track group that
+    never succeeded). Without them nothing in the row would say that the latest attempt failed."""
     notes = []
-    for f in sorted(failed, key=lambda r: r.result.finished_at):
+    for f in sorted(failed, key=lambda r: (r.result.finished_at, r.path)):
+        err = f"{f.path}, {f.result.finished_at}: {f.result.error.type if f.result.error else 'failed'}"
         if f.job.kind == "compress" and _cell_key(f) == _cell_key(comp) and _newer(f, comp):
-            what = "compress run"
-        elif f.job.model.identity == f"artifact:{comp.result.job_hash}" and all(_newer(f, u) for u in used):
-            what = f"{f.job.kind} of this artifact"
-        else:
-            continue
-        err = f.result.error
-        notes.append(f"a later {what} failed ({f.path}, {f.result.finished_at}: {err.type if err else 'failed'}); "
-                     f"the figures shown are from the earlier runs")
+            notes.append(f"a later compress run of this cell failed ({err}); the figures shown are from the earlier run")
+        elif f.job.model.identity == f"artifact:{comp.result.job_hash}":
+            units = set(_coverage(f))
+            covering = [u for u in used if units & set(_coverage(u))]
+            if all(_newer(f, u) for u in covering):
+                tracks = ", ".join(str(t) for t in sorted({u[0] for u in units}))
+                notes.append(f"{'a later' if covering else 'the'} {f.job.kind} of this artifact for track{'s' if len(units) > 1 else ''} "
+                             f"{tracks} failed ({err})" + ("; the figures shown are from the earlier one" if covering else ""))
     return notes
 
 
