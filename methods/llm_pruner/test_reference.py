@@ -280,6 +280,54 @@ def test_presets_pass_validation_and_the_registry():
     assert len(pins) == 1
 
 
+
+def test_block_50_gives_table_3s_macs_on_llama_2_7b():
+    """The paper preset is the setting the paper measured: --pruning_ratio 0.5 in layers 4..29
+    removes 39% of LLaMA-2-7B's parameters, not half, yet Table 3's 0.51 TMACs (1 x 128 tokens,
+    dense 0.85) are exactly what it leaves. (Half the parameters, a ratio near 0.64, would leave
+    0.42; Table 3's 6.75 GB size does not follow from its own MACs.)
+
+    Measured with track 4's FLOP counter on real LLaMA-2-7B-shaped layers, pruned by the
+    engine's own functions: a 1- and a 2-layer model give the embedding/head MACs and a dense
+    layer's; pruning the second layer gives a pruned layer's; the 32-layer total follows."""
+    import csv
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmcbench.methods.llm_pruner.reference import prune_attention, prune_mlp
+    from llmcbench.tracks.inference.measure import count_macs
+
+    table3 = {(r["method"], r["model"], r["setting"]): float(r["tmacs"])
+              for r in csv.DictReader((HERE.parents[1] / "tracks" / "paper" / "table3_track4_inference.csv").open())}
+    settings = PrunerSettings.from_params(discover()["llm_pruner"].preset("block-50")[1])
+    attn_range, mlp_range = layer_ranges(settings, 32)
+    assert attn_range == mlp_range == range(4, 30)
+
+    def llama_2_7b(layers: int):
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+        return LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+
+    with torch.no_grad():
+        one = count_macs(llama_2_7b(1), 128)["raw_macs"]
+        model = llama_2_7b(2)
+        two = count_macs(model, 128)["raw_macs"]
+        layer = model.model.layers[1]
+        layout = layer_layout(layer)
+        prune_attention(layer.self_attn, layout, torch.arange(pruned_count(
+            layout.kv_heads, settings.pruning_ratio, layout.head_dim * layout.heads_per_group)))
+        prune_mlp(layer.mlp, layout, torch.arange(pruned_count(layout.intermediate, settings.pruning_ratio)))
+        pruned_two = count_macs(model, 128)["raw_macs"]
+    dense_layer = two - one
+    ends = one - dense_layer  # embedding, final norm, lm_head
+    pruned_layer = pruned_two - one
+    assert pruned_layer < 0.55 * dense_layer
+    dense = ends + 32 * dense_layer
+    block_50 = ends + (32 - len(attn_range)) * dense_layer + len(attn_range) * pruned_layer
+    assert round(dense / 1e12, 2) == table3[("dense", "LLaMA-2-7B", "0")] == 0.85
+    assert round(block_50 / 1e12, 2) == table3[("LLM-Pruner", "LLaMA-2-7B", "50%")] == 0.51
+
+
 def _upstream_get_examples(traindata, tokenizer, n_samples, seq_len):
     """horseee/LLM-Pruner `LLMPruner/datasets/example_samples.py` (`get_bookcorpus`, and
     `get_c4` alike) at 128a07d, transcribed as the specification of the draw: the global
