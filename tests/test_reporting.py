@@ -185,6 +185,27 @@ def test_the_papers_sizes_are_gib_and_are_compared_in_gb():
     assert _paper_value(4, "LLaMA-2-7B", "dense", "FP16", "tmacs") == pytest.approx(0.85)  # not a size: as printed
 
 
+def test_a_delta_just_past_the_tolerance_never_reads_as_on_it(tmp_path):
+    """+1.004 pt against a ±1 pt tolerance rounds to "+1.00" at the usual two decimals, next to
+    "outside"; +0.1291 on 6.46 ppl (tolerance 2% = 0.1292) rounds to "+0.13", past it, next to
+    "ok". The table shows one more digit each time, and the usual digits where they agree."""
+    from llmcbench.driver.reporting.tables import paper_table
+
+    s = SyntheticStore(tmp_path / "runs")
+    s.dense(LLAMA2, PAPER_DENSE)
+    offsets = {"mmlu": +1.004, "arc_c": -0.9996, "arc_e": -1.2, "wikitext2_ppl": +0.1291}
+    s.method(LLAMA2, "wanda", "unstructured-50", {"pattern": "unstructured", "sparsity": 0.5},
+             {k: v + offsets.get(k, 0.0) for k, v in PAPER_WANDA.items()}, 60.0, 14.0)
+    report = build_store_report(tmp_path / "runs")
+    table = paper_table(report)
+    shown = {(row[2].text, row[5].text): (row[8].text, row[10].text) for row in table.rows}
+    assert shown["wanda unstructured-50", "MMLU"] == ("+1.004", "outside")
+    assert shown["wanda unstructured-50", "ARC-c"] == ("-1.00", "ok")        # rounds onto the bound: still within
+    assert shown["wanda unstructured-50", "ARC-e"] == ("-1.20", "outside")   # the usual digits agree
+    ppl = next(v for (m, label), v in shown.items() if m == "wanda unstructured-50" and "WikiText" in label)
+    assert ppl == ("+0.129", "ok")
+
+
 def test_compare_with_paper_oms_are_rescored_per_model(llama_store):
     report = build_store_report(llama_store)
     knowledge = ("mmlu", "arc_c", "arc_e")

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..report import TRACK1_LABELS, TRACK6_LABELS, TRACK7_LABELS
-from .schema import FAIRNESS_FIELDS, CellReport, GroupReport, MetricCell, StoreReport
+from .paper import load_matching
+from .schema import FAIRNESS_FIELDS, CellReport, GroupReport, MetricCell, PaperRow, StoreReport
 
 TRACK1_ORDER = ["mmlu", "arc_c", "arc_e", "hellaswag", "piqa", "winogrande", "qnli", "mnli", "wikitext2_ppl"]
 TRACK4_ORDER = ["gpu_memory_gb", "model_size_gb", "tmacs"]
@@ -42,16 +43,28 @@ class Table:
     flagged_columns: set[int] = field(default_factory=set)
 
 
-def fmt(value: float | None, unit: str) -> str:
+def fmt(value: float | None, unit: str, extra_digits: int = 0) -> str:
     if value is None:
         return "-"
     if unit in ("%", "ppl", "OM", "tokens/s") or unit.endswith("% of dense"):
-        return f"{value:.2f}"
+        return f"{value:.{2 + extra_digits}f}"
     if unit == "s":
-        return f"{value:.1f}"
+        return f"{value:.{1 + extra_digits}f}"
     if unit == "ratio":
-        return f"{value:.3f}"
-    return f"{value:.4g}"
+        return f"{value:.{3 + extra_digits}f}"
+    return f"{value:.{4 + extra_digits}g}"
+
+
+def delta_text(row: PaperRow) -> str:
+    """A paper row's delta, signed, with as many more digits as it takes to read on the side of
+    the tolerance its verdict is on: +1.004 pt against a ±1 pt tolerance is "+1.004", not a
+    "+1.00" next to "outside". A row without a verdict shows the unit's usual digits."""
+    tolerance = load_matching().tolerance.get(row.unit) if row.verdict != "n/a" else None
+    for extra in range(7):
+        text = fmt(row.delta, row.unit, extra)
+        if tolerance is None or tolerance.within(row.paper + float(text), row.paper) == (row.verdict == "ok"):
+            break
+    return ("+" if row.delta >= 0 else "") + text
 
 
 def num(value: float | None, unit: str, source: str | None) -> Cell:
@@ -251,7 +264,7 @@ def paper_table(report: StoreReport) -> Table | None:
         rows.append([Cell(r.model), Cell(r.paper_model), Cell(f"{r.method} {r.setting}"), Cell(f"{r.paper_method} {r.paper_setting}"),
                      Cell(r.profile), Cell(r.label), num(r.measured, r.unit, r.source),
                      Cell(fmt(r.paper, r.unit), paper=r.paper_table, number=True, title=f"paper: {r.paper_table}"),
-                     Cell(("+" if r.delta >= 0 else "") + fmt(r.delta, r.unit), source=r.source, number=True, title=r.source),
+                     Cell(delta_text(r), source=r.source, number=True, title=r.source),
                      Cell(r.tolerance),
                      Cell(r.verdict, flag=r.verdict == "outside")])
     return Table("Measured vs the paper", ["model", "paper model", "method", "paper row", "profile", "quantity", "measured",
