@@ -469,9 +469,9 @@ def project_files(method: str | None) -> list[tuple[str, Path]]:
     if method:  # a method folder outside the package (LLMCBENCH_METHODS_PATH) is methods/<name>/ in its image
         from .registry import get_method
 
-        folder = get_method(method).folder
-        if folder is not None and Path(folder).resolve().parent != (PROJECT_ROOT / "methods").resolve():
-            files += _source_files(Path(folder), f"methods/{Path(folder).name}")
+        spec = get_method(method)
+        if not spec.packaged:
+            files += _source_files(Path(spec.folder), f"methods/{Path(spec.folder).name}")
     return files
 
 

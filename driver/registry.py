@@ -102,11 +102,18 @@ class MethodSpec(BaseModel):
     def profile_params(self, profile: str) -> dict[str, Any]:
         return dict(self.profiles.get(profile, {}))
 
+    @property
+    def packaged(self) -> bool:
+        """Whether the method's folder is the package's own methods/<name>/ (importable as
+        llmcbench.methods.<name>) rather than a folder on LLMCBENCH_METHODS_PATH, which is
+        imported from its file here and copied into its image by the docker runner."""
+        return self.folder is None or self.folder.resolve().parent == METHODS_DIR.resolve()
+
     def engine_module(self, engine: str):
         if engine not in self.engines:
             raise UserError(f"{self.name} has no '{engine}' engine here: available {', '.join(self.engines) or 'none'}")
         module = self.engines[engine].get("module", engine)
-        if self.folder is not None and self.folder.parent != METHODS_DIR:
+        if not self.packaged:
             return _import_file(f"llmcbench_extra_methods.{self.name}.{module}", self.folder / f"{module}.py")
         return importlib.import_module(f"llmcbench.methods.{self.name}.{module}")
 
