@@ -98,7 +98,10 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
         if examples is not None:
             extra["examples"] = examples
     result["load_s"] = time.perf_counter() - t0
-    _log(f"loaded {job.model.name} and {cal.nsamples}x{cal.seqlen} calibration tokens in {result['load_s']:.1f} s")
+    # the thread count changes float summation order on CPU: two runs of one job that produced
+    # different weights are told apart here first (with the calibration hash)
+    _log(f"loaded {job.model.name} and {cal.nsamples}x{cal.seqlen} calibration tokens (sha256 {(calib_sha or 'hub')[:12]}) "
+         f"in {result['load_s']:.1f} s; {device.type}, torch {torch.get_num_threads()} threads")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
