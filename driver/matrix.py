@@ -18,6 +18,7 @@ the result store and the scoring are the bench's own. The matrix adds:
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 import time
@@ -337,10 +338,12 @@ def _run_cell(cell: MatrixCell, gpu: int | None, forced: _Forced | None, notify:
 # ---------------------------------------------------------------- leaderboard
 
 
-def matrix_records(matrix: Matrix) -> list[MetricRecord]:
-    """Scoring records of every ok cell: compressed and dense evaluations, and track 3."""
+def matrix_records(matrix: Matrix) -> tuple[list[MetricRecord], list[str]]:
+    """Scoring records of every ok cell: compressed and dense evaluations, and track 3; and a
+    note for each dense figure two of the matrix's dense runs disagree on."""
     records: list[MetricRecord] = []
-    seen_dense: set[tuple] = set()
+    seen_dense: dict[tuple, MetricRecord] = {}
+    notes: list[str] = []
     for c in matrix.cells:
         plan = c.plan
         if plan is None or c.status not in ("done", "cached") or "compress" not in plan.runs:
@@ -350,17 +353,25 @@ def matrix_records(matrix: Matrix) -> list[MetricRecord]:
         dense, compressed = plan_eval_records(plan)
         records += compressed
         # one baseline per (track, model, metric): a track-2-only cell's dense evaluation
-        # measures the same ppl as the tracks 1/2/4 one (same windows, same settings)
+        # measures the same ppl as the tracks 1/2/4 one (same windows, same settings). Should two
+        # ever disagree, the first is the baseline and the leaderboard says so, not silently.
         for r in dense:
-            if (r.track, r.model, r.metric) not in seen_dense:
-                seen_dense.add((r.track, r.model, r.metric))
+            key = (r.track, r.model, r.metric)
+            first = seen_dense.get(key)
+            if first is None:
+                seen_dense[key] = r
                 records.append(r)
-    return records
+            elif not math.isclose(first.value, r.value, rel_tol=1e-6, abs_tol=1e-12):
+                notes.append(f"dense {r.metric} on {r.model} (track {r.track}) differs between this matrix's dense runs: "
+                             f"{first.value:.6g} (used) vs {r.value:.6g} ({c.method} {c.preset})")
+    return records, notes
 
 
 def leaderboard(matrix: Matrix) -> tuple[list[OMRow], list[str], str | None]:
-    """(OM rows, cells left out with why, the scoring error if none could be scored)."""
-    records, notes = drop_undefined_ratios(matrix_records(matrix))
+    """(OM rows, cells left out with why and dense runs that disagree, the scoring error if none could be scored)."""
+    records, conflicts = matrix_records(matrix)
+    records, notes = drop_undefined_ratios(records)
+    notes = conflicts + notes
     try:
         return score(records), notes, None
     except ScoringError as e:

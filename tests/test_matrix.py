@@ -597,3 +597,33 @@ def test_the_upstream_engine_runs_only_the_architectures_its_adapter_runs():
     assert [m for m in methods if opt.supports(m, "upstream") is None] == ["awq", "smoothquant", "omniquant"]
     assert all(llama.supports(m, "upstream") is None for m in methods)
     assert "runs llama models here, not opt" in opt.supports("wanda", "upstream")
+
+
+def test_two_dense_runs_that_disagree_are_a_leaderboard_note(monkeypatch):
+    """The leaderboard takes one dense baseline per (track, model, metric) from the matrix's
+    cells (a track-2-only cell's dense evaluation measures the same ppl as the tracks 1/2/4
+    one). Equal figures are one baseline and no note; a disagreement is said, with the value used."""
+    import llmcbench.driver.matrix as matrix_mod
+    from llmcbench.driver.matrix import Matrix, MatrixCell, leaderboard
+
+    dense_ppl = {"wanda": 20.0, "gptq": 20.0, "awq": 21.5}
+
+    def records(plan):
+        rec = lambda method, value: MetricRecord(track=2, model="m", method=method, setting="s",  # noqa: E731
+                                                 metric="wikitext2_ppl", value=value)
+        return [rec("dense", dense_ppl[plan.method])], [rec(plan.method, 25.0)]
+
+    monkeypatch.setattr(matrix_mod, "plan_eval_records", records)
+    cells = [MatrixCell(method=m, preset="p", model="m", tracks=[2], status="done",
+                         plan=SimpleNamespace(method=m, tracks=[2], runs={"compress": None}, model=SimpleNamespace(name="m")))
+             for m in ("wanda", "gptq")]
+    spec = SimpleNamespace()
+    rows, notes, problem = leaderboard(Matrix(spec=spec, runs_dir=Path("."), cells=cells))
+    assert problem is None and notes == [] and {r.method for r in rows} == {"wanda", "gptq"}
+    cells.append(MatrixCell(method="awq", preset="p", model="m", tracks=[2], status="cached",
+                            plan=SimpleNamespace(method="awq", tracks=[2], runs={"compress": None}, model=SimpleNamespace(name="m"))))
+    rows, notes, problem = leaderboard(Matrix(spec=spec, runs_dir=Path("."), cells=cells))
+    assert problem is None and len(notes) == 1
+    assert "wikitext2_ppl" in notes[0] and "20 (used) vs 21.5 (awq p)" in notes[0]
+    om = {r.method: r.value for r in rows}
+    assert om["awq"] == pytest.approx(om["wanda"])  # scored against the first baseline, as the note says
