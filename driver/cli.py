@@ -211,26 +211,37 @@ def cancel(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the r
 
 
 @app.command()
-def score(csv_file: Path = typer.Argument(..., help="long-format CSV: track,model,method,setting,metric,value")):
-    """Score published or external figures with the same OM code (format: tracks/paper/long_format.md)."""
+def score(
+    csv_file: Path = typer.Argument(..., help="long-format CSV (track,model,method,setting,metric,value) or a wide table like the paper's (method,model,setting,<metrics>,om_*)"),
+    track: Optional[int] = typer.Option(None, "--track", help="a wide table's track, where its metric columns fit several"),
+):
+    """Score published or external figures with the same OM code (formats: tracks/paper/long_format.md, tracks/paper/*.csv).
+
+    A wide table's printed OMs (om_* columns) are shown beside the recomputed ones."""
     from rich.table import Table
 
-    from ..tracks.scoring import ScoringError, read_long_csv
+    from ..tracks.scoring import ScoringError, read_results_csv
     from ..tracks.scoring import score as score_records
 
     if not csv_file.is_file():
         _fail(UserError(f"{csv_file} does not exist"), 2)
     try:
-        rows = score_records(read_long_csv(csv_file))
+        records, printed = read_results_csv(csv_file, track)
+        rows = score_records(records)
     except ScoringError as e:
         _fail(UserError(str(e)), 2)
     if not rows:
         _fail(UserError(f"{csv_file}: no method has all the cells of any OM (dense rows are the baseline)"), 2)
     t = Table(title=f"Overall metrics of {csv_file.name}")
-    for col in ("method", "setting", "track", "OM", "value", "cells"):
-        t.add_column(col, justify="right" if col in {"track", "value", "cells"} else "left")
+    columns = ("method", "setting", "track", "OM", "value", "cells") + (("printed",) if printed else ())
+    for col in columns:
+        t.add_column(col, justify="right" if col in {"track", "value", "cells", "printed"} else "left")
     for r in rows:
-        t.add_row(r.method, r.setting, str(r.track), r.om, f"{r.value:.2f}", str(r.n_cells))
+        cells = [r.method, r.setting, str(r.track), r.om, f"{r.value:.2f}", str(r.n_cells)]
+        if printed:
+            shown = printed.get((r.method, r.setting), {}).get(r.om)
+            cells.append("-" if shown is None else f"{shown:.2f}")
+        t.add_row(*cells)
     console.print(t)
 
 

@@ -62,6 +62,25 @@ def test_score_paper_table(tmp_path, shared_dir, run_cli):
     assert any("om_perf" in r and "86.79" in r for r in wanda_rows), proc.stdout
 
 
+def test_score_reads_the_papers_wide_table_and_shows_its_printed_oms(shared_dir, run_cli):
+    """The paper's own CSV, as shipped: recomputed OMs with the printed ones beside them
+    (Table 5's structured row is the scan's misread: 145.22 from its rows, 146.97 printed)."""
+    proc = run_cli("score", str(shared_dir / "spec" / "paper" / "table5_track5_acceleration.csv"))
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[4:8]] for line in proc.stdout.splitlines()
+            if line.startswith("│") and "om_hard" in line}
+    assert rows["structured sparsity"] == ["om_hard", "145.22", "6", "146.97"], proc.stdout
+    assert rows["INT8 quantization"][1] == rows["INT8 quantization"][3] == "146.25"
+
+
+def test_score_names_both_formats_on_a_bad_header(tmp_path, run_cli, one_line_error):
+    csv = tmp_path / "x.csv"
+    csv.write_text("name,model,setting,mmlu\nWanda,m,50%,30\n")
+    one_line_error(run_cli("score", str(csv)), "long format", "wide table")
+    csv.write_text("track,model,method,setting,metric,value\n1,m,dense,0,mmlu,40\n")
+    one_line_error(run_cli("score", str(csv), "--track", "1"), "--track is for wide tables")
+
+
 def test_help_and_methods_list(run_cli):
     assert run_cli("--help").returncode == 0
     proc = run_cli("methods", "list")

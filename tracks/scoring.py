@@ -347,7 +347,7 @@ def paper_wide_to_long(table_csv_path: str | Path, track: int | None = None) -> 
         metrics = [c for c in columns[3:] if not c.startswith("om_")]
         tracks = [track] if track else [t for t in range(1, 8) if all((t, m) in METRICS for m in metrics)]
         if len(tracks) != 1 or not all((tracks[0], m) in METRICS for m in metrics):
-            raise ScoringError(f"{table_csv_path}:1: metric columns {metrics} do not name exactly one track (candidates {tracks}); pass track=")
+            raise ScoringError(f"{table_csv_path}:1: metric columns {metrics} do not name exactly one track (candidates {tracks}); name the track (--track)")
         records = []
         for row in reader:
             where = f"{table_csv_path}:{reader.line_num}"
@@ -374,3 +374,22 @@ def paper_oms(table_csv_path: str | Path) -> dict[tuple[str, str], dict[str, flo
             if oms:
                 printed.setdefault((row[method_column], row["setting"]), {}).update(oms)
     return printed
+
+
+def read_results_csv(path: str | Path, track: int | None = None) -> tuple[list[MetricRecord], dict[tuple[str, str], dict[str, float]]]:
+    """(records, printed OMs) from either format `llmcbench score` takes: the long format
+    (long_format.md; nothing printed) or a wide table like the paper's (tracks/paper/*.csv),
+    whose `om_*` columns are the OMs its authors printed, kept for the comparison.
+
+    The header decides; anything else is one `ScoringError` naming both formats.
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None) or []
+    if header == list(LONG_COLUMNS):
+        if track is not None:
+            raise ScoringError(f"{path}: a long-format file names each cell's track; --track is for wide tables")
+        return read_long_csv(path), {}
+    if len(header) >= 4 and header[0] in ("method", "category") and header[1:3] == ["model", "setting"]:
+        return paper_wide_to_long(path, track), paper_oms(path)
+    raise ScoringError(f"{path}:1: header must be {','.join(LONG_COLUMNS)} (long format) or method,model,setting,<metric>,... "
+                       f"(a wide table like the paper's), got {','.join(header)!r}")
