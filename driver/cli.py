@@ -224,7 +224,7 @@ def score(
     from ..tracks.scoring import score as score_records
 
     if not csv_file.is_file():
-        _fail(UserError(f"{csv_file} does not exist"), 2)
+        _fail(UserError(f"{csv_file} is not a file" if csv_file.exists() else f"{csv_file} does not exist"), 2)
     try:
         records, printed = read_results_csv(csv_file, track)
         rows = score_records(records)

@@ -79,6 +79,9 @@ def test_score_names_both_formats_on_a_bad_header(tmp_path, run_cli, one_line_er
     one_line_error(run_cli("score", str(csv)), "long format", "wide table")
     csv.write_text("track,model,method,setting,metric,value\n1,m,dense,0,mmlu,40\n")
     one_line_error(run_cli("score", str(csv), "--track", "1"), "--track is for wide tables")
+    csv.write_bytes(b"track,model,method,setting,metric,value\n1,m,dense,0,mmlu,40\n\xf0\x28\x8c\x28\n")
+    one_line_error(run_cli("score", str(csv)), "not a UTF-8 text CSV")
+    one_line_error(run_cli("score", str(tmp_path)), "is not a file")
 
 
 def test_help_and_methods_list(run_cli):

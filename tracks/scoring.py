@@ -383,8 +383,12 @@ def read_results_csv(path: str | Path, track: int | None = None) -> tuple[list[M
 
     The header decides; anything else is one `ScoringError` naming both formats.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), None) or []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None) or []
+            f.read()  # the whole file decodes, or the error names it here rather than mid-read
+    except UnicodeDecodeError as e:
+        raise ScoringError(f"{path}: not a UTF-8 text CSV (byte {e.start}: {e.reason})") from None
     if header == list(LONG_COLUMNS):
         if track is not None:
             raise ScoringError(f"{path}: a long-format file names each cell's track; --track is for wide tables")
