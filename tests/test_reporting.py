@@ -900,6 +900,22 @@ def test_bundle_and_verify_refuse_what_is_not_there(tmp_path):
     assert not (tmp_path / "b.tar.gz").exists()
 
 
+def test_bundle_verbs_name_a_file_for_a_directory_and_the_reverse(tmp_path, run_cli):
+    """Each a one-line error that says which it is (a directory given as the bundle to write
+    was a traceback after the whole bundle was built; a file given as the store "did not exist")."""
+    write_llama_store(tmp_path / "runs")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "file").write_text("x")
+    for args, message in ((["bundle", "runs", "-o", "out"], "error: --out out is a directory: name the bundle file (e.g. out/bundle.tar.gz)"),
+                          (["bundle", "file"], "error: store file is not a directory: pass the --runs-dir of your benches"),
+                          (["report", "file"], "error: store file is not a directory"),
+                          (["verify", "out"], "error: out is not a file: pass the .tar.gz that `llmcbench bundle` wrote"),
+                          (["bundle", "runs", "-o", "file/b.tar.gz"], "error: cannot write the bundle file/b.tar.gz")):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [] and not list(tmp_path.glob(".*tmp"))
+
+
 # ---------------------------------------------------------------- what a store may hold that a bundle must not trust
 
 

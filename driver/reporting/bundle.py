@@ -62,7 +62,10 @@ def make_bundle(runs_dir: Path, out_path: Path) -> tuple[str, list[str], int]:
     """Returns (bundle digest, warnings about runs left out, number of runs bundled)."""
     runs_dir, out_path = Path(runs_dir), Path(out_path)
     if not runs_dir.is_dir():
-        raise BundleError(f"store {runs_dir} does not exist: pass the --runs-dir of your benches")
+        raise BundleError(f"store {runs_dir} {'is not a directory' if runs_dir.exists() else 'does not exist'}: "
+                          "pass the --runs-dir of your benches")
+    if out_path.is_dir():
+        raise BundleError(f"--out {out_path} is a directory: name the bundle file (e.g. {out_path / 'bundle.tar.gz'})")
     trusted, failed, problems = scan_runs(runs_dir, rehash_all=True)  # what it publishes the hashes of must still be there
     warnings = [f"left out {p.path}: {p.status}: {p.message}" for p in problems if p.status != "failed"]
     bundled, refused = _without_links(runs_dir, trusted + failed)
@@ -232,7 +235,8 @@ def verify_bundle(bundle: Path, expect_digest: str | None = None) -> tuple[list[
     """Every problem found, one line each naming the file; and a summary of what was checked."""
     bundle = Path(bundle)
     if not bundle.is_file():
-        raise BundleError(f"{bundle} does not exist")
+        raise BundleError(f"{bundle} is not a file: pass the .tar.gz that `llmcbench bundle` wrote" if bundle.exists()
+                          else f"{bundle} does not exist")
     with tempfile.TemporaryDirectory(prefix="llmcbench-verify-") as tmp:
         problems = _extract(bundle, Path(tmp))
         root = Path(tmp) / TOP

@@ -53,7 +53,8 @@ def report(
 
     runs_dir = _store(ctx, runs_dir_arg, runs_dir_opt)
     if not runs_dir.is_dir():
-        _fail(ctx, f"store {runs_dir} does not exist: pass the --runs-dir of your benches (default runs/)")
+        _fail(ctx, f"store {runs_dir} {'is not a directory' if runs_dir.exists() else 'does not exist'}: "
+                   "pass the --runs-dir of your benches (default runs/)")
     out = out_dir or runs_dir / "report"
     try:
         rep = write_store_report(runs_dir, out)
@@ -98,6 +99,8 @@ def bundle(
         digest, warnings, n = make_bundle(_store(ctx, runs_dir_arg, runs_dir_opt), out)
     except BundleError as e:
         _fail(ctx, str(e))
+    except OSError as e:  # the bundle cannot be written there (permissions, a full disk): nothing half-written
+        _fail(ctx, f"cannot write the bundle {out}: {e.strerror or e}")
     for w in warnings:
         console.print(f"[yellow]{escape(w)}[/yellow]", soft_wrap=True)
     console.print(f"bundle: {out} ({n} runs)\ndigest: {digest}  (sha256 of its MANIFEST.sha256; check with "
