@@ -410,29 +410,43 @@ def job_image_name(job) -> str:
     return "eval"
 
 
-def specs_for(client, target: str) -> list[ImageSpec]:
-    """The images `llmcbench images build TARGET` builds, parents first (base, eval, a method, all)."""
+def resolve_target(target: str | None) -> tuple[str, str | None]:
+    """What `llmcbench images build TARGET` names: ("base" | "eval" | "all", None), ("method",
+    name) or ("deploy", backend image name); an unknown name is a UserError. Needs no Docker
+    daemon, so a typo is told as a typo wherever the command runs."""
     from .registry import discover
 
     target = (target or "all").strip().lower()
-    base = base_spec(client)
-    if target == "base":
-        return [base]
-    if target == "eval":
-        return [base, eval_spec(client, base)]
-    if target == "all":
-        return [base, eval_spec(client, base)] + [method_spec(client, m, base) for m in discover()]
+    if target in ("base", "eval", "all"):
+        return target, None
     # llm-pruner and deploy-tensorrt-llm name the same images as llm_pruner and deploy-tensorrt_llm
     methods = {m.replace("_", "-"): m for m in discover()}
     deploys = {d.replace("_", "-"): d for d in DEPLOY_IMAGES}
     name = target.replace("_", "-")
     if name in methods:
-        return [base, method_spec(client, methods[name], base)]
+        return "method", methods[name]
     if name in deploys:
-        ev = eval_spec(client, base)
-        return [base, ev, deploy_spec(client, deploys[name], ev)]
+        return "deploy", deploys[name]
     raise UserError(f"unknown image '{target}': build base, eval, all, a method ({', '.join(discover())}) "
                     f"or a deploy backend ({', '.join(DEPLOY_IMAGES)})")
+
+
+def specs_for(client, target: str) -> list[ImageSpec]:
+    """The images `llmcbench images build TARGET` builds, parents first (base, eval, a method, all)."""
+    from .registry import discover
+
+    kind, name = resolve_target(target)
+    base = base_spec(client)
+    if kind == "base":
+        return [base]
+    if kind == "eval":
+        return [base, eval_spec(client, base)]
+    if kind == "all":
+        return [base, eval_spec(client, base)] + [method_spec(client, m, base) for m in discover()]
+    if kind == "method":
+        return [base, method_spec(client, name, base)]
+    ev = eval_spec(client, base)
+    return [base, ev, deploy_spec(client, name, ev)]
 
 
 def find_image(client, spec: ImageSpec):
@@ -850,6 +864,7 @@ def build(target: str = "all", force: bool = False, upstream: bool = True, log: 
     """`llmcbench images build TARGET`: the target's images, parents first; existing tags are reused."""
     from .dockerhost import connect
 
+    resolve_target(target)  # a typo is said before the daemon is asked for
     client = connect(timeout_s=3600)
     specs = specs_for(client, target)
     built = []

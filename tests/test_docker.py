@@ -490,6 +490,12 @@ def test_daemon_down_is_one_line(tmp_path, tiny_llama_dir, one_line_error):
     assert not runs.exists()
 
 
+def test_an_unknown_image_is_named_before_the_daemon_is_asked(tmp_path, one_line_error):
+    """`llmcbench images build nosuch` with no daemon reachable: the typo, not the daemon."""
+    proc = run_cli("images", "build", "nosuch", env={"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"})
+    one_line_error(proc, "unknown image 'nosuch'", "deploy-vllm")
+
+
 def test_docker_not_installed_is_one_line(tmp_path, tiny_llama_dir, one_line_error):
     empty = tmp_path / "bin"
     empty.mkdir()
