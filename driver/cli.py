@@ -168,13 +168,13 @@ def parity(
     """Reference vs upstream engine on the same model: WikiText-2 ppl and mask/weight agreement."""
     from rich.table import Table
 
-    from .parity import run_parity
+    from .parity import parity_plans, run_planned_parity
 
     t0 = time.perf_counter()
     try:
+        plans = parity_plans(method, preset, model, profile, runner, runs_dir, data_dir, device, trust_remote_code)
         with _job_progress() as on_job:
-            rec = run_parity(method, preset, model, profile, runner, runs_dir, data_dir, device, on_job=on_job,
-                             trust_remote_code=trust_remote_code)
+            rec = run_planned_parity(plans, on_job=on_job)
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
     t = Table(title=f"Parity: {rec.method} {rec.preset} on {rec.model} (dense WikiText-2 ppl {_fmt(rec.dense_wikitext2_ppl)})")

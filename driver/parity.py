@@ -178,13 +178,12 @@ def parity_plans(method: str, preset: str | None, model: str | None, profile: st
             for engine in ENGINES}
 
 
-def run_parity(method: str, preset: str | None, model: str | None, profile: str, runner: str, runs_dir: Path,
-               data_dir: str | None, device: str, on_job: Callable | None = None, trust_remote_code: bool = False) -> ParityRecord:
+def run_planned_parity(planned: dict, on_job: Callable | None = None) -> ParityRecord:
+    """Runs `parity_plans`' two benches and compares them (the CLI plans first, so that bad
+    input is its one-line error before any progress display starts)."""
     from .bench import run_bench
 
-    plans = {engine: run_bench(plan, on_job=on_job)
-             for engine, plan in parity_plans(method, preset, model, profile, runner, runs_dir, data_dir, device,
-                                              trust_remote_code).items()}
+    plans = {engine: run_bench(plan, on_job=on_job) for engine, plan in planned.items()}
     ref, up = plans["reference"], plans["upstream"]
     figures = compare_artifacts(ref.runs["compress"].run_dir / "model", up.runs["compress"].run_dir / "model", Path(ref.model.path))
     sides = {}
@@ -221,7 +220,7 @@ def run_parity(method: str, preset: str | None, model: str | None, profile: str,
                         f"tokens; {own_text['why']})" if own_text.get("cut") else ""))
     record = ParityRecord(method=ref.method.name, preset=ref.preset, model=ref.model.name,
                           dense_wikitext2_ppl=_ppl(ref.runs.get("dense eval")), engines=sides, notes=notes, **figures)
-    out = Path(runs_dir) / "parity" / f"{ref.cell}.json"
+    out = Path(ref.runs_dir) / "parity" / f"{ref.cell}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_record(out, record)
     return record

@@ -36,6 +36,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_c
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("args", [["nosuchmethod"], ["wanda", "--preset", "3:7"], ["wanda", "--model", "/no/such/model"]])
+def test_parity_bad_input_is_one_line_before_any_progress_display(tmp_path, args, run_cli, one_line_error):
+    """Planned before the live job list starts: the error alone, no empty progress line on stdout."""
+    runs = tmp_path / "runs"
+    proc = run_cli("parity", *args, "--runs-dir", str(runs))
+    one_line_error(proc)
+    assert proc.returncode == 2 and proc.stdout == "" and not runs.exists()
+
+
 def test_model_dir_without_config(tmp_path, run_cli, one_line_error):
     model = tmp_path / "not_a_model"
     model.mkdir()
