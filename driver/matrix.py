@@ -149,11 +149,12 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
     check_runs_dir(runs_dir)
     tracks = parse_tracks(spec.tracks if isinstance(spec.tracks, str) else list(spec.tracks))
     matrix = Matrix(spec, Path(runs_dir))
-    for model in spec.models:
+    planned: set[tuple[str, str, str]] = set()  # (method, preset, model as resolved): a cell once
+    for model in dict.fromkeys(spec.models):
         entry = lookup(model)
         if entry is not None:  # gated / remote code: refused up front, even where no cell could run
             check_access(entry, spec.trust_remote_code)
-        for name in spec.methods:
+        for name in dict.fromkeys(spec.methods):
             method = get_method(name)
             seen: dict[str, list[int]] = {}
             for selector in spec.presets:
@@ -177,7 +178,11 @@ def plan_matrix(spec: MatrixSpec, runs_dir: Path) -> Matrix:
                         cell.model = cell.plan.model.name
                     except UnsupportedSetting as e:  # the engine cannot run this preset: this cell only
                         cell.status, cell.error_type, cell.message = "unsupported", "unsupported", str(e)
-                matrix.cells.append(cell)
+                # a model or method listed twice, or two names of one model (a registry name and
+                # its dir): one cell, not two running the same jobs and two leaderboard rows
+                if (cell.method, cell.preset, cell.model) not in planned:
+                    planned.add((cell.method, cell.preset, cell.model))
+                    matrix.cells.append(cell)
     if not matrix.cells:  # e.g. --presets track2 without track 2: it ran nothing and said "0 cells"
         hint = " (the track2 presets run track 2 only: add 2 to --tracks)" if "track2" in spec.presets and 2 not in tracks else ""
         raise UserError(f"no cells to run: presets {','.join(spec.presets)} on tracks {','.join(map(str, tracks))} select nothing{hint}")

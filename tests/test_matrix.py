@@ -98,6 +98,15 @@ def test_plan_matrix_cells(tmp_path, tiny_llama_dir):
     assert not (tmp_path / "runs").exists()  # planning writes nothing
 
 
+def test_a_cell_named_twice_is_planned_once(tmp_path, tiny_llama_dir):
+    """A model or method listed twice, or one model under two names (a path with and without a
+    trailing slash resolve to one model dir): one cell each, not two benches of the same jobs."""
+    spec = parse_spec({"methods": ["wanda", "gptq", "wanda"], "models": [str(tiny_llama_dir), str(tiny_llama_dir) + "/", str(tiny_llama_dir)],
+                       "tracks": "3", "device": "cpu"})
+    m = plan_matrix(spec, tmp_path / "runs")
+    assert sorted((c.method, c.preset) for c in m.cells) == [("gptq", "w8a16"), ("wanda", "unstructured-50")]
+
+
 def test_unsupported_architecture_is_recorded_not_run(tmp_path):
     spec = parse_spec({"methods": ["llm_pruner", "wanda"], "models": ["opt-1.3b"], "tracks": "2"})
     m = plan_matrix(spec, tmp_path / "runs")  # no hub access needed: neither cell can run here
