@@ -15,6 +15,7 @@ import typer
 
 from .consoles import console, err_console
 from .errors import JobFailed, UserError
+from .fsio import not_there
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark harness for LLM compression methods (LLMCBench).")
 methods_app = typer.Typer(no_args_is_help=True, help="The compression methods this harness knows.")
@@ -223,8 +224,8 @@ def score(
     from ..tracks.scoring import ScoringError, read_results_csv
     from ..tracks.scoring import score as score_records
 
-    if not csv_file.is_file():
-        _fail(UserError(f"{csv_file} is not a file" if csv_file.exists() else f"{csv_file} does not exist"), 2)
+    if why := not_there(csv_file, "file"):
+        _fail(UserError(f"{csv_file} {why}"), 2)
     try:
         records, printed = read_results_csv(csv_file, track)
         rows = score_records(records)

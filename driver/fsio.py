@@ -17,6 +17,17 @@ from pydantic import BaseModel
 _CHUNK = 1 << 20
 
 
+def not_there(path: Path, kind: str = "directory") -> str | None:
+    """Why `path` is not the existing file or directory (`kind`) a command reads, in the words of
+    its error ("does not exist", "is not a directory"); None when it is one."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if (path.is_dir() if kind == "directory" else path.is_file()):
+        return None
+    return f"is not a {kind}"
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

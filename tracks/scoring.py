@@ -342,7 +342,7 @@ def paper_wide_to_long(table_csv_path: str | Path, track: int | None = None) -> 
     with open(table_csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
-        if len(columns) < 4 or columns[0] not in ("method", "category") or columns[1:3] != ["model", "setting"]:
+        if not _is_wide_header(columns):
             raise ScoringError(f"{table_csv_path}:1: expected columns method|category,model,setting,<metrics>..., got {','.join(columns)}")
         metrics = [c for c in columns[3:] if not c.startswith("om_")]
         tracks = [track] if track else [t for t in range(1, 8) if all((t, m) in METRICS for m in metrics)]
@@ -358,6 +358,11 @@ def paper_wide_to_long(table_csv_path: str | Path, track: int | None = None) -> 
                     raise ScoringError(f"{where}: {metric} value {row[metric]!r} is not a number") from None
                 records.append(MetricRecord(track=tracks[0], model=row["model"], method=row[columns[0]], setting=row["setting"], metric=metric, value=value))
     return records
+
+
+def _is_wide_header(columns: list[str]) -> bool:
+    """`method` (or Table 5's `category`), `model`, `setting`, then at least one metric column."""
+    return len(columns) >= 4 and columns[0] in ("method", "category") and columns[1:3] == ["model", "setting"]
 
 
 def paper_oms(table_csv_path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
@@ -383,17 +388,16 @@ def read_results_csv(path: str | Path, track: int | None = None) -> tuple[list[M
 
     The header decides; anything else is one `ScoringError` naming both formats.
     """
-    try:
+    try:  # a byte that is not UTF-8, wherever the readers meet it, is this one error
         with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), None) or []
-            f.read()  # the whole file decodes, or the error names it here rather than mid-read
+        if header == list(LONG_COLUMNS):
+            if track is not None:
+                raise ScoringError(f"{path}: a long-format file names each cell's track; --track is for wide tables")
+            return read_long_csv(path), {}
+        if _is_wide_header(header):
+            return paper_wide_to_long(path, track), paper_oms(path)
     except UnicodeDecodeError as e:
         raise ScoringError(f"{path}: not a UTF-8 text CSV (byte {e.start}: {e.reason})") from None
-    if header == list(LONG_COLUMNS):
-        if track is not None:
-            raise ScoringError(f"{path}: a long-format file names each cell's track; --track is for wide tables")
-        return read_long_csv(path), {}
-    if len(header) >= 4 and header[0] in ("method", "category") and header[1:3] == ["model", "setting"]:
-        return paper_wide_to_long(path, track), paper_oms(path)
     raise ScoringError(f"{path}:1: header must be {','.join(LONG_COLUMNS)} (long format) or method,model,setting,<metric>,... "
                        f"(a wide table like the paper's), got {','.join(header)!r}")

@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from ..contract import ContractError, Job, Result, read_record
-from ..fsio import sha256_file, write_atomic
+from ..fsio import not_there, sha256_file, write_atomic
 from ..judging import JUDGE_FILE, judgement_problem
 from .write import REPORT_FILES, write_store_report
 from .build import StoredRun, build_store_report, generator, scan_runs
@@ -61,9 +61,8 @@ class BundleError(ValueError):
 def make_bundle(runs_dir: Path, out_path: Path) -> tuple[str, list[str], int]:
     """Returns (bundle digest, warnings about runs left out, number of runs bundled)."""
     runs_dir, out_path = Path(runs_dir), Path(out_path)
-    if not runs_dir.is_dir():
-        raise BundleError(f"store {runs_dir} {'is not a directory' if runs_dir.exists() else 'does not exist'}: "
-                          "pass the --runs-dir of your benches")
+    if why := not_there(runs_dir):
+        raise BundleError(f"store {runs_dir} {why}: pass the --runs-dir of your benches")
     if out_path.is_dir():
         raise BundleError(f"--out {out_path} is a directory: name the bundle file (e.g. {out_path / 'bundle.tar.gz'})")
     trusted, failed, problems = scan_runs(runs_dir, rehash_all=True)  # what it publishes the hashes of must still be there
@@ -234,9 +233,8 @@ def reproduce_script(runs: list[StoredRun]) -> str:
 def verify_bundle(bundle: Path, expect_digest: str | None = None) -> tuple[list[str], dict]:
     """Every problem found, one line each naming the file; and a summary of what was checked."""
     bundle = Path(bundle)
-    if not bundle.is_file():
-        raise BundleError(f"{bundle} is not a file: pass the .tar.gz that `llmcbench bundle` wrote" if bundle.exists()
-                          else f"{bundle} does not exist")
+    if why := not_there(bundle, "file"):
+        raise BundleError(f"{bundle} {why}: pass the .tar.gz that `llmcbench bundle` wrote")
     with tempfile.TemporaryDirectory(prefix="llmcbench-verify-") as tmp:
         problems = _extract(bundle, Path(tmp))
         root = Path(tmp) / TOP

@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from ..consoles import console, err_console
+from ..fsio import not_there
 
 
 def _fail(ctx: typer.Context, message: str, code: int = 2) -> None:
@@ -52,9 +53,8 @@ def report(
     from .write import write_store_report
 
     runs_dir = _store(ctx, runs_dir_arg, runs_dir_opt)
-    if not runs_dir.is_dir():
-        _fail(ctx, f"store {runs_dir} {'is not a directory' if runs_dir.exists() else 'does not exist'}: "
-                   "pass the --runs-dir of your benches (default runs/)")
+    if why := not_there(runs_dir):
+        _fail(ctx, f"store {runs_dir} {why}: pass the --runs-dir of your benches (default runs/)")
     out = out_dir or runs_dir / "report"
     try:
         rep = write_store_report(runs_dir, out)
