@@ -675,8 +675,11 @@ def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, 
         log = capsys.readouterr().out
         assert kernel in log, log[-3000:]
         assert figures["accelerated"] and figures["tokens_per_s"] > 0 and figures["new_tokens"] == 8 and figures["export_s"] > 0
-        # every core torch_native decodes on (vLLM's default would keep one for its front end)
+        # every core torch_native decodes on (vLLM's default would keep one for its front end),
+        # counted in the measuring process, where the engine runs on CPU (no engine-core and
+        # worker processes to start)
         assert figures["cpu_threads"] == torch.get_num_threads() and not any("CPU worker" in n for n in figures["notes"])
+        assert figures["engine_in_process"] and "EngineCore pid=" not in log and "core ids=" not in log, log[-3000:]
         # the memory of vLLM's processes, its worker's KV cache allocated up front included (2 GiB by default here)
         assert figures["memory_kind"] == "host_rss_processes" and figures["peak_memory_bytes"] > 2 * 2 ** 30, figures
         # on an AMX host vLLM's int8 GEMM takes bf16 activations only: W8A8 runs in bf16, said so
@@ -701,6 +704,10 @@ def test_vllm_cpu_cores_come_from_its_own_log():
     assert cores == 1 and len(notes) == 1 and "decodes on 1 core where torch_native uses 2 threads" in notes[0]
     assert cpu_cores_note(line.format("[4, 5, 6, 7]"), 4) == (4, [])
     assert cpu_cores_note("no binding line\n", 2) == (None, [])
+    # the engine in the measuring process logs no binding: the threads that process counted
+    assert cpu_cores_note("no binding line\n", 2, 2) == (2, [])
+    assert cpu_cores_note("no binding line\n", 2, 1)[1] == notes
+    assert cpu_cores_note(line.format("[0]"), 2, 2)[0] == 1  # vLLM's own log first
 
 
 def _decoder_weights(model_dir: Path) -> list[torch.Tensor]:

@@ -22,8 +22,16 @@ On CPU vLLM's default reserves one core for its front end (VLLM_CPU_NUM_OF_RESER
 on a 2-core host its model would decode on one core while torch_native's decodes on two (the
 embedded SmolLM2: 18.0 tokens/s on one core, 23.9 on both). The backend reserves none unless
 the user sets VLLM_CPU_NUM_OF_RESERVED_CPU, records the cores vLLM's worker bound
-(`cpu_threads`, from vLLM's own log, beside torch_native's) and says so in the table when they
-are fewer than torch's threads.
+(`cpu_threads`, beside torch_native's) and says so in the table when they are fewer than
+torch's threads.
+
+On CPU the engine also runs in the measuring process (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless
+the user sets it): by default vLLM starts an engine-core process and a worker process, each
+importing torch and vLLM again, which took 23 of a 50 s deploy of the embedded SmolLM2 on 2
+cores and held 1.3 GB more; the decode figures were the same (19.4 against 19.8 tokens/s at
+batch 1, 58.7 against 62.8 at batch 4, one run each). There the worker's threads are the
+process's own (`worker_threads`), as vLLM then logs no core binding. On CUDA vLLM's own
+default stays: its front end overlaps the GPU's decode from its own process.
 """
 
 from __future__ import annotations
@@ -218,6 +226,8 @@ def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
            "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if device.startswith("cpu"):  # see the module's docstring
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.pop("PYTHONPATH", None)  # nothing of the harness's environment leaks into vLLM's
     with tempfile.TemporaryDirectory(prefix="llmcbench-vllm-") as tmp:
         out = Path(tmp) / "figures.json"
@@ -235,21 +245,25 @@ def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s
     if device.startswith("cpu"):
         import torch
 
-        figures["cpu_threads"], note = cpu_cores_note(log, torch.get_num_threads())
+        figures["cpu_threads"], note = cpu_cores_note(log, torch.get_num_threads(), figures.pop("worker_threads", None))
         p.notes += note
     return {"backend": "vllm", "category": p.category, "accelerated": p.accelerated, "kernel": p.kernel, "notes": p.notes,
             "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens,
             "wall_s": time.perf_counter() - t0, **exported, **figures}
 
 
-def cpu_cores_note(log: str, torch_threads: int) -> tuple[int | None, list[str]]:
-    """The cores vLLM's CPU worker bound its threads to (its log: "core ids=[0, 1]"; None where
-    the binding was set by hand and vLLM prints none), and a note when they are fewer than the
-    threads torch_native decodes on here (torch's default: one per physical core)."""
+def cpu_cores_note(log: str, torch_threads: int, worker_threads: int | None = None) -> tuple[int | None, list[str]]:
+    """The cores vLLM's CPU worker bound its threads to (its log: "core ids=[0, 1]"; else the
+    threads the measuring process counted with the engine in it, `worker_threads`; None where
+    neither is known: a binding set by hand prints none), and a note when they are fewer than
+    the threads torch_native decodes on here (torch's default: one per physical core)."""
     found = re.findall(r"core ids=\[([\d, ]*)\]", log)
-    if not found:
+    if found:
+        cores = len([c for c in found[-1].split(",") if c.strip()])
+    elif worker_threads:
+        cores = worker_threads
+    else:
         return None, []
-    cores = len([c for c in found[-1].split(",") if c.strip()])
     if cores >= torch_threads:
         return cores, []
     return cores, [f"vLLM's CPU worker decodes on {cores} core{'s' * (cores > 1)} where torch_native uses {torch_threads} threads "

@@ -11,6 +11,7 @@ Greedy decode of exactly `new_tokens` tokens with EOS ignored.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -53,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         memory = {"peak_memory_bytes": peak_rss(processes),
                   "memory_kind": "host_rss_processes" if reset else "host_rss_processes_lifetime"}
-    write_figures(a.out, {**figures, "load_s": load_s, "vllm_version": vllm.__version__, **memory})
+    # the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the CPU default here): its
+    # worker's threads are this process's, and vLLM logs no core binding to read them from
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") in ("0", "false", "False")
+    threads = {"worker_threads": torch.get_num_threads()} if in_process and not torch.cuda.is_available() else {}
+    write_figures(a.out, {**figures, "load_s": load_s, "vllm_version": vllm.__version__, "engine_in_process": in_process,
+                          **threads, **memory})
     print(f"vllm {vllm.__version__}: {figures['tokens_per_s']:.1f} tokens/s at batch 1", flush=True)
     return 0
 
