@@ -28,8 +28,9 @@ torch's threads.
 On CPU the engine also runs in the measuring process (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless
 the user sets it): by default vLLM starts an engine-core process and a worker process, each
 importing torch and vLLM again, which took 23 of a 50 s deploy of the embedded SmolLM2 on 2
-cores and held 1.3 GB more; the decode figures were the same (19.4 against 19.8 tokens/s at
-batch 1, 58.7 against 62.8 at batch 4, one run each). There the worker's threads are the
+cores and held 1.3 GB more. Dense decode was as fast either way (19.4 against 19.8 tokens/s
+at batch 1); GPTQ W4A16 was a fifth slower in vLLM's own processes (33.6 against 42.4: three
+processes on 2 cores; README's track 5 figures). There the worker's threads are the
 process's own (`worker_threads`), as vLLM then logs no core binding. On CUDA vLLM's own
 default stays: its front end overlaps the GPU's decode from its own process.
 """
