@@ -9,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,6 +21,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmark ha
 methods_app = typer.Typer(no_args_is_help=True, help="The compression methods this harness knows.")
 app.add_typer(methods_app, name="methods")
 _state = {"verbose": False}
+
+# The options every verb that runs jobs takes, worded once (bench, deploy and parity said
+# different things of the same --data-dir and --model)
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="registry name (`llmcbench models list`), HF model dir or hub id (default: embedded SmolLM2-135M)")]
+RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="the result store")]
+DataDirOption = Annotated[Optional[str], typer.Option(
+    "--data-dir", help="local data dir (hf/<id>/<config>/<split>.jsonl); default: hub when online, else the shipped slices")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default")]
 
 
 @app.callback()
@@ -78,7 +89,7 @@ def _slurm_flags(runner: str | None, base: dict | None, **flags) -> dict | None:
 def bench(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `llmcbench methods list`)"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset (default: the paper's preset)"),
-    model: Optional[str] = typer.Option(None, "--model", help="HF model dir or hub id (default: embedded SmolLM2-135M)"),
+    model: ModelOption = None,
     tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="comma-separated tracks, e.g. 1,3,4 (the default), or all (1-7)"),
     profile: str = typer.Option("quick", "--profile", help="quick (minutes on CPU) or paper (the paper's settings)"),
     engine: str = typer.Option("reference", "--engine", help="reference or upstream"),
@@ -90,12 +101,12 @@ def bench(
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="track 7: OpenAI-compatible API root of an LLM judge, e.g. http://127.0.0.1:8000/v1"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="track 7: the judge's model name"),
     judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="track 7: environment variable holding the judge's API key"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (hf/<id>/<config>/<split>.jsonl); default: hub when online, else the shipped slices"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
+    runs_dir: RunsDirOption = Path("runs"),
+    data_dir: DataDirOption = None,
+    device: DeviceOption = "auto",
     sparsity: Optional[str] = typer.Option(None, "--sparsity", help="override the preset's sparsity, e.g. 0.6 or 60%"),
     force: bool = typer.Option(False, "--force", help="recompute even if cached (also replaces corrupted results)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default"),
+    trust_remote_code: TrustRemoteCodeOption = False,
 ):
     """Compress a model with METHOD, evaluate dense and compressed on the tracks, print the table."""
     from .bench import plan_bench, run_bench
@@ -130,14 +141,14 @@ def bench(
 def deploy(
     cells: str = typer.Option("wanda,gptq:w8a16,gptq:w4a16-g128", "--cells", help="method[:preset] list (default: unstructured, INT8 and INT4)"),
     backend: str = typer.Option("torch_native", "--backend", help="deploy backend(s), comma-separated: torch_native, vllm, tensorrt_llm, mlc_llm (the last two on CUDA, in their images)"),
-    model: Optional[str] = typer.Option(None, "--model", help="model (default: embedded SmolLM2-135M)"),
+    model: ModelOption = None,
     profile: str = typer.Option("quick", "--profile", help="quick (32 new tokens, 3 runs) or paper (256 new tokens, 5 runs)"),
     runner: str = typer.Option("local", "--runner", help="local, docker (the eval image, or the backend's deploy image) or slurm"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
+    device: DeviceOption = "auto",
+    runs_dir: RunsDirOption = Path("runs"),
+    data_dir: DataDirOption = None,
     compile: bool = typer.Option(False, "--compile", help="torch_native: decode steps under torch.compile over a static KV cache (dense and compressed alike)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default"),
+    trust_remote_code: TrustRemoteCodeOption = False,
 ):
     """Track 5: decode tokens/s of dense and compressed models on a deploy backend, measured in this run."""
     from .deploying import deploy_table, run_deploy
@@ -158,13 +169,13 @@ def deploy(
 def parity(
     method: str = typer.Argument(..., help="method with both engines (see `llmcbench methods list`)"),
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset (default: the paper's preset)"),
-    model: Optional[str] = typer.Option(None, "--model", help="model (default: embedded SmolLM2-135M)"),
+    model: ModelOption = None,
     profile: str = typer.Option("quick", "--profile", help="quick or paper"),
     runner: str = typer.Option("local", "--runner", help="local, docker or slurm"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: the shipped slices offline)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default"),
+    device: DeviceOption = "auto",
+    runs_dir: RunsDirOption = Path("runs"),
+    data_dir: DataDirOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ):
     """Reference vs upstream engine on the same model: WikiText-2 ppl and mask/weight agreement."""
     from rich.table import Table
@@ -263,10 +274,10 @@ def matrix(
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="track 7: the judge's model name"),
     judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="track 7: environment variable holding the judge's API key"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local data dir (default: hub when online, else the shipped slices)"),
+    data_dir: DataDirOption = None,
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="cells in parallel (default: one per visible GPU, 1 on CPU)"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow models that run their own code (ChatGLM)"),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store"),
+    trust_remote_code: TrustRemoteCodeOption = False,
+    runs_dir: RunsDirOption = Path("runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan and show what is cached, run nothing"),
     force: bool = typer.Option(False, "--force", help="recompute every cell"),
 ):
