@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TRACK1_TASKS = ["mmlu", "arc_c", "arc_e", "hellaswag", "piqa", "winogrande", "qnli", "mnli"]
-KNOWN_TRACKS = {1, 2, 3, 4, 5, 6, 7}  # track 5: the torch_native deploy backend (vLLM, TensorRT-LLM, MLC-LLM planned)
+KNOWN_TRACKS = {1, 2, 3, 4, 5, 6, 7}  # track 5 in a bench: the torch_native deploy backend (`llmcbench deploy --backend` picks others)
 
 
 @dataclass(frozen=True)
