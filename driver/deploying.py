@@ -81,8 +81,8 @@ def _row(label: str, backend: str, run, dense_tokens_per_s: float | None) -> Dep
 MEMORY_KINDS = {
     "gpu_reserved": "torch's peak reserved GPU memory during the timed runs",
     "host_rss": "the process's peak RSS during the timed runs",
-    "host_rss_processes": "the peak RSS of vLLM's processes during the timed runs, summed (its KV cache allocated up front included)",
-    "host_rss_processes_lifetime": "the lifetime peak RSS of vLLM's processes, summed (the load included)",
+    "host_rss_processes": "the peak RSS of the process running vLLM (and of any engine processes it started, summed) during the timed runs, its KV cache allocated up front included",
+    "host_rss_processes_lifetime": "the lifetime peak RSS of the process running vLLM (and of any engine processes it started, summed), the load included",
     "host_rss_max_process": "the process's lifetime peak RSS (the load included)",
     "gpu_used_after_runs": "GPU memory in use after the timed runs (every process on the GPU)",
 }
