@@ -59,8 +59,8 @@ def measure(run: Callable[[list[list[int]]], None], vocab_size: int, a) -> dict:
 
 
 def process_tree(pid: int | None = None) -> list[int]:
-    """A process and its descendants (Linux /proc; the process alone elsewhere): vLLM decodes
-    in child processes (engine core, worker), so its memory is theirs."""
+    """A process and its descendants (Linux /proc; the process alone elsewhere): vLLM's default
+    decodes in child processes (engine core, worker), so their memory counts with this one's."""
     pid = pid or os.getpid()
     tree = [pid]
     try:
