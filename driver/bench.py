@@ -71,7 +71,7 @@ class BenchPlan:
     judge: object | None = None  # track 7's JudgeConfig: instruction answers are judged against dense's
     backends: list[str] = field(default_factory=lambda: ["torch_native"])  # track 5's deploy backends
     overrides: dict | None = None  # the params set over the preset's (--sparsity): recorded in the compress job
-    compile: bool = False  # track 5 on torch_native: decode under torch.compile (deploy --compile)
+    compile: bool = False  # track 5: torch_native decodes under torch.compile, vllm compiles on CPU too (deploy --compile)
     runs: dict[str, JobRun] = field(default_factory=dict)
     data_sha256: str | None = None  # content digest of data_dir when data_source is local: in the jobs' hashes
 
@@ -181,8 +181,8 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
         get_runner(runner, gpus)
         dev = resolve_device(device)
     backends = [b.strip().lower().replace("-", "_") for b in backends or ["torch_native"]]  # TensorRT-LLM, as pip spells it
-    if compile and backends != ["torch_native"]:
-        raise UserError("--compile is for the torch_native backend: vLLM, TensorRT-LLM and MLC-LLM compile on their own")
+    if compile and set(backends) - {"torch_native", "vllm"}:
+        raise UserError("--compile is for the torch_native and vllm backends: TensorRT-LLM and MLC-LLM compile on their own")
     if 5 in track_list:
         from ..tracks.acceleration import check_backend
 

@@ -147,7 +147,7 @@ def deploy(
     device: DeviceOption = "auto",
     runs_dir: RunsDirOption = Path("runs"),
     data_dir: DataDirOption = None,
-    compile: bool = typer.Option(False, "--compile", help="torch_native: decode steps under torch.compile over a static KV cache (dense and compressed alike)"),
+    compile: bool = typer.Option(False, "--compile", help="torch_native: decode steps under torch.compile over a static KV cache (dense and compressed alike); vllm: its own compilation on CPU too (on CUDA it always compiles)"),
     trust_remote_code: TrustRemoteCodeOption = False,
 ):
     """Track 5: decode tokens/s of dense and compressed models on a deploy backend, measured in this run."""

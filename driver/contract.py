@@ -92,7 +92,8 @@ class DeploySettings(_Record):
     warmup: int = Field(default=1, ge=0)
     repeats: int = Field(default=5, ge=1, description="timed runs; the median is the figure")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="1: the figure; others: throughput")
-    compile: bool = Field(default=False, description="torch_native: decode steps under torch.compile over a static KV cache")
+    compile: bool = Field(default=False, description="torch_native: decode steps under torch.compile over a static KV cache; "
+                          "vllm: its own compilation on CPU too (on CUDA it always compiles, with CUDA graphs)")
 
 
 class Limits(_Record):

@@ -280,7 +280,7 @@ def test_deploy_bad_input_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_lin
                    "LLMCBENCH_VLLM_PYTHON=", "does not exist")
     one_line_error(run_cli(*base, "--backend", "triton"), "unknown deploy backend 'triton'")
     one_line_error(run_cli(*base, "--cells", "wanda:w3"), "unknown preset 'w3'")
-    one_line_error(run_cli(*base, "--backend", "torch_native,vllm", "--compile"), "--compile is for the torch_native backend")
+    one_line_error(run_cli(*base, "--backend", "torch_native,mlc_llm", "--compile"), "--compile is for the torch_native and vllm backends")
     assert not (tmp_path / "runs").exists()
     # an architecture vLLM's CPU build has no attention kernel for (16-dim heads): refused before vLLM starts
     proc = run_cli("deploy", "--model", str(tiny_llama_dir), "--device", "cpu", "--runs-dir", str(tmp_path / "runs2"),
@@ -482,6 +482,8 @@ def test_vllm_plan_per_category(tmp_path, monkeypatch):
     exported = command(on_cpu, DeploySettings(), "cpu", tmp_path / "x" / "f.json", "py")
     assert exported[exported.index("--model") + 1] == str(tmp_path / "x" / "export")
     assert exported[exported.index("--dtype") + 1] == "bfloat16"
+    # eager on CPU unless deploy --compile; on CUDA always vLLM's compiled decode (CUDA graphs)
+    assert "--eager" in exported and "--eager" not in command(on_cpu, DeploySettings(compile=True), "cpu", tmp_path / "f.json", "py")
     (model / "config.json").unlink()
     # structured pruning: uniform shapes load, per-layer shapes are refused
     uniform = {f"model.layers.{i}.mlp.up_proj": LayerCompression(shape=[64, 32]) for i in range(2)}
@@ -499,6 +501,7 @@ def test_vllm_plan_per_category(tmp_path, monkeypatch):
     argv = command(on_gpu, DeploySettings(new_tokens=64, repeats=3, batch_sizes=[1, 8]), "cuda", tmp_path / "f.json", "py")
     joined = " ".join(argv)
     assert "--quantization gptq" in joined and "--dtype float16" in joined and "--batch-sizes 1,8" in joined
+    assert "--eager" not in argv
     assert f"--tokenizer {model}" in joined and "--max-model-len 208" in joined
 
 
@@ -680,6 +683,7 @@ def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, 
         # worker processes to start)
         assert figures["cpu_threads"] == torch.get_num_threads() and not any("CPU worker" in n for n in figures["notes"])
         assert figures["engine_in_process"] and "EngineCore pid=" not in log and "core ids=" not in log, log[-3000:]
+        assert not figures["compiled"] and "Warming up model for the compilation" not in log  # eager unless --compile
         # the memory of vLLM's processes, its worker's KV cache allocated up front included (2 GiB by default here)
         assert figures["memory_kind"] == "host_rss_processes" and figures["peak_memory_bytes"] > 2 * 2 ** 30, figures
         # on an AMX host vLLM's int8 GEMM takes bf16 activations only: W8A8 runs in bf16, said so
@@ -691,6 +695,20 @@ def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, 
             half_step = max(float(w.abs().max()) / 254 for w in _decoder_weights(model))
             assert 1e-6 < figures["requantization_max_abs_err"] <= half_step * 1.001, (figures, half_step)
             assert len(requantized) == 1 and f"{figures['requantization_max_abs_err']:.2g}" in requantized[0], figures
+
+
+def test_vllm_compiles_on_cpu_with_deploy_compile(vllm_python, tmp_path, tiny_llama_dir, capsys):
+    """`deploy --compile` on the vllm backend on CPU: vLLM's own compilation instead of eager,
+    the figure labelled compiled (on CUDA vLLM always runs compiled, with CUDA graphs)."""
+    from llmcbench.driver.contract import DeploySettings
+    from llmcbench.tracks.acceleration.vllm_backend import evaluate_vllm
+
+    model = _grid_llama(tmp_path, tiny_llama_dir, 8, None)
+    settings = DeploySettings(prompt_tokens=16, new_tokens=8, warmup=0, repeats=1, batch_sizes=[1], compile=True)
+    figures = evaluate_vllm(model, None, settings, "cpu", timeout_s=900)
+    log = capsys.readouterr().out
+    assert figures["compiled"] and "Warming up model for the compilation" in log, log[-3000:]
+    assert figures["tokens_per_s"] > 0 and figures["new_tokens"] == 8 and figures["category"] == "dense"
 
 
 def test_vllm_cpu_cores_come_from_its_own_log():

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--eager", action="store_true", help="enforce_eager: no torch.compile, no CUDA graphs")
     a = ap.parse_args(argv)
 
     import vllm
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     llm = LLM(model=a.model, tokenizer=a.tokenizer or a.model, dtype=a.dtype, quantization=a.quantization,
-              max_model_len=a.max_model_len, enforce_eager=True, seed=0,
+              max_model_len=a.max_model_len, enforce_eager=a.eager, seed=0,
               max_num_seqs=max(int(b) for b in a.batch_sizes.split(",")))
     load_s = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=a.new_tokens, min_tokens=a.new_tokens, ignore_eos=True)
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") in ("0", "false", "False")
     threads = {"worker_threads": torch.get_num_threads()} if in_process and not torch.cuda.is_available() else {}
     write_figures(a.out, {**figures, "load_s": load_s, "vllm_version": vllm.__version__, "engine_in_process": in_process,
+                          "compiled": not a.eager,
                           **threads, **memory})
     print(f"vllm {vllm.__version__}: {figures['tokens_per_s']:.1f} tokens/s at batch 1", flush=True)
     return 0
