@@ -479,11 +479,10 @@ def test_vllm_plan_per_category(tmp_path, monkeypatch):
         p = plan(model, decl, "cpu")
         assert (p.export, p.accelerated, p.kernel) == (None, False, "dense") and why in p.notes[0], p.notes
         assert p.notes[0].endswith("runs the dequantized weights")
-    exported = command(on_cpu, DeploySettings(), "cpu", tmp_path / "x" / "f.json", "py")
+    exported = command(on_cpu, DeploySettings(), "cpu", tmp_path / "x" / "f.json", "py", eager=True)
     assert exported[exported.index("--model") + 1] == str(tmp_path / "x" / "export")
     assert exported[exported.index("--dtype") + 1] == "bfloat16"
-    # eager on CPU unless deploy --compile; on CUDA always vLLM's compiled decode (CUDA graphs)
-    assert "--eager" in exported and "--eager" not in command(on_cpu, DeploySettings(compile=True), "cpu", tmp_path / "f.json", "py")
+    assert "--eager" in exported and "--eager" not in command(on_cpu, DeploySettings(), "cpu", tmp_path / "f.json", "py", eager=False)
     (model / "config.json").unlink()
     # structured pruning: uniform shapes load, per-layer shapes are refused
     uniform = {f"model.layers.{i}.mlp.up_proj": LayerCompression(shape=[64, 32]) for i in range(2)}
@@ -498,7 +497,7 @@ def test_vllm_plan_per_category(tmp_path, monkeypatch):
     assert plan(model, None, "cuda").kernel == "dense"
     (model / "config.json").write_text(json.dumps({"hidden_size": 576, "num_attention_heads": 9}))  # SmolLM2-135M: 64
     assert plan(model, None, "cpu").kernel == "dense"
-    argv = command(on_gpu, DeploySettings(new_tokens=64, repeats=3, batch_sizes=[1, 8]), "cuda", tmp_path / "f.json", "py")
+    argv = command(on_gpu, DeploySettings(new_tokens=64, repeats=3, batch_sizes=[1, 8]), "cuda", tmp_path / "f.json", "py", eager=False)
     joined = " ".join(argv)
     assert "--quantization gptq" in joined and "--dtype float16" in joined and "--batch-sizes 1,8" in joined
     assert "--eager" not in argv
@@ -695,6 +694,27 @@ def test_vllm_runs_w8a8_and_w4a16_on_its_integer_kernels(vllm_python, tmp_path, 
             half_step = max(float(w.abs().max()) / 254 for w in _decoder_weights(model))
             assert 1e-6 < figures["requantization_max_abs_err"] <= half_step * 1.001, (figures, half_step)
             assert len(requantized) == 1 and f"{figures['requantization_max_abs_err']:.2g}" in requantized[0], figures
+
+
+def test_vllm_eager_or_compiled_per_device(monkeypatch):
+    """vLLM as deployed on CUDA (compiled, CUDA graphs) where Triton has a C compiler, else eager
+    and said so; on CPU eager unless deploy --compile, which without a C++ compiler is refused."""
+    import shutil
+
+    from llmcbench.driver.contract import DeploySettings
+    from llmcbench.tracks.acceleration.vllm_backend import NO_COMPILER_NOTE, eager_decode
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    plain, compiled = DeploySettings(), DeploySettings(compile=True)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert eager_decode("cuda", plain) == eager_decode("cuda:1", compiled) == (False, [])
+    assert eager_decode("cpu", plain) == (True, []) and eager_decode("cpu", compiled) == (False, [])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert eager_decode("cuda", plain) == (True, [NO_COMPILER_NOTE])
+    assert eager_decode("cpu", plain) == (True, [])
+    with pytest.raises(ValueError, match="--compile needs a C\\+\\+ compiler"):
+        eager_decode("cpu", compiled)
 
 
 def test_vllm_compiles_on_cpu_with_deploy_compile(vllm_python, tmp_path, tiny_llama_dir, capsys):

@@ -35,7 +35,8 @@ process's own (`worker_threads`), as vLLM then logs no core binding. On CUDA vLL
 default stays: its front end overlaps the GPU's decode from its own process.
 
 vLLM runs as deployed on CUDA: its torch.compile and CUDA graphs (its default; an eager vLLM
-would launch every kernel of every decode step from Python). On CPU it runs eager unless
+would launch every kernel of every decode step from Python), where a C compiler is there for
+Triton (else eager, said so: `eager_decode`). On CPU it runs eager unless
 `deploy --compile`: its compilation took 70-74 s per cell for the embedded SmolLM2 on 2 cores
 (its compile cache did not load on the second run), for about 1.3x the eager decode (32 new
 tokens in 1.28 s against 1.66 s). `compiled` in the figures says which ran.
@@ -207,7 +208,31 @@ def _quantized_plan(model_dir: Path, declaration, device: str, cat: str) -> Vllm
     return VllmPlan(model_dir, model_dir, None, cat, False, "dense", [f"{why}: runs the dequantized weights"])
 
 
-def command(p: VllmPlan, settings, device: str, out: Path, python: str) -> list[str]:
+NO_COMPILER_NOTE = ("no C compiler in this environment for vLLM's compilation (Triton builds its launchers with one): "
+                    "decodes eagerly, without CUDA graphs")
+
+
+def eager_decode(device: str, settings) -> tuple[bool, list[str]]:
+    """Whether vLLM runs eager (enforce_eager) here, and the note when that is not vLLM as
+    deployed. CUDA: compiled, with CUDA graphs, where a C compiler is on PATH (Triton needs one;
+    an image without one, e.g. the CUDA runtime base, runs eager and says so). CPU: eager
+    unless `deploy --compile`, which without a C++ compiler is refused before vLLM starts."""
+    import torch
+
+    from .protocol import check_compiler
+
+    if device.startswith("cpu"):
+        if settings.compile:
+            check_compiler(torch.device("cpu"))
+        return not settings.compile, []
+    try:
+        check_compiler(torch.device("cuda"))
+    except ValueError:
+        return True, [NO_COMPILER_NOTE]
+    return False, []
+
+
+def command(p: VllmPlan, settings, device: str, out: Path, python: str, eager: bool) -> list[str]:
     dtype = p.dtype or ("float32" if device.startswith("cpu") else ("float16" if p.quantization else "bfloat16"))
     load_dir = out.parent / "export" if p.export else p.load_dir
     return [python, str(MEASURE), "--model", str(load_dir), "--tokenizer", str(p.tokenizer_dir), "--out", str(out),
@@ -216,7 +241,7 @@ def command(p: VllmPlan, settings, device: str, out: Path, python: str) -> list[
             "--warmup", str(settings.warmup), "--repeats", str(settings.repeats),
             "--batch-sizes", ",".join(str(b) for b in settings.batch_sizes),
             "--max-model-len", str(settings.prompt_tokens + settings.new_tokens + 16),
-            *(["--eager"] if device.startswith("cpu") and not settings.compile else [])]
+            *(["--eager"] if eager else [])]
 
 
 def root_cause(output: str) -> str | None:
@@ -237,6 +262,8 @@ def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s
     if device.startswith("cpu"):  # see the module's docstring
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.pop("PYTHONPATH", None)  # nothing of the harness's environment leaks into vLLM's
+    eager, notes = eager_decode(device, settings)
+    p.notes += notes
     with tempfile.TemporaryDirectory(prefix="llmcbench-vllm-") as tmp:
         out = Path(tmp) / "figures.json"
         t0 = time.perf_counter()
@@ -246,7 +273,7 @@ def evaluate_vllm(model_dir: Path, declaration, settings, device: str, timeout_s
             _run([python, str(EXPORT), str(p.load_dir), str(export_dir), p.export], env, timeout_s, "vLLM export")
             exported = json.loads((export_dir / "llmcbench-export.json").read_text())
             p.notes += requantized_note(declaration, exported["requantization_max_abs_err"])  # 8-bit ones only
-        log = _run(command(p, settings, device, out, python), env, timeout_s, "vLLM run")
+        log = _run(command(p, settings, device, out, python, eager), env, timeout_s, "vLLM run")
         if not out.is_file():
             raise RuntimeError("vLLM run failed: it wrote no figures")
         figures = json.loads(out.read_text())
