@@ -11,7 +11,6 @@ Greedy decode of exactly `new_tokens` tokens with EOS ignored.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -55,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         memory = {"peak_memory_bytes": peak_rss(processes),
                   "memory_kind": "host_rss_processes" if reset else "host_rss_processes_lifetime"}
-    # the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the CPU default here): its
-    # worker's threads are this process's, and vLLM logs no core binding to read them from
-    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") in ("0", "false", "False")
+    # the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the CPU default here, as
+    # vLLM itself parses it): its worker's threads are this process's, and vLLM logs no core
+    # binding to read them from
+    in_process = not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
     threads = {"worker_threads": torch.get_num_threads()} if in_process and not torch.cuda.is_available() else {}
     write_figures(a.out, {**figures, "load_s": load_s, "vllm_version": vllm.__version__, "engine_in_process": in_process,
                           "compiled": not a.eager,
