@@ -59,6 +59,10 @@ def test_run_dirs_hold_the_contract_files(bench_run):
     assert job.calibration.nsamples == 16 and job.calibration.seqlen == 128
     report = (run_dir / "report.md").read_text()
     assert "profile: **quick**" in report and "om_perf" in report
+    # MKL VML's kernels are resolved before the model's first multi-threaded op (driver/numerics.py)
+    for kind, first_work in (("compress", "] loaded "), ("eval", "] track ")):
+        log = (wanda[kind][2] / "log.txt").read_text()
+        assert log.index("MKL VML kernels resolved on one thread") < log.index(first_work), kind
 
 
 def test_compressed_vs_dense_figures(bench_run):
