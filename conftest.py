@@ -34,6 +34,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs a single-node Slurm cluster (tests/slurm_cluster.py starts one)")
 
 
+def pytest_sessionstart(session):
+    # Tests that run the engines in this process compare runs bit for bit; resolve MKL VML's kernels
+    # on one thread first, as every job process does (driver/numerics.py: pytorch#188792).
+    from llmcbench.driver.numerics import warm_up_vml
+
+    warm_up_vml()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -56,6 +64,20 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"{SHARED} is missing: the tests read the paper tables and slices from ../shared")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def legacy_python() -> str:
+    """The wanda image's Hugging Face stack (transformers 4.34.1, no torch) in its own venv
+    (tests/legacy-stack-setup.sh); CI sets LLMCBENCH_REQUIRE_LEGACY_STACK=1, which turns a
+    missing one into a failure instead of a skip."""
+    python = PROJECT / ".legacy-hf-venv" / "bin" / "python"
+    if python.is_file():
+        return str(python)
+    why = "no legacy Hugging Face stack: run `bash tests/legacy-stack-setup.sh` (transformers 4.34.1 in .legacy-hf-venv)"
+    if os.environ.get("LLMCBENCH_REQUIRE_LEGACY_STACK"):
+        pytest.fail(f"LLMCBENCH_REQUIRE_LEGACY_STACK is set but {why}")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="session")

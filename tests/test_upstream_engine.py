@@ -114,6 +114,8 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
     assert f"wikitext test rows {own['rows']}\n" in log
     events = [json.loads(line) for line in (out / "upstream" / "prune.events.jsonl").read_text().splitlines()]
     served = [e for e in events if e["event"] == "dataset"]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("vml_warm_up") < kinds.index("dataset") and events[kinds.index("vml_warm_up")]["ops"] >= 8
     assert {tuple(e["requested"][:2]) for e in served} >= {("allenai/c4", "allenai--c4"), ("wikitext", "wikitext-2-raw-v1")}
     assert not (out / ".upstream-work").exists() and not (out / ".model.partial").exists()
 
@@ -163,6 +165,37 @@ def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "events-True.jsonl").read_text().splitlines()[0])["event"] == "cuda_to_cpu"
     if not torch.cuda.is_available():
         assert run[1].returncode != 0 and "CUDA" in run[1].stderr, run[1].stdout[-1000:]
+
+
+WARM_UP_SCRIPT = """
+import sys
+print("script starts; llmcbench modules:", sorted(m for m in sys.modules if m.startswith("llmcbench")))
+"""
+
+
+@pytest.mark.parametrize("stack", ["project", "legacy"])
+def test_shim_resolves_vml_kernels_before_upstream_runs(tmp_path, stack, request):
+    """Under upstream's interpreter the shim loads driver/numerics.py by path (that interpreter has
+    no llmcbench) and resolves MKL VML's kernels before the script's first op, as every job process
+    does (pytorch#188792). An interpreter without torch (the legacy stack) says so and runs the script."""
+    from llmcbench.methods._upstream.adapter import SHIM
+    from llmcbench.methods._upstream.run import NUMERICS
+
+    python = sys.executable if stack == "project" else request.getfixturevalue("legacy_python")
+    (tmp_path / "script.py").write_text(WARM_UP_SCRIPT)
+    (tmp_path / "hooks.json").write_text(json.dumps({"script": str(tmp_path / "script.py"), "warm_up_vml": str(NUMERICS),
+                                                      "events": str(tmp_path / "events.jsonl")}))
+    proc = subprocess.run([python, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert event["event"] == "vml_warm_up"
+    out = proc.stdout
+    assert out.index('"event": "vml_warm_up"') < out.index("script starts; llmcbench modules: []"), out
+    if stack == "project":
+        assert event["ops"] >= 8 and "pytorch#188792" in event["why"], event
+    else:
+        assert event["ops"] == 0 and event["why"].startswith("no torch"), event
 
 
 HALF_SCRIPT = """

@@ -3,7 +3,7 @@
 The upstream images pin transformers 4.31-4.46 with tokenizers < 0.20; the embedded model
 (and any model this harness saved) is in transformers 5's format. These tests load the staged
 copy with the wanda image's own stack (transformers 4.34.1, tokenizers 0.14.1, installed by
-tests/legacy-stack-setup.sh in .legacy-hf-venv) and ask that it reads the model as the
+tests/legacy-stack-setup.sh in .legacy-hf-venv; conftest.py's `legacy_python`) and ask that it reads the model as the
 project's transformers reads the original: the same token ids, the same rope_theta.
 That a job gives upstream the staged copy and keeps the input's own tokenizer in the artifact
 is asserted in test_upstream_engine.py.
@@ -21,9 +21,6 @@ import pytest
 from llmcbench.driver.fsio import sha256_tree
 from llmcbench.methods._upstream.staging import stage_model
 
-PROJECT = Path(__file__).resolve().parent.parent
-LEGACY_PYTHON = PROJECT / ".legacy-hf-venv" / "bin" / "python"
-
 # what upstream code does with the input model before touching weights (wanda's main.py:
 # AutoTokenizer.from_pretrained(model, use_fast=False); the model's config)
 READ_AS_UPSTREAM = """
@@ -37,18 +34,6 @@ print(json.dumps({"transformers": transformers.__version__, "rope_theta": getatt
                   "torch_dtype": str(config.torch_dtype), "eos": tokenizer.eos_token,
                   "ids": [tokenizer(t)["input_ids"] for t in texts]}))
 """
-
-
-@pytest.fixture(scope="module")
-def legacy_python() -> str:
-    """The wanda image's Hugging Face stack; CI sets LLMCBENCH_REQUIRE_LEGACY_STACK=1, which
-    turns a missing one into a failure instead of a skip."""
-    if LEGACY_PYTHON.is_file():
-        return str(LEGACY_PYTHON)
-    why = "no legacy Hugging Face stack: run `bash tests/legacy-stack-setup.sh` (transformers 4.34.1 in .legacy-hf-venv)"
-    if os.environ.get("LLMCBENCH_REQUIRE_LEGACY_STACK"):
-        pytest.fail(f"LLMCBENCH_REQUIRE_LEGACY_STACK is set but {why}")
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from llmcbench.driver import numerics
 from llmcbench.driver.contract import Job
 from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
 
@@ -31,6 +32,7 @@ from .adapter import SHIM, Step, UpstreamAdapter, UpstreamContext
 from .shim import EXIT_NOT_STAGED, EXIT_PDB
 from .staging import checkout_commit, cut_wikitext_test, dataset_rules, stage_data, stage_model, upstream_python, upstream_repo
 
+NUMERICS = Path(numerics.__file__)  # the shim loads it by path under upstream's interpreter
 DEADLINE_MARGIN_S = 10  # leave the job this long to write its failed result before the runner's own kill
 LOG_TAIL_LINES = 20
 
@@ -72,7 +74,7 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
             "script": str(ctx.repo / step.script), "argv": step.argv, "events": str(events_path),
             "datasets": dataset_rules(ctx.staged, unused_splits=step.unused_splits),
             "allow_hub": not ctx.staged.offline, "time": step.time, "save": step.save, "no_pdb": True, "outputs": step.outputs,
-            "cuda_to_cpu": ctx.device == "cpu",
+            "cuda_to_cpu": ctx.device == "cpu", "warm_up_vml": str(NUMERICS),
         }
         hooks_path = logs_dir / f"{step.name}.hooks.json"
         hooks_path.write_text(json.dumps(hooks, indent=2) + "\n")

@@ -22,6 +22,11 @@ would otherwise apply to upstream source:
   for repositories that keep the compressed weights only in memory (GPTQ, SmoothQuant,
   SparseGPT saves only after its mandatory evaluation); or `torch.save` an object
   (`"torch_save": path`) that upstream keeps in memory only (GPTQ's quantizer grids).
+- `warm_up_vml`: the path of the harness's `driver/numerics.py` (stdlib and torch only), loaded by
+  path and run before the script: it resolves MKL VML's kernels on one thread, so a first
+  multi-threaded `cos` cannot run one thread's chunk through the low-accuracy kernel
+  (pytorch/pytorch#188792; that module's docstring has the story). Upstream's own torch may bundle
+  the affected oneMKL too, and on a CPU job its rotary tables are computed there.
 - `no_pdb`: `pdb.set_trace()` (OmniQuant on a NaN loss) fails the job instead of waiting
   for a terminal that a container does not have.
 - `cuda_to_cpu` (jobs with `device: cpu` only): the repositories hard-code `cuda:0`, so on a
@@ -87,6 +92,23 @@ class Hooks:
         if self.events_path:
             with open(self.events_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def warm_up_vml(hooks: Hooks, numerics_path: str) -> None:
+    """Run the harness's `warm_up_vml()` (driver/numerics.py, loaded by path: this interpreter has
+    no llmcbench) under upstream's torch, before upstream's first op."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llmcbench_numerics", numerics_path)
+    numerics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numerics)
+    try:
+        ops = numerics.warm_up_vml()
+    except ImportError as e:  # an interpreter without torch computes nothing through VML
+        hooks.event(event="vml_warm_up", ops=0, why=f"no torch: {e}")
+        return
+    hooks.event(event="vml_warm_up", ops=len(ops),
+                why="MKL VML kernels resolved on one thread (pytorch#188792)" if ops else "this torch has no MKL")
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -403,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         no_pdb()
     if cfg.get("cuda_to_cpu"):
         cuda_to_cpu(hooks, cfg.get("half_to_float", True) is not False)
+    if cfg.get("warm_up_vml"):
+        warm_up_vml(hooks, cfg["warm_up_vml"])
     try:
         patch_modules(hooks)
         run_script(hooks, cfg["script"], list(cfg.get("argv") or []))
