@@ -290,10 +290,10 @@ def execute(paths: Paths) -> int:
 
         environment = collect_environment()
         _log(f"{job.kind} job {job_hash[:12]}: {job.method}/{job.preset} on {job.model.name} ({job.device}, {job.dtype})")
-        from .numerics import warm_up_vml
+        from .numerics import RESOLVED, warm_up_vml
 
         if warm_up_vml():  # before any op runs on several threads: see numerics.py
-            _log("MKL VML kernels resolved on one thread (pytorch#188792)")
+            _log(RESOLVED)
         if job.kind == "compress":
             from .registry import get_method
 

@@ -30,6 +30,7 @@ VML_OPS = ("abs", "acos", "asin", "atan", "cos", "cosh", "erf", "erfc", "erfinv"
            "log10", "log1p", "log2", "lgamma", "reciprocal", "rsqrt", "sigmoid", "sin", "sinh", "sqrt", "tan",
            "tanh", "trunc")
 WARM_UP_VALUES = 64  # one chunk: below the parallel grain, so one thread calls VML
+RESOLVED = "MKL VML kernels resolved on one thread (pytorch#188792)"  # what a job's log and the shim's event say
 
 
 def warm_up_vml() -> list[str]:

@@ -178,8 +178,7 @@ def test_shim_resolves_vml_kernels_before_upstream_runs(tmp_path, stack, request
     """Under upstream's interpreter the shim loads driver/numerics.py by path (that interpreter has
     no llmcbench) and resolves MKL VML's kernels before the script's first op, as every job process
     does (pytorch#188792). An interpreter without torch (the legacy stack) says so and runs the script."""
-    from llmcbench.methods._upstream.adapter import SHIM
-    from llmcbench.methods._upstream.run import NUMERICS
+    from llmcbench.methods._upstream.adapter import NUMERICS, SHIM
 
     python = sys.executable if stack == "project" else request.getfixturevalue("legacy_python")
     (tmp_path / "script.py").write_text(WARM_UP_SCRIPT)

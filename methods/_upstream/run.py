@@ -24,15 +24,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from llmcbench.driver import numerics
 from llmcbench.driver.contract import Job
 from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
 
-from .adapter import SHIM, Step, UpstreamAdapter, UpstreamContext
+from .adapter import NUMERICS, SHIM, Step, UpstreamAdapter, UpstreamContext
 from .shim import EXIT_NOT_STAGED, EXIT_PDB
 from .staging import checkout_commit, cut_wikitext_test, dataset_rules, stage_data, stage_model, upstream_python, upstream_repo
 
-NUMERICS = Path(numerics.__file__)  # the shim loads it by path under upstream's interpreter
 DEADLINE_MARGIN_S = 10  # leave the job this long to write its failed result before the runner's own kill
 LOG_TAIL_LINES = 20
 

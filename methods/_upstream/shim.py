@@ -108,7 +108,7 @@ def warm_up_vml(hooks: Hooks, numerics_path: str) -> None:
         hooks.event(event="vml_warm_up", ops=0, why=f"no torch: {e}")
         return
     hooks.event(event="vml_warm_up", ops=len(ops),
-                why="MKL VML kernels resolved on one thread (pytorch#188792)" if ops else "this torch has no MKL")
+                why=numerics.RESOLVED if ops else "this torch has no MKL")
 
 
 # ----------------------------------------------------------------------------- datasets
