@@ -190,7 +190,7 @@ def run_deploy(job: Job, paths: Paths, result: dict) -> None:
 
 
 def run_eval(job: Job, paths: Paths, result: dict) -> None:
-    from ..tracks.inference.measure import count_macs, eval_model_size, inference_memory_bytes
+    from ..tracks.inference.measure import count_macs, eval_inference_memory, eval_model_size
     from ..tracks.fakequant import apply_declared_activation_quant
     from ..tracks.performance import evaluate_tasks, wikitext2_ppl
 
@@ -215,12 +215,16 @@ def run_eval(job: Job, paths: Paths, result: dict) -> None:
         # Measured first, before the accuracy tasks grow the process's memory.
         macs = count_macs(model, seqlen=settings.macs_seqlen, compression=declaration)
         metrics["track4"] = {
-            "inference_memory_bytes": inference_memory_bytes(model, seqlen=settings.macs_seqlen, device=device),
+            **eval_inference_memory(model, model_dir, declaration, seqlen=settings.macs_seqlen, device=device),
             **eval_model_size(model_dir, model, job.dtype, compressed=declaration is not None),
             "macs": macs,
             "macs_seqlen": settings.macs_seqlen,
         }
-        _log(f"track 4: {metrics['track4']['model_size_bytes'] / 1e6:.1f} MB on disk, {macs['effective_macs'] / 1e9:.2f} GMACs effective")
+        t4 = metrics["track4"]
+        _log(f"track 4: {t4['model_size_bytes'] / 1e6:.1f} MB on disk, {macs['effective_macs'] / 1e9:.2f} GMACs effective, "
+             f"{t4['inference_memory_bytes'] / 1e6:.1f} MB at inference ({t4['inference_memory_form']}"
+             + (f"; the checkpoint {t4['inference_memory_checkpoint_bytes'] / 1e6:.1f} MB" if "inference_memory_checkpoint_bytes" in t4 else "")
+             + ")" + (f"; {t4['inference_memory_note']}" if "inference_memory_note" in t4 else ""))
     data_dir = None if settings.data_source == "hub" else paths.data
     ppl = None
     if 1 in settings.tracks or 2 in settings.tracks:

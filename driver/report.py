@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from ..tracks.records import compress_records, eval_records, judge_records
+from ..tracks.records import compress_records, eval_records, judge_records, track4_memory_note
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
 from .bench import BenchPlan
 from .contract import SCHEMA_VERSION, Job, Result
@@ -61,7 +61,8 @@ class BenchReport(BaseModel):
     track3: dict[str, float | str | None]
     track3_compared: list[dict]
     oms: list[OMRow]
-    notes: list[str] = Field(default_factory=list, description="cells left out of an OM, and why")
+    notes: list[str] = Field(default_factory=list, description="cells left out of an OM, and why; how a figure was measured "
+                                                                 "where the table alone would mislead")
 
 
 def plan_eval_records(plan: BenchPlan) -> tuple[list[MetricRecord], list[MetricRecord]]:
@@ -104,6 +105,10 @@ def build_report(plan: BenchPlan) -> BenchReport:
     if 3 in plan.tracks:
         records += [r for peer in compared for r in peer["records"]]
     records, notes = drop_undefined_ratios(records)
+    for key, run in runs.items():
+        memory_note = key.startswith("compressed eval") and track4_memory_note(run.result.metrics)
+        if memory_note:
+            notes.append(memory_note)
     if 7 in plan.tracks and not any(r.metric == "kick_instruction" for r in comp_records):
         notes.append(NO_JUDGE_NOTE)
     try:

@@ -14,7 +14,9 @@ from llmcbench.driver.contract import Compression, LayerCompression
 from llmcbench.methods._engine.calibration import sample_calibration
 from llmcbench.methods.wanda.reference import compress
 from llmcbench.tracks.inference.measure import (
+    _on_integer_kernels,
     count_macs,
+    eval_inference_memory,
     inference_memory_bytes,
     measure_inference_memory,
     model_size,
@@ -186,6 +188,87 @@ def test_cpu_inference_memory_counts_weights_and_growth(dense_macs):
     assert inference_memory_bytes(model, seqlen=SEQLEN, device="cpu") >= weights
 
 
+def _on_a_grid(tmp_path, model_dir, bits: int, group_size: int | None, packed: bool):
+    """An artifact dir whose decoder linears sit on a symmetric `bits` grid (per output channel,
+    or per group of input channels), with its declaration and, if `packed`, a `packed/` export
+    beside the weights (its bytes do not matter here: memory is measured from the model)."""
+    model = load(model_dir)
+    with torch.no_grad():
+        for name in block_linear_names(model):
+            w = model.get_submodule(name).weight
+            wg = w.view(w.shape[0], -1, group_size or w.shape[1])
+            step = wg.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
+            w.copy_(((wg / step).round() * step).view_as(w))
+    out = tmp_path / f"w{bits}"
+    model.save_pretrained(out)
+    declaration = Compression(method="test", preset=f"w{bits}", weight_bits=bits, group_size=group_size, symmetric=True)
+    (out / "compression.json").write_text(declaration.model_dump_json())
+    if packed:
+        (out / "packed").mkdir()
+        (out / "packed" / "model.safetensors").write_bytes(b"codes")
+    return load(out), out, declaration
+
+
+def test_a_packed_int8_artifact_is_measured_as_its_integer_codes(tiny_llama_dir, tmp_path):
+    """Track 4's memory of an artifact with a packed export is that of its int8 codes and scales
+    on torch's kernel, exactly counted: the checkpoint's fp32 bytes of every decoder linear
+    become one byte per weight and one bf16 scale per output channel. The checkpoint's linears
+    are back afterwards (the accuracy tracks run them), giving the same logits."""
+    model, out, declaration = _on_a_grid(tmp_path, tiny_llama_dir, 8, None, packed=True)
+    linears = [model.get_submodule(n) for n in block_linear_names(model)]
+    ids = torch.arange(1, 17)[None]
+    logits = model(ids).logits
+    checkpoint = measure_inference_memory(model, seqlen=SEQLEN, device="cpu")
+    with _on_integer_kernels(model, declaration, torch.device("cpu")) as prepared:
+        assert prepared.kernel == "aten._weight_int8pack_mm"
+        packed = measure_inference_memory(model, seqlen=SEQLEN, device="cpu")
+    expected = checkpoint.weights_bytes - sum(lin.weight.numel() * (4 - 1) - lin.out_features * 2 for lin in linears)
+    assert packed.weights_bytes == expected
+    assert [model.get_submodule(n) for n in block_linear_names(model)] == linears
+    assert torch.equal(model(ids).logits, logits)
+
+    figures = eval_inference_memory(model, out, declaration, seqlen=SEQLEN, device="cpu")
+    assert figures["inference_memory_form"] == "packed export on aten._weight_int8pack_mm"
+    assert figures["inference_memory_bytes"] < figures["inference_memory_checkpoint_bytes"]
+    assert figures["inference_memory_checkpoint_bytes"] >= checkpoint.weights_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group_size,kernel", [(8, None, "aten._weight_int8pack_mm"), (4, 32, "aten._weight_int4pack_mm")])
+def test_cuda_memory_is_this_models_weights_and_forward_on_its_packed_kernels(tiny_llama_dir, tmp_path, bits, group_size, kernel):
+    """On CUDA: the figure is the model's own weights plus what its forward allocates, whatever
+    else the device holds (a 256 MiB tensor beside it changes nothing), and a packed fp16
+    artifact is measured on torch's CUDA kernels, below its checkpoint."""
+    model, out, declaration = _on_a_grid(tmp_path, tiny_llama_dir, bits, group_size, packed=True)
+    model = model.half().cuda()
+    first = measure_inference_memory(model, seqlen=SEQLEN)
+    ballast = torch.empty(2**28, dtype=torch.uint8, device="cuda")
+    again = measure_inference_memory(model, seqlen=SEQLEN)
+    assert again.method == "cuda_weights_plus_peak_allocated_growth" and again.weights_bytes == first.weights_bytes
+    assert abs(again.total_bytes - first.total_bytes) < 2**20 < ballast.numel()
+    figures = eval_inference_memory(model, out, declaration, seqlen=SEQLEN)
+    assert figures["inference_memory_form"] == f"packed export on {kernel}"
+    assert figures["inference_memory_bytes"] < figures["inference_memory_checkpoint_bytes"]
+
+
+def test_memory_is_the_checkpoints_without_a_packed_export_or_an_integer_kernel(tiny_llama_dir, tmp_path):
+    """Shipped only as floats (SmoothQuant's and OmniQuant's artifacts, and every dense or
+    sparse model), a model is measured as loaded; a packed grid that no integer kernel tiles
+    keeps the checkpoint's figure and says why."""
+    model, out, declaration = _on_a_grid(tmp_path, tiny_llama_dir, 8, None, packed=False)
+    assert eval_inference_memory(model, out, declaration, seqlen=SEQLEN, device="cpu").keys() == {
+        "inference_memory_bytes", "inference_memory_form"}
+    assert eval_inference_memory(model, tiny_llama_dir, None, seqlen=SEQLEN, device="cpu")["inference_memory_form"] == "checkpoint"
+    model, out, declaration = _on_a_grid(tmp_path, tiny_llama_dir, 4, 32, packed=True)
+    assert eval_inference_memory(model, out, declaration, seqlen=SEQLEN, device="cpu")["inference_memory_form"] == (
+        "packed export on aten._weight_int4pack_mm_for_cpu")
+    untiled = declaration.model_copy(update={"group_size": 48})
+    figures = eval_inference_memory(model, out, untiled, seqlen=SEQLEN, device="cpu")
+    assert figures["inference_memory_form"] == "checkpoint"
+    assert "no int4 kernel group" in figures["inference_memory_note"]
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+
+
 def test_bench_counts_the_packed_export_of_a_compressed_model(tiny_llama_dir, tmp_path, run_cli):
     """Through the CLI and the local runner: the compressed evaluation sees the compress job's
     `packed/` (staged as /models/<name>.packed) and reports its bytes, not the fp32 checkpoint."""
@@ -196,12 +279,19 @@ def test_bench_counts_the_packed_export_of_a_compressed_model(tiny_llama_dir, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     compress_dir = next((tmp_path / "runs").glob("gptq-*/*/packed")).parent
     packed_bytes = sum(p.stat().st_size for p in (compress_dir / "packed").rglob("*") if p.is_file())
-    sizes = {}
+    sizes, track4 = {}, {}
     for result_path in (tmp_path / "runs").glob("*/*/result.json"):
         job = json.loads((result_path.parent / "job.json").read_text())
         if job["kind"] == "eval":
-            sizes[job["model"]["source"]] = json.loads(result_path.read_text())["metrics"]["track4"]["model_size_bytes"]
+            track4[job["model"]["source"]] = json.loads(result_path.read_text())["metrics"]["track4"]
+            sizes[job["model"]["source"]] = track4[job["model"]["source"]]["model_size_bytes"]
     dense = size_on_disk_bytes(tiny_llama_dir)
     assert sizes["artifact"] == packed_bytes
     assert packed_bytes < 0.5 * dense  # int8 codes + fp16 rest vs the fp32 checkpoint
     assert sizes[next(k for k in sizes if k != "artifact")] == dense
+    # and its inference memory is the packed form's on the int8 kernel, the checkpoint's beside it
+    memory = {source: t4 for source, t4 in track4.items()}
+    assert memory["artifact"]["inference_memory_form"] == "packed export on aten._weight_int8pack_mm"
+    assert memory["artifact"]["inference_memory_bytes"] < memory["artifact"]["inference_memory_checkpoint_bytes"]
+    assert memory[next(k for k in memory if k != "artifact")]["inference_memory_form"] == "checkpoint"
+    assert "the inference memory is the packed export's" in " ".join(proc.stdout.split())

@@ -42,6 +42,20 @@ def eval_records(metrics: dict[str, Any], model: str, method: str, setting: str)
     return out
 
 
+def track4_memory_note(metrics: dict[str, Any]) -> str | None:
+    """How a compressed model's track-4 inference memory was measured, where it is not simply
+    its checkpoint as loaded (tracks.inference.measure.eval_inference_memory)."""
+    t4 = metrics.get("track4") or {}
+    if t4.get("inference_memory_checkpoint_bytes") is not None:
+        kernel = t4["inference_memory_form"].removeprefix("packed export on ")
+        return (f"track 4: the inference memory is the packed export's, held as integer codes on torch's kernels "
+                f"({kernel}); the dequantized checkpoint, which the accuracy tracks run, takes "
+                f"{t4['inference_memory_checkpoint_bytes'] / GB:.4f} GB")
+    if t4.get("inference_memory_note"):
+        return f"track 4: {t4['inference_memory_note']}"
+    return None
+
+
 def judge_records(judged: dict | None, model: str, method: str, setting: str) -> tuple[list[MetricRecord], list[MetricRecord]]:
     """(dense, compressed) records of a pairwise judgement (`judge.json` beside the compressed
     track-7 result): each answer pair is scored together, so the compressed model's mean score

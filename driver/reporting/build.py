@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ...tracks.records import compress_records, eval_records, judge_records
+from ...tracks.records import compress_records, eval_records, judge_records, track4_memory_note
 from ..judging import load_judged
 from ...tracks.scoring import MetricRecord, ScoringError, drop_undefined_ratios, score
 from ..contract import ContractError, Job, Result, canonical_json, read_record
@@ -305,6 +305,7 @@ def _cell(model: str, comp: StoredRun, setting: str, pairs: list[tuple[StoredRun
         notes.append("no evaluation of this artifact in the store: tracks 1 and 4 not scored")
     elif any(d is None for _, d, _ in pairs):
         notes.append("no dense evaluation with the same settings in the store: ratios and OMs of its tracks not scored")
+    notes += [n for n in (track4_memory_note(e.result.metrics) for e, _, _ in pairs) if n]
     records, left_out = drop_undefined_ratios(records)
     notes += left_out
     try:

@@ -19,6 +19,7 @@ from llmcbench.methods._engine.blockwise import find_linears
 from llmcbench.methods._engine.hessian import LayerHessian
 from llmcbench.methods._engine.testing import block_linears, c4_loss, calibration_and_held_out, load, read_method_toml
 from llmcbench.methods.gptq.reference import GPTQSettings, compress, gptq_quantize, grid_for, quantize
+from llmcbench.tracks.inference.measure import eval_inference_memory
 
 CPU = torch.device("cpu")
 
@@ -258,18 +259,27 @@ def test_embedded_model_w4a16_g128(embedded_model_dir, data_dir, tmp_path):
     output = compress(model, calibration, preset, CPU)
     quantized_loss = c4_loss(model, held_out)
 
-    assert output.export_packed(tmp_path) == "gptq"
-    _, weights, _ = decode_checkpoint(tmp_path)
+    packed = tmp_path / "packed"  # beside the weights, where track 4 finds an artifact's export
+    packed.mkdir()
+    assert output.export_packed(packed) == "gptq"
+    _, weights, _ = decode_checkpoint(packed)
     linears = block_linears(model)
     assert len(linears) == 30 * 7 == len(weights)
     assert all(torch.equal(weights[name], linear.weight.data) for name, linear in linears.items())
-    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors = load_file(str(packed / "model.safetensors"))
     linear_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")))
     fp16_bytes = sum(linear.weight.numel() * 2 for linear in linears.values())
-    packed_bytes = (tmp_path / "model.safetensors").stat().st_size
+    packed_bytes = (packed / "model.safetensors").stat().st_size
     checkpoint_bytes = (Path(embedded_model_dir) / "model.safetensors").stat().st_size
     print(f"embedded model C4 loss: dense {dense_loss:.4f}, gptq w4a16-g128 {quantized_loss:.4f}; packed linears "
           f"{linear_bytes / fp16_bytes:.3f} of fp16, checkpoint {packed_bytes / 1e6:.1f} MB vs fp32 {checkpoint_bytes / 1e6:.1f} MB")
     assert 0.25 < linear_bytes / fp16_bytes < 0.28  # 4/16, plus fp16 scales and packed zeros per 128 weights
     assert torch.isfinite(torch.tensor(quantized_loss))
     assert dense_loss * 0.98 < quantized_loss < dense_loss * 1.25
+    # track 4 measures the export as deployed: SmolLM2's 576 inputs in groups of 128 on torch's
+    # int4 kernel (groups of 64), 4-bit codes where the checkpoint holds fp32 (its embeddings apart)
+    memory = eval_inference_memory(model, tmp_path, output.declaration, seqlen=128, device=CPU)
+    print(f"track 4 inference memory: {memory['inference_memory_bytes'] / 1e6:.1f} MB packed, "
+          f"{memory['inference_memory_checkpoint_bytes'] / 1e6:.1f} MB as the checkpoint")
+    assert memory["inference_memory_form"] == "packed export on aten._weight_int4pack_mm_for_cpu"
+    assert memory["inference_memory_bytes"] < 0.5 * memory["inference_memory_checkpoint_bytes"]
