@@ -5,7 +5,8 @@
 # fills .device/ (wheels, upstream checkouts, data slices, tokenizer). Then, with the device
 # tool: carry [".device"], command `bash benchmarks/device_check.sh [PART ...]`.
 #
-#   tests     pytest -m gpu: the seven reference engines at the LLaMA-2-7B layer shape, CUDA kernels (issue 5, 7)
+#   tests     pytest -m gpu: the seven reference engines at the LLaMA-2-7B layer shape, CUDA kernels (issue 5, 7),
+#             track 4's inference memory on CUDA (a packed artifact on the int8/int4 kernels)
 #   roofline  benchmarks/deploy_roofline.py: fp16, 2:4, int8, int4 decode vs the HBM roofline (issue 7, acceptance 2)
 #   roofline-compile  the same under torch.compile with a static KV cache (not in the default: minutes of
 #             compilation; eager decode is bound by Python per token, so the roofline goal needs this one)
@@ -111,7 +112,7 @@ for part in $PARTS; do
   tests)
     t=$(limit "$TESTS_S") || { echo "tests: skipped, past the deadline"; continue; }
     stamp "tests (limit ${t}s)"
-    timeout -k 10 "$t" "$PY" -m pytest tests/test_gpu_engines.py -m gpu -rs -p no:cacheprovider -q \
+    timeout -k 10 "$t" "$PY" -m pytest tests/test_gpu_engines.py tests/test_track4.py -m gpu -rs -p no:cacheprovider -q \
       --junitxml="$OUT/gpu_tests.xml" || echo "tests: exit $?"
     ;;
   roofline)
