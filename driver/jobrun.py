@@ -193,6 +193,7 @@ def run_eval(job: Job, paths: Paths, result: dict) -> None:
     from ..tracks.inference.measure import count_macs, eval_inference_memory, eval_model_size
     from ..tracks.fakequant import apply_declared_activation_quant
     from ..tracks.performance import evaluate_tasks, wikitext2_ppl
+    from ..tracks.records import track4_memory_note
 
     settings = job.evaluation
     device = _device(job)
@@ -220,11 +221,10 @@ def run_eval(job: Job, paths: Paths, result: dict) -> None:
             "macs": macs,
             "macs_seqlen": settings.macs_seqlen,
         }
-        t4 = metrics["track4"]
+        t4, memory_note = metrics["track4"], track4_memory_note(metrics)
         _log(f"track 4: {t4['model_size_bytes'] / 1e6:.1f} MB on disk, {macs['effective_macs'] / 1e9:.2f} GMACs effective, "
-             f"{t4['inference_memory_bytes'] / 1e6:.1f} MB at inference ({t4['inference_memory_form']}"
-             + (f"; the checkpoint {t4['inference_memory_checkpoint_bytes'] / 1e6:.1f} MB" if "inference_memory_checkpoint_bytes" in t4 else "")
-             + ")" + (f"; {t4['inference_memory_note']}" if "inference_memory_note" in t4 else ""))
+             f"{t4['inference_memory_bytes'] / 1e6:.1f} MB at inference"
+             + (f" ({memory_note.removeprefix('track 4: ')})" if memory_note else ""))
     data_dir = None if settings.data_source == "hub" else paths.data
     ppl = None
     if 1 in settings.tracks or 2 in settings.tracks:

@@ -286,19 +286,18 @@ def test_bench_counts_the_packed_export_of_a_compressed_model(tiny_llama_dir, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     compress_dir = next((tmp_path / "runs").glob("gptq-*/*/packed")).parent
     packed_bytes = sum(p.stat().st_size for p in (compress_dir / "packed").rglob("*") if p.is_file())
-    sizes, track4 = {}, {}
+    track4 = {}
     for result_path in (tmp_path / "runs").glob("*/*/result.json"):
         job = json.loads((result_path.parent / "job.json").read_text())
         if job["kind"] == "eval":
             track4[job["model"]["source"]] = json.loads(result_path.read_text())["metrics"]["track4"]
-            sizes[job["model"]["source"]] = track4[job["model"]["source"]]["model_size_bytes"]
+    sizes = {source: t4["model_size_bytes"] for source, t4 in track4.items()}
     dense = size_on_disk_bytes(tiny_llama_dir)
     assert sizes["artifact"] == packed_bytes
     assert packed_bytes < 0.5 * dense  # int8 codes + fp16 rest vs the fp32 checkpoint
     assert sizes[next(k for k in sizes if k != "artifact")] == dense
     # and its inference memory is the packed form's on the int8 kernel, the checkpoint's beside it
-    memory = {source: t4 for source, t4 in track4.items()}
-    assert memory["artifact"]["inference_memory_form"] == "packed export on aten._weight_int8pack_mm"
-    assert memory["artifact"]["inference_memory_bytes"] < memory["artifact"]["inference_memory_checkpoint_bytes"]
-    assert memory[next(k for k in memory if k != "artifact")]["inference_memory_form"] == "checkpoint"
+    assert track4["artifact"]["inference_memory_form"] == "packed export on aten._weight_int8pack_mm"
+    assert track4["artifact"]["inference_memory_bytes"] < track4["artifact"]["inference_memory_checkpoint_bytes"]
+    assert track4[next(k for k in track4 if k != "artifact")]["inference_memory_form"] == "checkpoint"
     assert "the inference memory is the packed export's" in " ".join(proc.stdout.split())
