@@ -276,15 +276,20 @@ def test_memory_is_the_checkpoints_without_a_packed_export_or_an_integer_kernel(
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
 
 
-def test_bench_counts_the_packed_export_of_a_compressed_model(tiny_llama_dir, tmp_path, run_cli):
+@pytest.mark.parametrize("method,preset,kernel", [
+    ("gptq", "w8a16", "aten._weight_int8pack_mm"),
+    # OmniQuant's GPTQ checkpoint (upstream --real_quant's format): Table 3 has OmniQuant INT8 at GPTQ's size
+    ("omniquant", "w8a8", "aten._int_mm (W8A8, int8 activations per-token)"),
+])
+def test_bench_counts_the_packed_export_of_a_compressed_model(tiny_llama_dir, tmp_path, run_cli, method, preset, kernel):
     """Through the CLI and the local runner: the compressed evaluation sees the compress job's
     `packed/` (staged as /models/<name>.packed) and reports its bytes, not the fp32 checkpoint."""
     import json
 
-    proc = run_cli("bench", "--method", "gptq", "--preset", "w8a16", "--model", str(tiny_llama_dir), "--tracks", "4",
+    proc = run_cli("bench", "--method", method, "--preset", preset, "--model", str(tiny_llama_dir), "--tracks", "4",
                    "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    compress_dir = next((tmp_path / "runs").glob("gptq-*/*/packed")).parent
+    compress_dir = next((tmp_path / "runs").glob(f"{method}-*/*/packed")).parent
     packed_bytes = sum(p.stat().st_size for p in (compress_dir / "packed").rglob("*") if p.is_file())
     track4 = {}
     for result_path in (tmp_path / "runs").glob("*/*/result.json"):
@@ -297,7 +302,7 @@ def test_bench_counts_the_packed_export_of_a_compressed_model(tiny_llama_dir, tm
     assert packed_bytes < 0.5 * dense  # int8 codes + fp16 rest vs the fp32 checkpoint
     assert sizes[next(k for k in sizes if k != "artifact")] == dense
     # and its inference memory is the packed form's on the int8 kernel, the checkpoint's beside it
-    assert track4["artifact"]["inference_memory_form"] == "packed export on aten._weight_int8pack_mm"
+    assert track4["artifact"]["inference_memory_form"] == f"packed export on {kernel}"
     assert track4["artifact"]["inference_memory_bytes"] < track4["artifact"]["inference_memory_checkpoint_bytes"]
     assert track4[next(k for k in track4 if k != "artifact")]["inference_memory_form"] == "checkpoint"
     assert "the inference memory is the packed export's" in " ".join(proc.stdout.split())

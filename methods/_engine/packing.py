@@ -1,6 +1,6 @@
 """Bit-packing of integer codes into int32 words, GPTQ layout: the one packer behind the GPTQ
-checkpoint (`methods/gptq/export.py`) and the AWQ engine's gptq_v2 export and AWQ GEMM layout
-(`methods/awq/export.py`).
+checkpoint (`methods/_engine/gptq_format.py`: GPTQ's and OmniQuant's exports) and the AWQ
+engine's gptq_v2 export and AWQ GEMM layout (`methods/awq/export.py`).
 
 Codes are packed least significant bits first: code i of a run occupies bits
 [i * bits, (i + 1) * bits) of the run's words read as one little-endian bit string, so for 2,

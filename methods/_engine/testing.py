@@ -3,11 +3,14 @@ shared fixtures are in `methods/conftest.py`. Not collected by pytest (no `test_
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,3 +63,36 @@ def read_method_toml(method_dir: Path, *, name: str, kind: str, repo: str, commi
     assert upstream["commit"] == commit
     assert upstream["license"] == license
     return declaration
+
+
+# -- an unpacker for the GPTQ checkpoint, written from the format's description (numpy bit
+#    strings), independent of methods/_engine/gptq_format.py's packer
+
+def unpack_bits(words: torch.Tensor, bits: int) -> np.ndarray:
+    """int32 words [n_words, k] -> codes [n_words * 32 / bits, k]: each column's words read as
+    one little-endian bit string, `bits` bits per code, least significant first."""
+    columns = np.ascontiguousarray(words.numpy().astype("<u4").T)  # [k, n_words]
+    stream = np.unpackbits(columns.view(np.uint8).reshape(columns.shape[0], -1), axis=1, bitorder="little")
+    fields = stream.reshape(columns.shape[0], -1, bits).astype(np.int64)
+    return (fields * (1 << np.arange(bits))).sum(axis=2).T
+
+
+def decode_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(quantization_config, {linear: dequantized float32 weight [out, in]}, {linear: codes})."""
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    bits, v1 = config["bits"], config["checkpoint_format"] == "gptq"
+    weights, all_codes = {}, {}
+    for key in tensors:
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        codes = unpack_bits(tensors[f"{name}.qweight"], bits)  # [in, out]
+        zeros = unpack_bits(tensors[f"{name}.qzeros"].t().contiguous(), bits).T  # [groups, out]
+        zeros = zeros + 1 if v1 else zeros
+        scales = tensors[f"{name}.scales"].float().numpy()  # [groups, out]
+        g = tensors[f"{name}.g_idx"].numpy().astype(np.int64)  # [in]
+        dequantized = scales[g] * (codes - zeros[g]).astype(np.float32)  # [in, out]
+        weights[name] = torch.from_numpy(dequantized.T.copy())
+        all_codes[name] = torch.from_numpy(codes.T.copy())
+    return config, weights, all_codes

@@ -8,7 +8,8 @@ and `quantize` in its `quant.py`, and the layer walk of its `llama.py` (commit 2
 Hessian and its inverse Cholesky factor are shared with SparseGPT
 (`methods/_engine/hessian.py`), the model plumbing (capture block inputs, walk blocks, hook
 linears, propagate the quantized outputs, `--true-sequential` groups) is the shared runner in
-`methods/_engine/blockwise.py`. The packed export is `export.py` beside this file.
+`methods/_engine/blockwise.py`. The packed export is `export.py` beside this file (the GPTQ
+checkpoint of `methods/_engine/gptq_format.py`).
 
 The algorithm, per linear layer W (rows x columns) of every decoder block, with H = 2 X X^T
 from the layer's calibration inputs:
@@ -53,6 +54,7 @@ from llmcbench.driver.contract import Compression, LayerCompression
 
 from .._engine import params as check
 from .._engine.blockwise import BlockStep, decoder_blocks, find_linears, llama_sequential_groups, run_blockwise
+from .._engine.gptq_format import QuantizationGrid
 from .._engine.hessian import LayerHessian, inverse_hessian_cholesky, prepare_hessian
 from .._engine.output import EngineOutput
 from .._engine.packing import pack_multiple
@@ -106,28 +108,6 @@ class GPTQSettings:
         batch = check.calibration_batch_size("gptq", params)
         return cls(bits, group_size, flags["sym"], flags["act_order"], flags["static_groups"], flags["true_sequential"],
                    percdamp, blocksize, batch)
-
-
-@dataclass
-class QuantizationGrid:
-    """Where one linear's weights lie: W[r, c] = scales[g, r] * (q[r, c] - zeros[g, r]) with
-    g = group_index[c] and 0 <= q <= 2^bits - 1 (the GPTQ checkpoint's scales / qzeros / g_idx)."""
-
-    bits: int
-    scales: torch.Tensor  # float32 [groups, rows], every value an fp16 number
-    zeros: torch.Tensor  # int16 [groups, rows], in [0, 2^bits - 1]
-    group_index: torch.Tensor  # int32 [columns], the group of each input column
-
-    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        """scale * (q - zero) for integer codes [rows, columns], in float32."""
-        g = self.group_index.long()
-        return self.scales[g].t() * (codes.float() - self.zeros[g].t().float())
-
-    def encode(self, weight: torch.Tensor) -> torch.Tensor:
-        """The integer codes of weights that lie on this grid (the inverse of `dequantize`)."""
-        g = self.group_index.long()
-        codes = torch.round(weight.float() / self.scales[g].t()) + self.zeros[g].t().float()
-        return codes.clamp_(0, 2 ** self.bits - 1).to(torch.int32)
 
 
 def grid_for(weights: torch.Tensor, settings: GPTQSettings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,7 +50,20 @@ Activations (act_bits < 16): during training every quantized linear's input is f
 per token, as the evaluation will do it (tracks/fakequant.py: dynamic symmetric absmax,
 declared in the returned `Compression`), with a straight-through rounding.
 
+Packed export: the folded weights lie on their LWC grids, scale * (q - zero), so the engine
+offers them as a GPTQ checkpoint (`methods/_engine/gptq_format.py`), the format upstream's
+`--real_quant` writes through AutoGPTQ's `QuantLinear.pack` (upstream: W2/3/4 weight-only;
+here every width the format packs, 2, 3, 4 and 8 bits, so W8A8 and W4A4 too, whose
+activation quantization stays in the declaration). Track 4 sizes and measures that export,
+as the paper's Table 3 did OmniQuant INT8 (6.53 GB on disk, 15.13 GB of memory against
+dense 12.55 / 22.96, where SmoothQuant's fake-quantized INT8 stays at 12.55 / 23.62). Grids
+that do not pack (6 bits, widths that do not fill int32 words, a zero point outside the
+code range) get no export, and a note says why.
+
 Differences from upstream, recorded in the declaration's notes:
+- each weight scale is rounded to a float16 number at the fold (upstream keeps the float32
+  scale in its fake-quantized weights; its real-quant QuantLinear stores float16), so the
+  model's weights are exactly what the packed export decodes to;
 - the activation quantizer is the harness's symmetric per-token absmax one (the evaluation
   convention) instead of upstream's asymmetric per-token min/max one, so training sees
   exactly what evaluation applies;
@@ -79,6 +92,9 @@ from llmcbench.driver.contract import Compression, LayerCompression
 
 from .._engine import params as check
 from .._engine.blockwise import BlockInput, _block_output, capture_block_inputs, decoder_blocks, find_linears, module_device
+from .._engine.gptq_format import QuantizationGrid, unpackable_reason, write_gptq_checkpoint
+from .._engine.output import EngineOutput
+from .._engine.packing import group_index
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +187,9 @@ def groups_of(columns: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(columns / group_size)
 
 
-def lwc_fake_quant(weight: torch.Tensor, bits: int, group_size: int,
-                   up: torch.Tensor | None = None, low: torch.Tensor | None = None) -> torch.Tensor:
-    """Asymmetric min/max quantize-dequantize of `weight` [rows, columns] per row and group
-    of `group_size` columns (-1: the whole row; a last group may be shorter), the range
-    scaled by sigmoid(up) / sigmoid(low) [rows * groups, 1] when given (LWC). Differentiable
-    in `weight`, `up` and `low` (straight-through rounding)."""
+def _grouped(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight` [rows, columns] as [rows * groups, size] (a shorter last group zero-padded) and
+    each row-group's min and max over its real columns [rows * groups, 1]."""
     rows, columns = weight.shape
     size = columns if group_size == -1 else group_size
     ngroups = groups_of(columns, group_size)
@@ -190,14 +203,49 @@ def lwc_fake_quant(weight: torch.Tensor, bits: int, group_size: int,
     else:
         xmin = w.amin(dim=-1, keepdim=True)
         xmax = w.amax(dim=-1, keepdim=True)
+    return w, xmin, xmax
+
+
+def lwc_scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, up: torch.Tensor | None = None,
+                   low: torch.Tensor | None = None, fp16_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of each row-group: scale = (sigmoid(up) xmax - sigmoid(low) xmin) / (2^bits - 1)
+    (clamped), zero = round(-sigmoid(low) xmin / scale). `fp16_scales`: the scale rounded to a
+    float16 number first (the fold, so the GPTQ export, which stores fp16 scales, is exact)."""
     if up is not None:
         xmax = torch.sigmoid(up) * xmax
         xmin = torch.sigmoid(low) * xmin
-    maxq = 2 ** bits - 1
-    scale = ((xmax - xmin) / maxq).clamp(min=CLIPMIN, max=CLIPMAX)
+    scale = ((xmax - xmin) / (2 ** bits - 1)).clamp(min=CLIPMIN, max=CLIPMAX)
+    if fp16_scales:
+        scale = scale.to(torch.float16).to(scale.dtype)
     zero = (-xmin / scale).clamp(min=-CLIPMAX, max=CLIPMAX).round()
-    q = (round_ste(w / scale) + zero).clamp(0, maxq)
-    return ((q - zero) * scale).reshape(rows, ngroups * size)[:, :columns]
+    return scale, zero
+
+
+def lwc_fake_quant(weight: torch.Tensor, bits: int, group_size: int,
+                   up: torch.Tensor | None = None, low: torch.Tensor | None = None, fp16_scales: bool = False) -> torch.Tensor:
+    """Asymmetric min/max quantize-dequantize of `weight` [rows, columns] per row and group
+    of `group_size` columns (-1: the whole row; a last group may be shorter), the range
+    scaled by sigmoid(up) / sigmoid(low) [rows * groups, 1] when given (LWC). Differentiable
+    in `weight`, `up` and `low` (straight-through rounding)."""
+    rows, columns = weight.shape
+    w, xmin, xmax = _grouped(weight, group_size)
+    scale, zero = lwc_scale_zero(xmin, xmax, bits, up, low, fp16_scales)
+    q = (round_ste(w / scale) + zero).clamp(0, 2 ** bits - 1)
+    return ((q - zero) * scale).reshape(rows, -1)[:, :columns]
+
+
+def lwc_grid(weight: torch.Tensor, bits: int, group_size: int, up: torch.Tensor | None = None,
+             low: torch.Tensor | None = None) -> QuantizationGrid:
+    """The grid `lwc_fake_quant(..., fp16_scales=True)` puts `weight` on, for the packed export:
+    scales and zero points [groups, rows], each input column's group."""
+    rows, columns = weight.shape
+    _, xmin, xmax = _grouped(weight.detach(), group_size)
+    scale, zero = lwc_scale_zero(xmin, xmax, bits, None if up is None else up.detach(),
+                                 None if low is None else low.detach(), fp16_scales=True)
+    ngroups = groups_of(columns, group_size)
+    return QuantizationGrid(bits, scale.reshape(rows, ngroups).t().float().cpu().contiguous(),
+                            zero.reshape(rows, ngroups).t().to(torch.int16).cpu().contiguous(),
+                            group_index(columns, group_size).to(torch.int32))
 
 
 def act_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -297,9 +345,10 @@ class OmniBlock:
             small = s.abs() < LET_TRUNCATE
             s.data = torch.where(small, torch.where(s < 0, -LET_TRUNCATE, LET_TRUNCATE), s.data)
 
-    def transformed(self, quantize_weights: bool = True) -> dict[str, torch.Tensor]:
+    def transformed(self, quantize_weights: bool = True, fp16_scales: bool = False) -> dict[str, torch.Tensor]:
         """The block's parameters after the LET folds and (optionally) LWC fake-quantization,
-        as functions of the learnable parameters."""
+        as functions of the learnable parameters (`fp16_scales`: the fold's grids, see
+        `lwc_scale_zero`)."""
         params = {name: p for name, p in self.work.named_parameters()}
         out: dict[str, torch.Tensor] = {}
         weights = {name: params[f"{name}.weight"] for name in self.linears}
@@ -318,7 +367,8 @@ class OmniBlock:
             weights["self_attn.o_proj"] = weights["self_attn.o_proj"] * self.expand_out_scale(s_out).reshape(1, -1)
         for name, w in weights.items():
             if quantize_weights:
-                w = lwc_fake_quant(w, self.settings.weight_bits, self.settings.group_size, self.up.get(name), self.low.get(name))
+                w = lwc_fake_quant(w, self.settings.weight_bits, self.settings.group_size, self.up.get(name), self.low.get(name),
+                                   fp16_scales)
             out[f"{name}.weight"] = w
             if biases[name] is not None:
                 out[f"{name}.bias"] = biases[name]
@@ -346,11 +396,17 @@ class OmniBlock:
                                              strict=False))
 
     @torch.no_grad()
-    def fold(self) -> None:
-        """Write the transformed, quantized parameters into the working copy (hard rounding)."""
-        final = self.transformed(quantize_weights=True)
+    def fold(self) -> dict[str, QuantizationGrid]:
+        """Write the transformed, quantized parameters into the working copy (hard rounding,
+        fp16 scales) and return each linear's grid (block-level names), on which its weights
+        now lie."""
+        raw = self.transformed(quantize_weights=False)
+        grids = {name: lwc_grid(raw[f"{name}.weight"], self.settings.weight_bits, self.settings.group_size,
+                                self.up.get(name), self.low.get(name)) for name in self.linears}
+        final = self.transformed(quantize_weights=True, fp16_scales=True)
         for name, value in final.items():
             self.work.get_parameter(name).copy_(value)
+        return grids
 
 
 def block_error(omni: OmniBlock, quant_inputs: list[BlockInput], targets: list[torch.Tensor],
@@ -367,11 +423,13 @@ def block_error(omni: OmniBlock, quant_inputs: list[BlockInput], targets: list[t
 
 
 def calibrate_block(block: nn.Module, fp_inputs: list[BlockInput], quant_inputs: list[BlockInput],
-                    settings: OmniQuantSettings, index: int = 0) -> tuple[list[BlockInput], list[BlockInput], dict[str, float]]:
+                    settings: OmniQuantSettings, index: int = 0,
+                    grids: dict[str, QuantizationGrid] | None = None) -> tuple[list[BlockInput], list[BlockInput], dict[str, float]]:
     """Train one block's LWC/LET parameters, fold them into `block` in place, and return
     the next block's full-precision and quantized inputs and the block's errors
     (`init`: the MSE at initialisation, `final`: after training, both with the folded
-    hard-quantized weights and the activation quantization)."""
+    hard-quantized weights and the activation quantization). `grids`, when given, receives
+    each linear's weight grid (block-level names) for the packed export."""
     omni = OmniBlock(block, settings)
     # targets: the full-precision block on the full-precision inputs; activation maxima for LET
     stats = {name: ChannelAbsMax() for name in ("self_attn.q_proj", "mlp.up_proj", "self_attn.o_proj")}
@@ -386,7 +444,7 @@ def calibrate_block(block: nn.Module, fp_inputs: list[BlockInput], quant_inputs:
         omni.init_let({name: stat.absmax for name, stat in stats.items()})
         omni.truncate_scales()
     with torch.no_grad():
-        init_error = block_error(omni, quant_inputs, targets, omni.transformed())
+        init_error = block_error(omni, quant_inputs, targets, omni.transformed(fp16_scales=True))  # as the fold would leave it
 
     if settings.epochs > 0:
         optimizer = torch.optim.AdamW(omni.trainable(), weight_decay=settings.wd)
@@ -409,7 +467,9 @@ def calibrate_block(block: nn.Module, fp_inputs: list[BlockInput], quant_inputs:
             for h in hooks:
                 h.remove()
         omni.truncate_scales()
-    omni.fold()
+    folded = omni.fold()
+    if grids is not None:
+        grids.update(folded)
     final_error = block_error(omni, quant_inputs, targets, None)
 
     # the next block's inputs: fp from fp, quantized from quantized (with activation quantization)
@@ -478,10 +538,11 @@ def validate_params(params: dict[str, Any]) -> None:
 
 
 def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, Any],
-             device: torch.device) -> Compression:
+             device: torch.device) -> EngineOutput:
     """Calibrate LWC (and LET) block by block, fold them and leave the fake-quantized
     weights in `model` (every decoder-block linear; norms changed by LET); declare the
-    activation quantization the evaluation must apply.
+    activation quantization the evaluation must apply, and offer the weights' packed GPTQ
+    checkpoint (upstream's `--real_quant` format) where their grids pack.
 
     `params`: `weight_bits`, `act_bits`, `group_size`, `lwc`, `let`, `epochs`, `lwc_lr`,
     `let_lr`, `alpha`, `wd`, `batch_size` (calibration windows per training step,
@@ -499,6 +560,7 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
     model.config.use_cache = False
     model.eval()
     errors: list[dict[str, float]] = []
+    grids: dict[str, QuantizationGrid] = {}
     try:
         with torch.no_grad():
             captured = capture_block_inputs(model, calibration_ids, device, settings.batch_size)
@@ -509,8 +571,10 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
             started = time.perf_counter()
             home = module_device(block)
             block.to(device)
-            fp_inputs, quant_inputs, err = calibrate_block(block, fp_inputs, quant_inputs, settings, index)
+            block_grids: dict[str, QuantizationGrid] = {}
+            fp_inputs, quant_inputs, err = calibrate_block(block, fp_inputs, quant_inputs, settings, index, block_grids)
             errors.append(err)
+            grids.update({f"{prefix}.{index}.{name}": grid for name, grid in block_grids.items()})
             if home is not None:
                 block.to(home)
             log.info("omniquant block %d/%d: mse %.4g (init) -> %.4g in %.1f s", index + 1, len(blocks), err["init"],
@@ -520,10 +584,21 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
         model.train(was_training)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return declaration(model, settings, calibration_ids.shape, errors)
+    why = unpackable_reason(model, grids)
+    packed_note = (f"packed/ holds the weights' GPTQ checkpoint (qweight/qzeros/scales/g_idx, as upstream's --real_quant "
+                   f"packs W2/3/4 weight-only models; written here for every bit width it packs)"
+                   + (f"; the INT{settings.act_bits} activations are this declaration's alone" if settings.act_quant else "")
+                   if why is None else f"no packed export: {why}")
+    output = EngineOutput(declaration(model, settings, calibration_ids.shape, errors, packed_note))
+    if why is None:
+        output.export_packed = lambda folder: write_gptq_checkpoint(
+            model, grids, folder, group_size=settings.group_size, sym=False, settings={},
+            quantizer="llmcbench:omniquant-reference")
+    return output
 
 
-def declaration(model: nn.Module, settings: OmniQuantSettings, calibration_shape, errors: list[dict[str, float]]) -> Compression:
+def declaration(model: nn.Module, settings: OmniQuantSettings, calibration_shape, errors: list[dict[str, float]],
+                packed_note: str = "") -> Compression:
     prefix, blocks = decoder_blocks(model)
     layers = {f"{prefix}.{i}.{name}": LayerCompression(weight_bits=settings.weight_bits, shape=list(linear.weight.shape))
               for i, block in enumerate(blocks) for name, linear in find_linears(block).items()}
@@ -537,7 +612,8 @@ def declaration(model: nn.Module, settings: OmniQuantSettings, calibration_shape
         f"let_lr {settings.let_lr}, alpha {settings.alpha}, wd {settings.wd}, batch_size {settings.batch_size}, AdamW, MSE, float32",
         "LET (LLaMA, no shifts): input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, v_proj -> o_proj; "
         "folded into the norms and weights" if settings.let else "",
-        "weights are stored dequantized (scale * (q - zero)); lm_head and embeddings kept",
+        "weights are stored dequantized (scale * (q - zero), scales rounded to fp16 at the fold); lm_head and embeddings kept",
+        packed_note,
         (f"activations: dynamic symmetric INT{settings.act_bits} per token on every quantized linear's input, trained "
          "with and applied at evaluation from this declaration (upstream: asymmetric per-token min/max)") if settings.act_quant else "",
         "not applied: upstream's q/k/v output quantization (qkt_matmul, pv_matmul) and its q/k LET scale "

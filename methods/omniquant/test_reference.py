@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from llmcbench.driver.registry import get_method
 from llmcbench.methods._engine.blockwise import BlockInput, capture_block_inputs, decoder_blocks, find_linears
 from llmcbench.methods._engine.calibration import sample_calibration
-from llmcbench.methods._engine.testing import c4_file, load
+from llmcbench.methods._engine.testing import block_linears, c4_file, decode_checkpoint, load
 from llmcbench.methods.omniquant.reference import (
     OmniBlock,
     OmniQuantSettings,
@@ -86,7 +87,7 @@ TINY_PRESETS = {  # the tiny model's linears have 64 / 128 input columns: groups
 
 @pytest.fixture(scope="module")
 def quantized(tiny_llama_dir, tiny_calibration):
-    """preset -> (dense model, quantized model, declaration), once per preset."""
+    """preset -> (dense model, quantized model, the engine's output), once per preset."""
     cache = {}
 
     def get(name: str):
@@ -170,8 +171,8 @@ def test_quantizers_pass_gradients_straight_through():
 
 @pytest.mark.parametrize("name", list(TINY_PRESETS))
 def test_at_most_2_to_the_bits_levels_per_group(quantized, name):
-    _, model, declaration = quantized(name)
-    bits = declaration.weight_bits
+    _, model, output = quantized(name)
+    bits = output.declaration.weight_bits
     group = TINY_PRESETS[name]["group_size"]
     prefix, blocks = decoder_blocks(model)
     checked = 0
@@ -203,7 +204,8 @@ def test_only_block_linears_and_norms_change(quantized, name):
 
 @pytest.mark.parametrize("name,act_bits", [("w8a8", 8), ("w4a4", 4), ("w4a16-g128", 16)])
 def test_declaration(quantized, name, act_bits):
-    _, model, declaration = quantized(name)
+    _, model, output = quantized(name)
+    declaration = output.declaration
     assert declaration.method == "omniquant" and declaration.engine == "reference"
     assert declaration.act_bits == act_bits
     assert declaration.weight_bits == TINY_PRESETS[name]["weight_bits"]
@@ -221,8 +223,8 @@ def test_declaration(quantized, name, act_bits):
 
 
 def test_quantized_model_runs_and_stays_close(quantized, tiny_calibration):
-    dense, model, declaration = quantized("w8a8")
-    applied = apply_declared_activation_quant(model, declaration)
+    dense, model, output = quantized("w8a8")
+    applied = apply_declared_activation_quant(model, output.declaration)
     try:
         with torch.no_grad():
             ref = dense(input_ids=tiny_calibration[:2]).logits
@@ -231,6 +233,41 @@ def test_quantized_model_runs_and_stays_close(quantized, tiny_calibration):
         applied.remove()
     assert torch.isfinite(out).all()
     assert (out - ref).pow(2).mean() < 0.05 * ref.pow(2).mean()
+
+
+@pytest.mark.parametrize("name", list(TINY_PRESETS))
+def test_packed_export_decodes_exactly_to_the_quantized_weights(quantized, name, tmp_path):
+    """The GPTQ checkpoint (upstream --real_quant's format), unpacked by the shared test
+    unpacker written from the format's description: every block linear's codes within
+    0..2^bits - 1 and decoding to exactly the model's weights, at about bits/16 of fp16."""
+    _, model, output = quantized(name)
+    settings = TINY_PRESETS[name]
+    fmt = output.export_packed(tmp_path)
+    assert fmt in ("gptq", "gptq_v2")
+    config, weights, codes = decode_checkpoint(tmp_path)
+    assert (config["bits"], config["group_size"], config["sym"], config["checkpoint_format"]) == (
+        settings["weight_bits"], settings["group_size"], False, fmt)
+    assert config["meta"]["quantizer"] == ["llmcbench:omniquant-reference"]
+    linears = block_linears(model)
+    assert sorted(weights) == sorted(linears)
+    for lname, linear in linears.items():
+        assert 0 <= int(codes[lname].min()) and int(codes[lname].max()) <= 2 ** settings["weight_bits"] - 1
+        assert torch.equal(weights[lname], linear.weight.detach()), lname
+    assert any("packed/ holds the weights' GPTQ checkpoint" in n for n in output.declaration.notes)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    packed_bytes = sum(tensors[f"{n}.qweight"].numel() * 4 for n in linears)
+    fp16_bytes = sum(linear.weight.numel() * 2 for linear in linears.values())
+    assert packed_bytes == fp16_bytes * settings["weight_bits"] // 16
+
+
+def test_widths_the_gptq_format_does_not_pack_get_no_export(tiny_llama_dir, tiny_calibration):
+    """6-bit codes have no GPTQ layout: the model is quantized, no export is offered, and the
+    declaration says why."""
+    model = load(tiny_llama_dir)
+    output = compress(model, tiny_calibration, preset("w8a8", weight_bits=6, epochs=0), CPU)
+    assert output.export_packed is None
+    assert any(n.startswith("no packed export: the GPTQ checkpoint packs 2, 3, 4, 8-bit codes, not 6-bit")
+               for n in output.declaration.notes), output.declaration.notes
 
 
 # -- parameters and the declaration file ---------------------------------------------------

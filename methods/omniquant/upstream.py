@@ -24,6 +24,10 @@
 - LET presets on a model with grouped-query attention (SmolLM2, LLaMA-3) are refused up front:
   upstream's LET folds assume as many KV heads as query heads (`check_let_attention`).
 - Upstream logs `wikitext2 : <ppl>` and `c4 : <ppl>`.
+- No packed export: `--real_quant` (AutoGPTQ's QuantLinear, W2/3/4 weight-only: not the paper
+  preset's W8A8) needs auto_gptq, which the image does not install, so track 4 sizes and
+  measures an upstream artifact as its fake-quantized checkpoint, where the reference engine's
+  GPTQ export is counted.
 """
 
 from __future__ import annotations

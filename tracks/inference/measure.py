@@ -281,14 +281,14 @@ def eval_inference_memory(model: nn.Module, model_dir: str | Path, declaration: 
     """Track 4's inference memory of an evaluated model, by the rule SPEC 5 gives its size: the
     real packed export if the method provides one, else the shipped checkpoint.
 
-    A quantized artifact with a packed export (GPTQ's, AWQ's) is deployed as int8/int4 codes
-    and their scales, not as the dequantized floats the accuracy tracks load: it is measured
-    with its decoder linears on torch's integer kernels (the torch_native deploy backend's,
-    int_kernels.py), which hold exactly that, and the checkpoint's figure is recorded beside
-    it. Table 3 measured the same way: GPTQ and AWQ INT8 at about two thirds of dense memory,
-    SmoothQuant, shipped in floating point, above it. Every other model (dense, sparse, a
-    quantized artifact shipped only as floats, as SmoothQuant's and OmniQuant's reference
-    engines ship theirs) is its checkpoint as loaded.
+    A quantized artifact with a packed export (GPTQ's, AWQ's, OmniQuant's) is deployed as
+    int8/int4 codes and their scales, not as the dequantized floats the accuracy tracks load:
+    it is measured with its decoder linears on torch's integer kernels (the torch_native deploy
+    backend's, int_kernels.py), which hold exactly that, and the checkpoint's figure is
+    recorded beside it. Table 3 measured the same way: GPTQ, AWQ and OmniQuant INT8 at about
+    two thirds of dense memory, SmoothQuant, shipped in floating point, above it. Every other
+    model (dense, sparse, a quantized artifact shipped only as floats, as SmoothQuant's
+    reference engine and OmniQuant's upstream one ship theirs) is its checkpoint as loaded.
     """
     device = torch.device(device) if device is not None else _device_of(model)
     checkpoint = measure_inference_memory(model, seqlen, device)
