@@ -50,7 +50,7 @@ def _model_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_engine_paper_preset_on_cuda(method):
+def test_engine_paper_preset_on_cuda(method, tmp_path):
     import torch
 
     from llmcbench.driver.registry import get_method
@@ -95,6 +95,12 @@ def test_engine_paper_preset_on_cuda(method):
     bound = dense_bytes + MARGIN_BYTES
     assert peak < bound, (f"{method}/{preset}: peak CUDA memory {peak / 2**30:.2f} GiB exceeds the model "
                           f"({dense_bytes / 2**30:.2f} GiB) + {MARGIN_BYTES / 2**30:.0f} GiB: not block-wise?")
+
+    if isinstance(output, EngineOutput) and output.export_packed is not None:
+        # the packed export of the fp16 CUDA weights (GPTQ, AWQ, OmniQuant): the GPTQ writer re-derives
+        # every linear's codes and refuses weights they do not decode to exactly
+        assert output.export_packed(tmp_path), f"{method}/{preset}: no packed format returned"
+        assert (tmp_path / "model.safetensors").stat().st_size < dense_bytes, f"{method}/{preset}: export not smaller"
 
 
 # ---------------------------------------------------------------- track 5 kernels on CUDA

@@ -585,8 +585,8 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     why = unpackable_reason(model, grids)
-    packed_note = (f"packed/ holds the weights' GPTQ checkpoint (qweight/qzeros/scales/g_idx, as upstream's --real_quant "
-                   f"packs W2/3/4 weight-only models; written here for every bit width it packs)"
+    packed_note = ("packed/ holds the weights' GPTQ checkpoint (qweight/qzeros/scales/g_idx, as upstream's --real_quant "
+                   "packs W2/3/4 weight-only models; written here for every bit width it packs)"
                    + (f"; the INT{settings.act_bits} activations are this declaration's alone" if settings.act_quant else "")
                    if why is None else f"no packed export: {why}")
     output = EngineOutput(declaration(model, settings, calibration_ids.shape, errors, packed_note))
