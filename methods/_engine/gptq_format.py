@@ -83,6 +83,14 @@ class QuantizationGrid:
         return codes.clamp_(0, 2 ** self.bits - 1).to(torch.int32)
 
 
+def unpacked_shapes(bits: int, linears) -> list[str]:
+    """The shapes ("out x in") of `linears` whose widths do not fill whole int32 words of
+    `bits`-bit codes, sorted; empty when every one packs."""
+    multiple = pack_multiple(bits)
+    return sorted({f"{linear.out_features}x{linear.in_features}" for linear in linears
+                   if linear.in_features % multiple or linear.out_features % multiple})
+
+
 def unpackable_reason(model: nn.Module, grids: dict[str, QuantizationGrid]) -> str | None:
     """Why these grids cannot be written as a GPTQ checkpoint (None: they can): bits outside
     2, 3, 4, 8; a linear whose widths do not fill whole int32 words; a zero point outside
@@ -92,10 +100,9 @@ def unpackable_reason(model: nn.Module, grids: dict[str, QuantizationGrid]) -> s
         if grid.bits not in PACKABLE_BITS:
             return f"the GPTQ checkpoint packs {', '.join(map(str, PACKABLE_BITS))}-bit codes, not {grid.bits}-bit"
         linear = modules.get(name)
-        multiple = pack_multiple(grid.bits)
-        if isinstance(linear, nn.Linear) and (linear.in_features % multiple or linear.out_features % multiple):
-            return (f"the {grid.bits}-bit GPTQ checkpoint packs {multiple} codes per int32 group and {name} is "
-                    f"{linear.out_features}x{linear.in_features}")
+        if isinstance(linear, nn.Linear) and unpacked_shapes(grid.bits, [linear]):
+            return (f"the {grid.bits}-bit GPTQ checkpoint packs {pack_multiple(grid.bits)} codes per int32 group and {name} "
+                    f"is {linear.out_features}x{linear.in_features}")
         if int(grid.zeros.min()) < 0 or int(grid.zeros.max()) > 2 ** grid.bits - 1:
             return f"{name} has zero points outside 0..{2 ** grid.bits - 1}, which {grid.bits} bits cannot store"
     return None

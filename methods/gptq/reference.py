@@ -54,7 +54,7 @@ from llmcbench.driver.contract import Compression, LayerCompression
 
 from .._engine import params as check
 from .._engine.blockwise import BlockStep, decoder_blocks, find_linears, llama_sequential_groups, run_blockwise
-from .._engine.gptq_format import QuantizationGrid
+from .._engine.gptq_format import QuantizationGrid, unpacked_shapes
 from .._engine.hessian import LayerHessian, inverse_hessian_cholesky, prepare_hessian
 from .._engine.output import EngineOutput
 from .._engine.packing import pack_multiple
@@ -230,10 +230,9 @@ def _check_model(model: nn.Module, settings: GPTQSettings) -> tuple[tuple[str, .
     the packed export's shapes and the true-sequential groups (returned; None: all linears
     of a block at once)."""
     _, blocks = decoder_blocks(model)
-    multiple = pack_multiple(settings.weight_bits)
-    odd = sorted({f"{linear.out_features}x{linear.in_features}" for block in blocks for linear in find_linears(block).values()
-                  if linear.in_features % multiple or linear.out_features % multiple})
+    odd = unpacked_shapes(settings.weight_bits, [linear for block in blocks for linear in find_linears(block).values()])
     if odd:
+        multiple = pack_multiple(settings.weight_bits)
         raise ValueError(f"gptq: the {settings.weight_bits}-bit GPTQ checkpoint packs {multiple} values per int32 group, so it needs "
                          f"in and out features divisible by {multiple}; the model has linears of {', '.join(odd)}")
     if not settings.true_sequential:

@@ -183,6 +183,29 @@ def test_same_calibration_same_weights(tiny_llama_dir, tiny_calibration, quantiz
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
 
 
+def test_widths_that_do_not_fill_int32_words_are_refused_before_any_weight_changes():
+    """3-bit codes pack 32 to three int32 words: a model of width 48 cannot be written as a GPTQ
+    checkpoint, which the engine says before quantizing (every odd shape named) and the shared
+    writer's check says of any one grid (OmniQuant's export asks it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmcbench.methods._engine.gptq_format import QuantizationGrid, unpackable_reason
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^gptq: the 3-bit GPTQ checkpoint packs 32 values per int32 group, so it needs in "
+                                         r"and out features divisible by 32; the model has linears of 48x48, 48x96, 96x48$"):
+        compress(model, torch.randint(0, 64, (2, 16)), {"weight_bits": 3}, CPU)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    grid = QuantizationGrid(3, torch.ones(1, 96), torch.zeros(1, 96, dtype=torch.int16), torch.zeros(48, dtype=torch.int32))
+    assert unpackable_reason(model, {"model.layers.0.mlp.up_proj": grid}) == (
+        "the 3-bit GPTQ checkpoint packs 32 codes per int32 group and model.layers.0.mlp.up_proj is 96x48")
+    # 4-bit codes pack 8 to a word: the same linear packs
+    assert unpackable_reason(model, {"model.layers.0.mlp.up_proj": QuantizationGrid(4, grid.scales, grid.zeros, grid.group_index)}) is None
+
+
 @pytest.mark.parametrize("params,message", [
     ({}, "needs weight_bits"),
     ({"weight_bits": 5}, "not supported"),
