@@ -17,7 +17,8 @@ from typing import Callable
 
 from filelock import Timeout
 
-from .contract import Calibration, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result, setting_label
+from .contract import (Calibration, Compression, ContractError, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result,
+                       read_record, setting_label)
 from .data import data_digest, resolve_data
 from .errors import JobFailed, UnsupportedSetting, UserError
 from .models import resolve_model
@@ -54,8 +55,8 @@ class JobRun:
 
 @dataclass
 class BenchPlan:
-    method: MethodSpec
-    preset: str
+    method: MethodSpec | None  # None: a model evaluated alone (`llmcbench eval` without --method), no compress job
+    preset: str | None
     params: dict
     model: ModelRef
     tracks: list[int]
@@ -74,14 +75,20 @@ class BenchPlan:
     compile: bool = False  # track 5: torch_native decodes under torch.compile, vllm compiles on CPU too (deploy --compile)
     runs: dict[str, JobRun] = field(default_factory=dict)
     data_sha256: str | None = None  # content digest of data_dir when data_source is local: in the jobs' hashes
+    # a model evaluated alone: what its jobs are called, dense or what its compression.json declares
+    label: tuple[str, str | None] = ("dense", None)
 
     @property
     def setting(self) -> str:
         """The preset, with the params set over it: what the report calls this run (`Job.setting`)."""
+        if self.method is None:
+            return self.label[1] or self.label[0]
         return setting_label(self.preset, self.params, self.overrides or {})
 
     @property
     def cell(self) -> str:
+        if self.method is None:
+            return cell_name(*self.label, self.model.name)
         return cell_name(self.method.name, self.preset, self.model.name)
 
 
@@ -148,8 +155,7 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
     preset_name, preset_params = spec.preset(preset)
     if engine not in spec.engines:
         raise UserError(f"{spec.name} has no '{engine}' engine here: choose from {', '.join(spec.engines)}")
-    if profile not in PROFILES:
-        raise UserError(f"unknown profile '{profile}': choose quick or paper")
+    check_profile(profile)
     defaults = {**preset_params, **spec.profile_params(profile)}
     merged = {**defaults, **(params or {})}
     s = parse_sparsity(sparsity)
@@ -173,6 +179,21 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
             engine_module.settings_for(merged)
         except (ValueError, NotImplementedError) as e:
             raise UnsupportedSetting(f"{spec.name} {preset_name} ({engine} engine): {e}") from None
+    plan = plan_model(model, tracks, profile, runner, runs_dir, data_dir, device, gpus=gpus, trust_remote_code=trust_remote_code,
+                      slurm=slurm, judge=judge, backends=backends, compile=compile, method_support=(spec.name, engine))
+    plan.method, plan.preset, plan.params, plan.engine, plan.overrides = spec, preset_name, merged, engine, overrides or None
+    return plan
+
+
+def plan_model(model: str | None = None, tracks=None, profile: str = "quick", runner: str = "local",
+               runs_dir: str | Path = "runs", data_dir: str | None = None, device: str = "auto", *, gpus: str | None = None,
+               trust_remote_code: bool = False, slurm=None, judge=None, backends: list[str] | None = None,
+               compile: bool = False, method_support: tuple[str, str] | None = None) -> BenchPlan:
+    """What every plan checks besides the method: tracks, runner, device, backends, store, data
+    and model. Alone (no method), it plans the model's own evaluation: `llmcbench eval` without
+    --method. `method_support`: (method, engine) whose support of a registry model is checked
+    before anything is downloaded."""
+    check_profile(profile)
     track_list = parse_tracks(tracks)
     if runner == "slurm":  # the jobs run on the cluster's nodes: their GPUs count, not this host's
         dev = get_runner(runner, gpus, slurm=slurm).resolve_device(device)
@@ -198,12 +219,32 @@ def plan_bench(method: str, preset: str | None = None, model: str | None = None,
             except FileNotFoundError as e:
                 raise UserError(str(e)) from None
     check_runs_dir(runs_dir)
-    _check_model_support(spec.name, engine, model)
+    if method_support:
+        _check_model_support(*method_support, model)
     source, ddir = resolve_data(data_dir)
     model_ref = resolve_model(model, trust_remote_code=trust_remote_code)
-    return BenchPlan(spec, preset_name, merged, model_ref, track_list, PROFILES[profile], engine, dev, source, ddir,
-                     Path(runs_dir), runner, gpus, slurm, judge, backends, overrides=overrides or None, compile=compile,
-                     data_sha256=data_digest(ddir) if source == "local" else None)
+    declared = None if method_support else declared_compression(Path(model_ref.path))
+    return BenchPlan(None, None, {}, model_ref, track_list, PROFILES[profile], declared.engine if declared else "reference",
+                     dev, source, ddir, Path(runs_dir), runner, gpus, slurm, judge, backends, compile=compile,
+                     data_sha256=data_digest(ddir) if source == "local" else None,
+                     label=(declared.method, declared.preset) if declared else ("dense", None))
+
+
+def declared_compression(model_dir: Path) -> Compression | None:
+    """The model dir's `compression.json` (a compressed model evaluated alone), None for a dense
+    one. Its jobs carry the declared method's name, so that no report takes it for a dense baseline."""
+    path = model_dir / "compression.json"
+    if not path.is_file():
+        return None
+    try:
+        return read_record(path, Compression)
+    except ContractError as e:
+        raise UserError(f"{e}: fix or remove it (a dense model has none)") from None
+
+
+def check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile '{profile}': choose quick or paper")
 
 
 def check_runs_dir(runs_dir: str | Path) -> None:
@@ -300,6 +341,14 @@ def planned_jobs(plan: BenchPlan, runner=None) -> list[PlannedJob]:
         out.append(PlannedJob(key, job, cell, h, store.run_dir(cell, h), model_path))
         return out[-1]
 
+    if plan.method is None:  # the model alone, under its own label: dense, or what its compression.json declares
+        method, preset = plan.label
+        for suffix, tracks in eval_groups(plan.tracks):
+            add("eval" + suffix, eval_job(plan, plan.model, method, preset, tracks), plan.cell, Path(plan.model.path))
+        if 5 in plan.tracks:
+            for backend in plan.backends:
+                add(f"deploy {backend}", deploy_job(plan, plan.model, method, preset, backend), plan.cell, Path(plan.model.path))
+        return out
     comp = add("compress", compress_job(plan), plan.cell, Path(plan.model.path))
     artifact = ModelRef(name="model", source="artifact", identity=f"artifact:{comp.job_hash}", path=str(comp.run_dir / "model"))
     for suffix, tracks in eval_groups(plan.tracks):
@@ -352,13 +401,17 @@ def _job_lock(store: Store, p: PlannedJob, on_job: Callable | None):
         lock.release()
 
 
-def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None, runner=None) -> BenchPlan:
-    """Run (or find cached) the compress job and the dense and compressed evaluations; fills `plan.runs`."""
+def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = None, runner=None,
+              only: Callable[[str], bool] | None = None) -> BenchPlan:
+    """Run (or find cached) the compress job and the dense and compressed evaluations; fills `plan.runs`.
+    `only`: which job keys to run (`llmcbench compress` and `eval` run one step of a bench)."""
     runner = runner or get_runner(plan.runner_name, plan.gpus, slurm=plan.slurm, device=plan.device)
     store = Store(plan.runs_dir)
     # The environment (what enters a job's hash) may differ per job kind (the docker runner's
     # method and eval images); planning asks for each, which checks the runner can run every job.
     for p in planned_jobs(plan, runner):
+        if only is not None and not only(p.key):
+            continue
         with _run_dir_lock(p.run_dir), _job_lock(store, p, on_job) as on_line:
             if force and p.run_dir.exists():
                 shutil.rmtree(p.run_dir)

@@ -32,6 +32,18 @@ DataDirOption = Annotated[Optional[str], typer.Option(
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(
     "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default")]
+# bench and its steps (compress, eval) take the same cell options: the same jobs, the same cache
+PresetOption = Annotated[Optional[str], typer.Option("--preset", "-p", help="preset (default: the paper's preset)")]
+ProfileOption = Annotated[str, typer.Option("--profile", help="quick (minutes on CPU) or paper (the paper's settings)")]
+EngineOption = Annotated[str, typer.Option("--engine", help="reference or upstream")]
+GpusOption = Annotated[Optional[str], typer.Option(
+    "--gpus", help="docker runner: GPUs for CUDA jobs, all or ids like 0,1 (default all)")]
+PartitionOption = Annotated[Optional[str], typer.Option(
+    "--partition", help="slurm runner: the partition (default: the cluster's default)")]
+AccountOption = Annotated[Optional[str], typer.Option("--account", help="slurm runner: the account to charge")]
+QosOption = Annotated[Optional[str], typer.Option("--qos", help="slurm runner: the quality of service")]
+SparsityOption = Annotated[Optional[str], typer.Option("--sparsity", help="override the preset's sparsity, e.g. 0.6 or 60%")]
+ForceOption = Annotated[bool, typer.Option("--force", help="recompute even if cached (also replaces corrupted results)")]
 
 
 @app.callback()
@@ -88,24 +100,24 @@ def _slurm_flags(runner: str | None, base: dict | None, **flags) -> dict | None:
 @app.command()
 def bench(
     method: str = typer.Option(..., "--method", "-m", help="method name (see `llmcbench methods list`)"),
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset (default: the paper's preset)"),
+    preset: PresetOption = None,
     model: ModelOption = None,
     tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="comma-separated tracks, e.g. 1,3,4 (the default), or all (1-7)"),
-    profile: str = typer.Option("quick", "--profile", help="quick (minutes on CPU) or paper (the paper's settings)"),
-    engine: str = typer.Option("reference", "--engine", help="reference or upstream"),
+    profile: ProfileOption = "quick",
+    engine: EngineOption = "reference",
     runner: str = typer.Option("local", "--runner", help="where jobs run: local, docker (a container per job) or slurm (a Slurm job per job)"),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="docker runner: GPUs for CUDA jobs, all or ids like 0,1 (default all)"),
-    partition: Optional[str] = typer.Option(None, "--partition", help="slurm runner: the partition (default: the cluster's default)"),
-    account: Optional[str] = typer.Option(None, "--account", help="slurm runner: the account to charge"),
-    qos: Optional[str] = typer.Option(None, "--qos", help="slurm runner: the quality of service"),
+    gpus: GpusOption = None,
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    qos: QosOption = None,
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="track 7: OpenAI-compatible API root of an LLM judge, e.g. http://127.0.0.1:8000/v1"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="track 7: the judge's model name"),
     judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="track 7: environment variable holding the judge's API key"),
     runs_dir: RunsDirOption = Path("runs"),
     data_dir: DataDirOption = None,
     device: DeviceOption = "auto",
-    sparsity: Optional[str] = typer.Option(None, "--sparsity", help="override the preset's sparsity, e.g. 0.6 or 60%"),
-    force: bool = typer.Option(False, "--force", help="recompute even if cached (also replaces corrupted results)"),
+    sparsity: SparsityOption = None,
+    force: ForceOption = False,
     trust_remote_code: TrustRemoteCodeOption = False,
 ):
     """Compress a model with METHOD, evaluate dense and compressed on the tracks, print the table."""
@@ -114,10 +126,7 @@ def bench(
 
     t0 = time.perf_counter()
     try:
-        from .runners.slurm_script import SlurmConfig
-
-        slurm = _slurm_flags(runner, None, partition=partition, account=account, qos=qos)
-        slurm = SlurmConfig(**slurm) if slurm else None
+        slurm = _slurm_config(runner, partition=partition, account=account, qos=qos)
         from .judging import judge_config
 
         plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity,
@@ -135,6 +144,109 @@ def bench(
     render_rich(rep, console)
     path = write_report(rep, plan.runs["compress"].run_dir)
     console.print(f"report: {path}  ({time.perf_counter() - t0:.1f} s)")
+
+
+@app.command()
+def compress(
+    method: str = typer.Option(..., "--method", "-m", help="method name (see `llmcbench methods list`)"),
+    preset: PresetOption = None,
+    model: ModelOption = None,
+    profile: ProfileOption = "quick",
+    engine: EngineOption = "reference",
+    runner: str = typer.Option("local", "--runner", help="local, docker (the method's image) or slurm"),
+    gpus: GpusOption = None,
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    qos: QosOption = None,
+    runs_dir: RunsDirOption = Path("runs"),
+    data_dir: DataDirOption = None,
+    device: DeviceOption = "auto",
+    sparsity: SparsityOption = None,
+    force: ForceOption = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
+):
+    """Compress a model with METHOD into the store (bench's compress job: a later bench or eval reuses it)."""
+    from .steps import run_compress
+
+    t0 = time.perf_counter()
+    try:
+        slurm = _slurm_config(runner, partition=partition, account=account, qos=qos)
+        with _job_progress() as on_job:
+            out = run_compress(method, preset, model, profile=profile, engine=engine, runner=runner, runs_dir=runs_dir,
+                               data_dir=data_dir, device=device, sparsity=sparsity, gpus=gpus, slurm=slurm, force=force,
+                               trust_remote_code=trust_remote_code, on_job=on_job)
+    except (UserError, JobFailed) as e:
+        _fail(e, e.exit_code)
+    plan = out.plan
+    _print_step(f"{plan.method.name} {plan.setting} on {plan.model.name} ({plan.engine} engine, profile {plan.profile.name}, "
+                f"{plan.device})", out)
+    console.print(f"compress: {time.perf_counter() - t0:.1f} s; next: `llmcbench eval --method {plan.method.name} "
+                  f"--preset {plan.preset}` or `llmcbench bench` with the same options (both reuse it)")
+
+
+@app.command("eval")
+def eval_(
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="evaluate this method's compressed model from the store "
+                                                                     "(`llmcbench compress` first); without it, the model itself"),
+    preset: PresetOption = None,
+    model: ModelOption = None,
+    tracks: Optional[str] = typer.Option(None, "--tracks", "-t", help="comma-separated: 1, 2, 4, 5, 6, 7 (default 1,4); "
+                                                                     "3 with --method reads its compress result"),
+    profile: ProfileOption = "quick",
+    engine: EngineOption = "reference",
+    backend: str = typer.Option("torch_native", "--backend", help="track 5's deploy backend(s), comma-separated"),
+    runner: str = typer.Option("local", "--runner", help="local, docker (the eval image) or slurm"),
+    gpus: GpusOption = None,
+    partition: PartitionOption = None,
+    account: AccountOption = None,
+    qos: QosOption = None,
+    runs_dir: RunsDirOption = Path("runs"),
+    data_dir: DataDirOption = None,
+    device: DeviceOption = "auto",
+    sparsity: SparsityOption = None,
+    force: ForceOption = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
+):
+    """Evaluate one model on the tracks: a compressed one from the store (--method), or the model as given."""
+    from .steps import run_eval
+
+    t0 = time.perf_counter()
+    try:
+        slurm = _slurm_config(runner, partition=partition, account=account, qos=qos)
+        with _job_progress() as on_job:
+            out = run_eval(method, preset, model, tracks=tracks, profile=profile, engine=engine, runner=runner,
+                           runs_dir=runs_dir, data_dir=data_dir, device=device, sparsity=sparsity, gpus=gpus, slurm=slurm,
+                           backends=[b.strip() for b in backend.split(",") if b.strip()], force=force,
+                           trust_remote_code=trust_remote_code, on_job=on_job)
+    except (UserError, JobFailed) as e:
+        _fail(e, e.exit_code)
+    plan = out.plan
+    what = f"{plan.method.name} {plan.setting}" if plan.method else " ".join(filter(None, plan.label))
+    _print_step(f"{what} on {plan.model.name} (profile {plan.profile.name}, {plan.device})", out)
+    console.print(f"eval: {time.perf_counter() - t0:.1f} s; `llmcbench bench` scores a compressed model against its dense one")
+
+
+def _slurm_config(runner: str, **flags):
+    from .runners.slurm_script import SlurmConfig
+
+    slurm = _slurm_flags(runner, None, **flags)
+    return SlurmConfig(**slurm) if slurm else None
+
+
+def _print_step(title: str, out) -> None:
+    """A compress or eval step's figures, then each job's run dir (where its result.json is)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col, just in (("track", "right"), ("metric", "left"), ("value", "right")):
+        t.add_column(col, justify=just)
+    for row in out.rows:
+        t.add_row(*row)
+    console.print(t)
+    for note in out.notes:
+        console.print(f"[dim]note: {note}[/dim]", soft_wrap=True)
+    for key, run in out.plan.runs.items():  # whole lines: a run dir is copied from here
+        console.print(f"{key}: {'cached' if run.cached else 'ran'} ({run.job_hash[:12]}) {run.run_dir}", soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -184,7 +184,9 @@ def artifacts_record(runs: list[StoredRun]) -> dict[str, str]:
 
 def reproduce_script(runs: list[StoredRun]) -> str:
     """One `llmcbench bench` line per cell, read from its compress job (and the tracks its
-    evaluation ran); the dense baseline is part of each bench."""
+    evaluation ran); the dense baseline is part of each bench. An evaluation no bench line
+    makes (`llmcbench eval` of a model alone: a dense one on other tracks, or a compressed dir
+    from elsewhere) gets its own `llmcbench eval` line."""
     lines = [
         "#!/usr/bin/env bash",
         "# Recreate every cell of this bundle, then its report. Derived from the bundle's job records",
@@ -196,6 +198,7 @@ def reproduce_script(runs: list[StoredRun]) -> str:
         "",
     ]
     seen: set[str] = set()
+    covered: list[tuple[str, str, str, set[int]]] = []  # (model identity, profile, device, tracks) of each bench line
     compress = [r for r in runs if r.job.kind == "compress"]
     evals = [r for r in runs if r.job.kind in ("eval", "deploy")]
     for r in compress:
@@ -205,26 +208,67 @@ def reproduce_script(runs: list[StoredRun]) -> str:
         args = ["llmcbench", "bench", "--method", job.method]
         if job.preset:
             args += ["--preset", job.preset]
-        comment = [f"# {r.path}: {job.model.name} ({job.model.identity})"]
-        if job.model.source == "hub":
-            args += ["--model", job.model.identity.removeprefix("hub:").split("@", 1)[0]]
-            comment.append(f"#   hub revision {job.model.revision or job.model.identity.split('@')[-1]}")
-        elif job.model.source == "local":
-            args += ["--model", job.model.path or job.model.name]
-            comment.append("#   local model dir: pass a dir with the same content (identity above)")
+        model_args, comment = _model_args(r)
+        args += model_args
         if "sparsity" in job.params:
             args += ["--sparsity", repr(float(job.params["sparsity"]))]
         args += ["--tracks", ",".join(map(str, tracks)), "--profile", job.profile, "--engine", job.engine,
                  "--runner", r.result.provenance.runner, "--device", job.device, "--runs-dir", "runs"]
         offline = (job.calibration and job.calibration.source == "local") or any(
             e.job.evaluation and e.job.evaluation.data_source == "local" for e in ev)
-        command = ("HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 " if offline else "") + shlex.join(args)
-        if command in seen:
+        covered.append((job.model.identity, job.profile, job.device, set(tracks)))
+        _add_command(lines, seen, comment, args, offline)
+    alone: dict[tuple, tuple[StoredRun, set[int], set[str], bool]] = {}
+    for e in evals:
+        job = e.job
+        if job.model.source == "artifact":
             continue
-        seen.add(command)
-        lines += comment + [command, ""]
+        tracks = set(job.evaluation.tracks) if job.evaluation else {5}
+        if job.method == "dense" and any(job.model.identity == ident and job.profile == profile and job.device == device
+                                         and tracks <= bench_tracks for ident, profile, device, bench_tracks in covered):
+            continue  # a bench line above makes it: its dense baseline
+        key = (job.model.identity, job.method, job.preset, job.profile, e.result.provenance.runner, job.device)
+        _, had, backends, offline = alone.get(key, (e, set(), set(), False))
+        alone[key] = (e, had | tracks, backends | ({job.deploy.backend} if job.deploy else set()),
+                      offline or bool(job.evaluation and job.evaluation.data_source == "local"))
+    for e, tracks, backends, offline in alone.values():
+        job = e.job
+        model_args, comment = _model_args(e, {r.path for r in compress})
+        args = ["llmcbench", "eval", *model_args, "--tracks", ",".join(map(str, sorted(tracks)))]
+        args += ["--backend", ",".join(sorted(backends))] if backends else []
+        args += ["--profile", job.profile, "--runner", e.result.provenance.runner, "--device", job.device, "--runs-dir", "runs"]
+        if job.method != "dense":
+            comment.append(f"#   a {job.method} {job.preset or ''} model dir evaluated alone: its compression.json says how".replace(" :", ":"))
+        _add_command(lines, seen, comment, args, offline)
     lines += ["llmcbench report runs -o runs/report", ""]
     return "\n".join(lines)
+
+
+def _model_args(r: StoredRun, store_runs: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """A job's --model (nothing for the embedded default) and the comment lines that pin it.
+    `store_runs`: the bundle's compress runs (cell/hash), whose artifacts a path may name."""
+    model = r.job.model
+    comment = [f"# {r.path}: {model.name} ({model.identity})"]
+    if model.source == "hub":
+        comment.append(f"#   hub revision {model.revision or model.identity.split('@')[-1]}")
+        return ["--model", model.identity.removeprefix("hub:").split("@", 1)[0]], comment
+    if model.source == "local":
+        path = PurePosixPath(model.path or model.name)
+        if path.name == "model" and path.parent.as_posix().endswith(tuple(f"/{p}" for p in store_runs)):
+            # a compress run's artifact in this store: where the bench line above makes it again
+            comment.append(f"#   the model of compress run {path.parent.name[:12]}: the bench line above makes it there when it "
+                           "reproduces that hash; elsewhere pass its new run's model/")
+            return ["--model", f"runs/{path.parent.parent.name}/{path.parent.name}/model"], comment
+        comment.append("#   local model dir: pass a dir with the same content (identity above)")
+        return ["--model", model.path or model.name], comment
+    return [], comment
+
+
+def _add_command(lines: list[str], seen: set[str], comment: list[str], args: list[str], offline: bool) -> None:
+    command = ("HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 " if offline else "") + shlex.join(args)
+    if command not in seen:
+        seen.add(command)
+        lines += comment + [command, ""]
 
 
 # ---------------------------------------------------------------- verify
