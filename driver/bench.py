@@ -20,7 +20,7 @@ from filelock import Timeout
 from .contract import (Calibration, Compression, ContractError, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result,
                        read_record, setting_label)
 from .data import data_digest, resolve_data
-from .errors import JobFailed, UnsupportedSetting, UserError
+from .errors import JobFailed, UnsupportedSetting, UserError, out_of_disk_hint
 from .models import resolve_model
 from .profiles import KNOWN_TRACKS, PROFILES, TRACK1_TASKS, Profile
 from .registry import MethodSpec, get_method
@@ -429,7 +429,8 @@ def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = No
             on_job(p.key, p.job, run)
         if run.result.status != "ok":
             err = run.result.error
-            raise JobFailed(f"{p.key} job failed ({err.type}: {err.message}); log kept in {p.run_dir / 'log.txt'}",
+            hint = f"; {out_of_disk_hint(plan.runs_dir)}" if err.type == "out_of_disk" else ""
+            raise JobFailed(f"{p.key} job failed ({err.type}: {err.message}); log kept in {p.run_dir / 'log.txt'}{hint}",
                             p.run_dir, err.type)
         plan.runs[p.key] = run
     if plan.judge is not None and "compressed eval t7" in plan.runs:

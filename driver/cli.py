@@ -561,6 +561,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]: finished jobs are kept in the store; run the same command to resume")
         sys.exit(130)
+    except OSError as e:  # the driver's own writes (the store, a report) on a full disk: one line, not a traceback
+        from .errors import is_out_of_disk, out_of_disk_hint
+
+        if not is_out_of_disk(e) or _state["verbose"]:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {e}; {out_of_disk_hint(e.filename)}", soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

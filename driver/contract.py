@@ -159,7 +159,7 @@ class Job(_Record):
 
 
 class ErrorInfo(_Record):
-    type: str = Field(description="error class: timeout, oom, crash, bad_input, unsupported, nan_metric; "
+    type: str = Field(description="error class: timeout, oom, out_of_disk, crash, bad_input, unsupported, nan_metric; "
                                   "from a cluster also cancelled, preempted, node_fail")
     message: str
 

@@ -37,6 +37,40 @@ OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memor
                 "cublas_status_alloc_failed")
 
 
+# How a full disk reads: OSError ENOSPC/EDQUOT in Python's words, safetensors' Rust I/O error
+# ("Error while serializing: I/O error: No space left on device (os error 28)"), torch.save's
+# zip writer ("PytorchStreamWriter failed writing file ...: file write failed").
+DISK_MESSAGES = ("no space left on device", "disk quota exceeded", "os error 28", "file write failed")
+
+
+def is_out_of_disk(exc: BaseException | str) -> bool:
+    """An error that means the disk being written is full (SPEC.md section 9: reported as such)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(sign in str(exc).lower() for sign in DISK_MESSAGES)
+
+
+def out_of_disk_hint(path=None) -> str:
+    """The fix, with the free space where the write failed (when that is known)."""
+    import shutil
+    from pathlib import Path
+
+    if path is None:
+        return "out of disk: free space where the store is, or pass --runs-dir on a larger disk, and run the same command again"
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+        free = f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+        free += f" free at {where}"
+    except OSError:
+        free = f"the disk of {where}"
+    return f"out of disk ({free}): free space there, or pass --runs-dir on a larger disk, and run the same command again"
+
+
 def classify_exception(exc: BaseException) -> str:
     """Map an exception raised inside a job to the contract's error class."""
     import builtins
@@ -51,6 +85,8 @@ def classify_exception(exc: BaseException) -> str:
         return "oom"
     if any(sign in str(exc).lower() for sign in OOM_MESSAGES):
         return "oom"
+    if is_out_of_disk(exc):
+        return "out_of_disk"
     if isinstance(exc, NotImplementedError) or name == "UnsupportedModelError":
         return "unsupported"
     if isinstance(exc, (FileNotFoundError, ValueError)):

@@ -28,6 +28,7 @@ from .errors import classify_exception
 from .fsio import sha256_file, sha256_tree, write_record
 
 COMPRESSION_FILE = "compression.json"
+PARTIAL_OUTPUTS = (".model.partial", ".packed.partial")  # written whole, then renamed to model/ and packed/
 
 
 class Paths:
@@ -122,7 +123,7 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
 
     t0 = time.perf_counter()
     declaration = declaration.model_copy(update={"method": job.method, "preset": job.preset, "engine": job.engine})
-    tmp = paths.out / ".model.partial"
+    tmp = paths.out / PARTIAL_OUTPUTS[0]
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -131,7 +132,7 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if export_packed is not None:
-        packed_tmp, packed = paths.out / ".packed.partial", paths.out / "packed"
+        packed_tmp, packed = paths.out / PARTIAL_OUTPUTS[1], paths.out / "packed"
         shutil.rmtree(packed_tmp, ignore_errors=True)
         packed_tmp.mkdir()
         declaration = declaration.model_copy(update={"packed_format": export_packed(packed_tmp)})
@@ -313,6 +314,9 @@ def execute(paths: Paths) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure becomes a failed result
         traceback.print_exc()
         status = "failed"
+        # nothing half-written stays: on a full disk the partial weights also hold the room result.json needs
+        for partial in PARTIAL_OUTPUTS:
+            shutil.rmtree(paths.out / partial, ignore_errors=True)
         error = ErrorInfo(type="nan_metric" if isinstance(e, FloatingPointError) else classify_exception(e),
                           message=f"{type(e).__name__}: {e}".splitlines()[0][:500])
     record = Result(

@@ -202,6 +202,73 @@ def test_a_cpu_allocation_failure_is_classified_oom_not_crash():
     assert classify_exception(RuntimeError("shape mismatch")) == "crash"
 
 
+def test_a_full_disk_is_classified_out_of_disk_not_crash(tmp_path):
+    """SPEC 9: out of disk is reported as such. The real errors of a full device (/dev/full),
+    of safetensors' writer and of an upstream script's log are all `out_of_disk`."""
+    import safetensors.torch
+    import torch
+
+    from llmcbench.driver.errors import classify_exception
+    from llmcbench.methods._upstream.run import _classify_exit
+
+    with pytest.raises(OSError) as full:
+        with open("/dev/full", "wb") as f:
+            f.write(b"x" * 4096)
+    assert classify_exception(full.value) == "out_of_disk", str(full.value)
+    err = OSError(28, "No space left on device")
+    saved = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert classify_exception(err) == classify_exception(saved) == "out_of_disk"
+    assert _classify_exit(1, "Traceback ...\nOSError: [Errno 28] No space left on device") == "out_of_disk"
+    assert _classify_exit(1, "RuntimeError: shape mismatch") == "crash"
+    assert classify_exception(OSError(13, "Permission denied")) == "crash"
+    safetensors.torch.save_file({"w": torch.zeros(4)}, tmp_path / "ok.safetensors")  # the writer itself works
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs: a real full disk (needs root and mount; skipped with the reason otherwise)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()[:200]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_out_of_disk_is_one_line_that_says_so(small_disk, tiny_llama_dir, run_cli, one_line_error):
+    """The tiny model's weights (13 MB) do not fit an 8 MB disk: the compress job fails as
+    out_of_disk, with the free space and the fix, its log and result kept and no partial weights
+    left (they hold the room the result needs); with the disk full to the last byte, the
+    driver's own first write fails as one line naming the file, not a traceback."""
+    runs = small_disk / "runs"
+    proc = run_cli("compress", "--method", "wanda", "--model", str(tiny_llama_dir), "--runs-dir", str(runs))
+    one_line_error(proc, "compress job failed (out_of_disk:", "No space left on device", f"free at {runs}", "free space there")
+    [result] = runs.glob("*/*/result.json")
+    record = json.loads(result.read_text())
+    assert (record["status"], record["error"]["type"]) == ("failed", "out_of_disk")
+    assert (result.parent / "log.txt").is_file()
+    assert sorted(p.name for p in result.parent.iterdir()) == ["job.json", "log.txt", "result.json"]
+
+    shutil.rmtree(runs)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+        except OSError:
+            pass
+    proc = run_cli("compress", "--method", "wanda", "--model", str(tiny_llama_dir), "--runs-dir", str(runs))
+    assert proc.returncode == 1
+    one_line_error(proc, "No space left on device", "job.json", "out of disk (", "free space there")
+    assert not list(runs.glob("*/*/*.json"))
+
+
 def test_a_runs_dir_that_is_a_file_is_one_line(tmp_path, run_cli, one_line_error):
     afile = tmp_path / "afile"
     afile.write_text("not a store\n")

@@ -7,7 +7,8 @@ Each step's output goes to the job log and to `out/upstream/<step>.log`, which s
 the run whatever happens, so a failed cell always has upstream's own words.
 
 Failures are exceptions with an `error_type` the job records:
-- upstream exits non-zero: `crash` (`oom` when its log says CUDA/CPU out of memory);
+- upstream exits non-zero: `crash` (`oom` when its log says CUDA/CPU out of memory, `out_of_disk`
+  when it says the disk is full);
 - upstream still runs at the job's time limit: `timeout` (killed first, log kept);
 - upstream asks for data that was not staged before it saved anything: `bad_input`;
 - upstream exits 0 but leaves no model where the adapter expects one: `crash`;
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from llmcbench.driver.contract import Job
+from llmcbench.driver.errors import is_out_of_disk
 from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
 
 from .adapter import NUMERICS, SHIM, Step, UpstreamAdapter, UpstreamContext
@@ -56,6 +58,8 @@ def _classify_exit(rc: int, text: str) -> str:
         return "oom"
     if rc == EXIT_NOT_STAGED:
         return "bad_input"
+    if is_out_of_disk(text):
+        return "out_of_disk"
     return "crash"
 
 
