@@ -23,7 +23,13 @@ MATRIX  ?= docs/matrix-embedded.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: bench test report install clean-venv images matrix
+.PHONY: bench compress eval test report install clean-venv images matrix
+
+# The cell's options, the same for bench and its steps (compress, eval): the same jobs, one cache.
+CELL_ARGS = --profile "$(PROFILE)" --engine "$(ENGINE)" --runner "$(RUNNER)" --device "$(DEVICE)" --runs-dir "$(RUNS)" \
+	$(if $(PRESET),--preset "$(PRESET)") $(if $(MODEL),--model "$(MODEL)") \
+	$(if $(DATA),--data-dir "$(DATA)") $(if $(SPARSITY),--sparsity "$(SPARSITY)") \
+	$(if $(TRUST_REMOTE_CODE),--trust-remote-code)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -36,11 +42,16 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 bench: $(STAMP)
-	$(BIN)/llmcbench bench --method "$(METHOD)" --tracks "$(TRACKS)" --profile "$(PROFILE)" \
-		--engine "$(ENGINE)" --runner "$(RUNNER)" --device "$(DEVICE)" --runs-dir "$(RUNS)" \
-		$(if $(PRESET),--preset "$(PRESET)") $(if $(MODEL),--model "$(MODEL)") \
-		$(if $(DATA),--data-dir "$(DATA)") $(if $(SPARSITY),--sparsity "$(SPARSITY)") \
-		$(if $(TRUST_REMOTE_CODE),--trust-remote-code)
+	$(BIN)/llmcbench bench --method "$(METHOD)" --tracks "$(TRACKS)" $(CELL_ARGS)
+
+# A bench's steps one at a time: the compress job alone, then the compressed model's evaluation
+# (`make eval METHOD=` evaluates the model itself; TRACKS only when given: eval's default is 1,4).
+compress: $(STAMP)
+	$(BIN)/llmcbench compress --method "$(METHOD)" $(CELL_ARGS)
+
+eval: $(STAMP)
+	$(BIN)/llmcbench eval $(if $(METHOD),--method "$(METHOD)") \
+		$(if $(filter command line environment,$(origin TRACKS)),--tracks "$(TRACKS)") $(CELL_ARGS)
 
 # A whole comparison from a matrix file (methods x presets x models x tracks); resumable.
 matrix: $(STAMP)

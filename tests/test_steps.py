@@ -9,6 +9,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pytest
+
 GB = 1e9
 
 
@@ -154,3 +156,35 @@ def test_steps_on_the_embedded_model_are_the_bench_jobs(embedded_store, tmp_path
     dense_ppl = by_key["dense", "eval"][1]["metrics"]["track1"]["wikitext2"]["ppl"]
     assert _value(proc.stdout, "WikiText-2 ppl") == f"{dense_ppl:.2f}" != f"{t1['wikitext2']['ppl']:.2f}"
     assert len(_runs(tmp_path / "runs")) == len(runs)  # nothing new: every step was the bench's own job
+
+
+def test_make_targets_run_the_steps_with_the_bench_variables(tiny_llama_dir, tmp_path):
+    """`make compress` and `make eval` take bench's variables (README): the same jobs, one cache."""
+    import os
+    import subprocess
+    import sys
+
+    project = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "llmcbench").is_file():
+        pytest.skip(f"no llmcbench console script beside {sys.executable} (the project is not pip-installed here)")
+    stamp = tmp_path / "installed"
+    stamp.touch()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+    common = [f"BIN={bin_dir}", f"STAMP={stamp}", f"MODEL={tiny_llama_dir}", f"RUNS={tmp_path / 'runs'}", "DEVICE=cpu"]
+
+    def make(*args):
+        proc = subprocess.run(["make", "-s", "-C", str(project), *args, *common], capture_output=True, text=True, env=env,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return _job_lines(proc.stdout)
+
+    assert make("compress", "METHOD=wanda", "PRESET=2:4")["compress"][0] == "ran"
+    jobs = make("eval", "METHOD=wanda", "PRESET=2:4", "TRACKS=3,4")
+    assert jobs["compress"][0] == "cached" and jobs["compressed eval"][0] == "ran", jobs
+    assert list(make("eval", "METHOD=", "TRACKS=4")) == ["eval"]
+    from llmcbench.driver.store import cell_name
+
+    cells = sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
+    name = Path(tiny_llama_dir).name.lower()
+    assert cells == [cell_name("dense", None, name), cell_name("wanda", "2:4", name)], cells
