@@ -169,14 +169,9 @@ def compress(
     from .steps import run_compress
 
     t0 = time.perf_counter()
-    try:
-        slurm = _slurm_config(runner, partition=partition, account=account, qos=qos)
-        with _job_progress() as on_job:
-            out = run_compress(method, preset, model, profile=profile, engine=engine, runner=runner, runs_dir=runs_dir,
-                               data_dir=data_dir, device=device, sparsity=sparsity, gpus=gpus, slurm=slurm, force=force,
-                               trust_remote_code=trust_remote_code, on_job=on_job)
-    except (UserError, JobFailed) as e:
-        _fail(e, e.exit_code)
+    out = _run_step(run_compress, method, preset, model, profile=profile, engine=engine, runner=runner, runs_dir=runs_dir,
+                    data_dir=data_dir, device=device, sparsity=sparsity, gpus=gpus, force=force,
+                    trust_remote_code=trust_remote_code, slurm_flags=dict(partition=partition, account=account, qos=qos))
     plan = out.plan
     _print_step(f"{plan.method.name} {plan.setting} on {plan.model.name} ({plan.engine} engine, profile {plan.profile.name}, "
                 f"{plan.device})", out)
@@ -211,19 +206,25 @@ def eval_(
     from .steps import run_eval
 
     t0 = time.perf_counter()
-    try:
-        slurm = _slurm_config(runner, partition=partition, account=account, qos=qos)
-        with _job_progress() as on_job:
-            out = run_eval(method, preset, model, tracks=tracks, profile=profile, engine=engine, runner=runner,
-                           runs_dir=runs_dir, data_dir=data_dir, device=device, sparsity=sparsity, gpus=gpus, slurm=slurm,
-                           backends=[b.strip() for b in backend.split(",") if b.strip()], force=force,
-                           trust_remote_code=trust_remote_code, on_job=on_job)
-    except (UserError, JobFailed) as e:
-        _fail(e, e.exit_code)
+    out = _run_step(run_eval, method, preset, model, tracks=tracks, profile=profile, engine=engine, runner=runner,
+                    runs_dir=runs_dir, data_dir=data_dir, device=device, sparsity=sparsity, gpus=gpus,
+                    backends=[b.strip() for b in backend.split(",") if b.strip()], force=force,
+                    trust_remote_code=trust_remote_code, slurm_flags=dict(partition=partition, account=account, qos=qos))
     plan = out.plan
     what = f"{plan.method.name} {plan.setting}" if plan.method else " ".join(filter(None, plan.label))
     _print_step(f"{what} on {plan.model.name} (profile {plan.profile.name}, {plan.device})", out)
     console.print(f"eval: {time.perf_counter() - t0:.1f} s; `llmcbench bench` scores a compressed model against its dense one")
+
+
+def _run_step(step, *args, runner: str, slurm_flags: dict, **kwargs):
+    """Run a bench step (steps.run_compress, steps.run_eval) under the job progress display;
+    bad input and a failed job end in one red line."""
+    try:
+        slurm = _slurm_config(runner, **slurm_flags)
+        with _job_progress() as on_job:
+            return step(*args, runner=runner, slurm=slurm, on_job=on_job, **kwargs)
+    except (UserError, JobFailed) as e:
+        _fail(e, e.exit_code)
 
 
 def _slurm_config(runner: str, **flags):
