@@ -18,7 +18,7 @@ from typing import Callable
 from filelock import Timeout
 
 from .contract import (Calibration, Compression, ContractError, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result,
-                       read_record, setting_label)
+                       read_compression, setting_label)
 from .data import data_digest, resolve_data
 from .errors import JobFailed, UnsupportedSetting, UserError, out_of_disk_hint
 from .models import resolve_model
@@ -233,11 +233,8 @@ def plan_model(model: str | None = None, tracks=None, profile: str = "quick", ru
 def declared_compression(model_dir: Path) -> Compression | None:
     """The model dir's `compression.json` (a compressed model evaluated alone), None for a dense
     one. Its jobs carry the declared method's name, so that no report takes it for a dense baseline."""
-    path = model_dir / "compression.json"
-    if not path.is_file():
-        return None
     try:
-        return read_record(path, Compression)
+        return read_compression(model_dir)
     except ContractError as e:
         raise UserError(f"{e}: fix or remove it (a dense model has none)") from None
 

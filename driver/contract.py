@@ -244,6 +244,15 @@ class Compression(_Record):
     notes: list[str] = Field(default_factory=list)
 
 
+COMPRESSION_FILE = "compression.json"
+
+
+def read_compression(model_dir: Path) -> Compression | None:
+    """A model dir's `compression.json`, None for a model without one (dense)."""
+    path = Path(model_dir) / COMPRESSION_FILE
+    return read_record(path, Compression) if path.is_file() else None
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 

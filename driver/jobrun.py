@@ -23,11 +23,10 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .contract import Compression, ErrorInfo, Job, Provenance, Result, read_record
+from .contract import COMPRESSION_FILE, Compression, ErrorInfo, Job, Provenance, Result, read_compression, read_record
 from .errors import classify_exception
 from .fsio import sha256_file, sha256_tree, write_record
 
-COMPRESSION_FILE = "compression.json"
 PARTIAL_OUTPUTS = (".model.partial", ".packed.partial")  # written whole, then renamed to model/ and packed/
 
 
@@ -163,7 +162,7 @@ def run_deploy(job: Job, paths: Paths, result: dict) -> None:
 
     device = _device(job)
     model_dir = paths.models / job.model.name
-    declaration = read_record(model_dir / COMPRESSION_FILE, Compression) if (model_dir / COMPRESSION_FILE).is_file() else None
+    declaration = read_compression(model_dir)
     if job.deploy.backend != "torch_native":
         # vLLM, TensorRT-LLM, MLC-LLM load (and compile) the artifact themselves, in their own environments
         from ..tracks.acceleration.backends import check_backend
@@ -199,9 +198,7 @@ def run_eval(job: Job, paths: Paths, result: dict) -> None:
     settings = job.evaluation
     device = _device(job)
     model_dir = paths.models / job.model.name
-    declaration = None
-    if (model_dir / COMPRESSION_FILE).is_file():
-        declaration = read_record(model_dir / COMPRESSION_FILE, Compression)
+    declaration = read_compression(model_dir)
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir, job)
     model.to(device)

@@ -142,10 +142,10 @@ def kept_channels(reference, upstream, dense) -> tuple[set[int], set[int]] | Non
 
 def _declared_pattern(model_dir: Path) -> str | None:
     """The artifact's declared sparsity pattern (compression.json), None without one."""
-    from .contract import Compression, read_record
+    from .contract import read_compression
 
-    path = model_dir / "compression.json"
-    return read_record(path, Compression).sparsity_pattern if path.is_file() else None
+    declaration = read_compression(model_dir)
+    return declaration.sparsity_pattern if declaration else None
 
 
 def _examples_digest(model_dir: Path) -> str | None:
@@ -153,10 +153,10 @@ def _examples_digest(model_dir: Path) -> str | None:
     examples), None where it noted none."""
     import re
 
-    from .contract import Compression, read_record
+    from .contract import read_compression
 
-    path = model_dir / "compression.json"
-    notes = read_record(path, Compression).notes if path.is_file() else []
+    declaration = read_compression(model_dir)
+    notes = declaration.notes if declaration else []
     found = [m.group(1) for n in notes for m in [re.search(r"examples sha256 ([0-9a-f]{64})", n)] if m]
     return found[-1] if found else None
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .bench import DEFAULT_TRACKS, BenchPlan, JobRun, parse_tracks, plan_bench, plan_model, planned_jobs, run_bench
 from .errors import UserError
+from .fsio import dir_size_bytes
 from .store import Store
 
 COMPRESS_KEY = "compress"
@@ -57,8 +58,7 @@ def compress_rows(run: JobRun) -> list[tuple[str, str, str]]:
     rows.append(("", "weight / activation bits", f"{comp.get('weight_bits', 16)} / {comp.get('act_bits', 16)}"))
     packed = run.run_dir / "packed"
     if packed.is_dir():
-        size = sum(f.stat().st_size for f in packed.rglob("*") if f.is_file())
-        rows.append(("", "packed export (GB)", f"{size / 1e9:.4f}"))
+        rows.append(("", "packed export (GB)", f"{dir_size_bytes(packed) / 1e9:.4f}"))
     return rows
 
 
@@ -82,19 +82,22 @@ def run_eval(method: str | None = None, preset: str | None = None, model: str | 
         out = StepOutcome(plan)
         if plan.label[0] != "dense":
             out.notes.append(f"{plan.model.path} has a compression.json: evaluated as it declares "
-                             f"({plan.label[0]} {plan.label[1] or ''}), recorded under that name".replace(" )", ")"))
+                             f"({' '.join(filter(None, plan.label))}), recorded under that name")
     else:
         plan = plan_bench(method, preset, model, track_list, profile, engine, runner, runs_dir, data_dir, device,
                           sparsity, gpus=gpus, slurm=slurm, trust_remote_code=trust_remote_code, backends=backends)
         comp = planned_jobs(plan)[0]
-        if Store(plan.runs_dir).cached(comp.run_dir) is None:
+        compressed = Store(plan.runs_dir).cached(comp.run_dir)
+        if compressed is None:
             what = f"{plan.method.name} {plan.setting} on {plan.model.name} (profile {plan.profile.name}, {plan.engine} engine)"
             how = f"llmcbench compress --method {plan.method.name} --preset {plan.preset}" + (f" --model {model}" if model else "")
             if (comp.run_dir / "result.json").is_file():
                 raise UserError(f"{what}: its compression failed (log kept in {comp.run_dir / 'log.txt'}): rerun `{how}`")
             raise UserError(f"{what} is not compressed in {runs_dir} yet: run `{how}` (same options) first, or `llmcbench bench`")
-        # the compress job is a cache hit (checked above): never run here, read for track 3
-        run_bench(plan, force=False, on_job=on_job, only=lambda key: key == COMPRESS_KEY)
+        # the compress job is a cache hit (checked above): never run here, its result read for track 3
+        plan.runs[COMPRESS_KEY] = JobRun(comp.job, comp.job_hash, comp.run_dir, compressed, True)
+        if on_job:
+            on_job(COMPRESS_KEY, comp.job, plan.runs[COMPRESS_KEY])
         run_bench(plan, force=force, on_job=on_job, only=lambda key: key.startswith("compressed "))
         out = StepOutcome(plan, rows=compress_rows(plan.runs[COMPRESS_KEY]) if 3 in track_list else [])
     out.rows += eval_rows(plan)

@@ -238,7 +238,8 @@ def reproduce_script(runs: list[StoredRun]) -> str:
         args += ["--backend", ",".join(sorted(backends))] if backends else []
         args += ["--profile", job.profile, "--runner", e.result.provenance.runner, "--device", job.device, "--runs-dir", "runs"]
         if job.method != "dense":
-            comment.append(f"#   a {job.method} {job.preset or ''} model dir evaluated alone: its compression.json says how".replace(" :", ":"))
+            comment.append(f"#   a {' '.join(filter(None, (job.method, job.preset)))} model dir evaluated alone: "
+                           "its compression.json says how")
         _add_command(lines, seen, comment, args, offline)
     lines += ["llmcbench report runs -o runs/report", ""]
     return "\n".join(lines)
