@@ -537,6 +537,30 @@ def test_image_names_take_hyphens_or_underscores(client):
         images.specs_for(client, "llm-prune")
 
 
+@needs_docker
+@pytest.mark.docker
+def test_prune_keeps_the_current_images_of_every_target(client, built_images, monkeypatch):
+    """`llmcbench images prune` removes the tags of other sources or pins and keeps each target's
+    current image: eval's dependencies and a deploy image too (a deploy image is not in `all`)."""
+    monkeypatch.setenv("LLMCBENCH_IMAGE_REPO", "llmcbench-prunetest")  # this test's tags only
+    base = images.base_spec(client)
+    current = [images.eval_deps_spec(client, base).tag, images.deploy_spec(client, "deploy-vllm-cpu").tag]
+    stale = ["llmcbench-prunetest/eval:0000000000000000", "llmcbench-prunetest/deploy-vllm-cpu:0000000000000000"]
+    labelled = built_images["base"]  # any image with the project's labels stands in for the builds
+    for tag in current + stale:
+        repo, _, name = tag.rpartition(":")
+        labelled.tag(repo, tag=name)
+    try:
+        removed = images.prune(client, log=lambda _m: None)
+        assert sorted(removed) == sorted(stale)
+        left = {t for img in client.images.list() for t in img.tags if t.startswith("llmcbench-prunetest/")}
+        assert left == set(current)
+    finally:
+        for tag in current + stale:
+            with contextlib.suppress(Exception):
+                client.images.remove(tag, noprune=True)
+
+
 def test_a_method_pin_overrides_the_lock():
     lock = "# lock\ntorch==2.13.0\nnumpy==2.4.6\n"
     out = images._layer_constraints(lock, ["torch==2.1.2", "scipy"])

