@@ -568,6 +568,8 @@ def layer_wheels(spec: ImageSpec, log: Log) -> Path:
     `pip download` resolves the whole chain (base + this layer) under the lock, so versions
     agree across layers; files a parent layer already holds are dropped. Source
     distributions are turned into wheels here, so nothing is ever built inside an image.
+    A layer without requirements (eval, a deploy image, most method images) installs no wheel:
+    its folder is empty, and its parents' wheels, whose images exist, are not downloaded for it.
     """
     constraints = _layer_constraints(read_constraints(), spec.requirements)
     chain_reqs = [r for s in spec.chain() for r in s.requirements]
@@ -576,12 +578,12 @@ def layer_wheels(spec: ImageSpec, log: Log) -> Path:
     out = wheelhouse_root() / f"py{spec.python}" / f"{spec.name}-{key}"
     if (out / ".complete").is_file():
         return out
-    parent_dirs = [layer_wheels(s, log) for s in spec.chain()[:-1]]
-    have = {p.name for d in parent_dirs for p in d.iterdir()}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if spec.requirements:
+        parent_dirs = [layer_wheels(s, log) for s in spec.chain()[:-1]]
+        have = {p.name for d in parent_dirs for p in d.iterdir()}
         cfile = tmp / ".constraints.txt"
         cfile.write_text(constraints)
         t0 = time.perf_counter()

@@ -166,6 +166,22 @@ def test_only_the_last_layer_of_eval_and_deploy_images_follows_the_sources(monke
 
 
 
+def test_a_layer_without_requirements_downloads_nothing(tmp_path, monkeypatch):
+    """eval, the deploy images and most method images install no wheel of their own layer: on a
+    fresh clone (an empty wheelhouse) they are built without pip downloading their parents' wheels
+    (torch and lm-eval, whose images exist), which a layer with requirements needs to resolve."""
+    monkeypatch.setenv("LLMCBENCH_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    calls = []
+    monkeypatch.setattr(images, "_pip", lambda args, what, **kw: calls.append(what) or "")
+    base = images.ImageSpec(role="base", name="base", requirements=["torch"], python=images.python_version(), base_image="x")
+    deps = images.eval_deps_spec(None, base)
+    for spec in (images.eval_spec(None, base), images.deploy_spec(None, "deploy-vllm-cpu", deps)):
+        out = images.layer_wheels(spec, log=lambda _m: None)
+        assert [p.name for p in out.iterdir()] == [".complete"] and calls == []
+    images.layer_wheels(deps, log=lambda _m: None)  # a layer with requirements resolves over its parents'
+    assert calls == ["download the wheels of base", "download the wheels of eval-deps"]
+
+
 def test_wheels_built_here_are_the_same_bytes_every_time(tmp_path, monkeypatch):
     """A wheel built from source (an sdist of the wheelhouse, the project's own wheel) carries no
     build time, so a wheelhouse filled again (a fresh clone, another day) holds the same bytes and
