@@ -162,7 +162,7 @@ def test_only_the_last_layer_of_eval_and_deploy_images_follows_the_sources(monke
                  if ln[:1].isupper() and len(ln.split()) > 1]
         project = steps.index("COPY project/")
         assert steps[project:] == ["COPY project/", "RUN pip", "COPY image.json", "CMD [\"python\","], (name, steps)
-        assert "/project" not in (images.IMAGES_DIR / "Dockerfile.eval-deps").read_text()
+    assert "/project" not in (images.IMAGES_DIR / "Dockerfile.eval-deps").read_text()
 
 
 
