@@ -80,7 +80,8 @@ def images_list():
 
 @images_app.command("prune")
 def images_prune():
-    """Remove this project's images built from other sources or pins than the current ones."""
+    """Remove this project's images built from other sources or pins than the current ones (a
+    target's newest old image stays until its current one is built: that build reuses its layers)."""
     from . import images
     from .dockerhost import connect
 

@@ -836,7 +836,8 @@ def build_image(client, spec: ImageSpec, force: bool = False, upstream: bool = T
     rebuilt once GitHub answers, instead of staying reference-only under the same tag)."""
     if spec.role == "base":
         _ensure_base_image(client, spec, log)
-    existing = None if force else _image_id(client, spec.tag)
+    previous = _image_id(client, spec.tag)
+    existing = None if force else previous
     if existing:
         img = client.images.get(spec.tag)
         up = _upstream_from_labels(img)
@@ -876,7 +877,26 @@ def build_image(client, spec: ImageSpec, force: bool = False, upstream: bool = T
                 log(f"  | {line}")
             raise
     img = client.images.get(spec.tag)
+    if previous and previous != img.id:
+        _remove_replaced(client, previous, spec.tag, log)
     return BuiltImage(spec, img.id, img.attrs.get("Size", 0), time.perf_counter() - t0, False, record.get("upstream"))
+
+
+def _remove_replaced(client, image_id: str, tag: str, log: Log) -> bool:
+    """Remove the image a rebuild took `tag` from (--force, or a method image rebuilt with its
+    upstream checkout): left untagged, it would hold its layers on disk where neither `images
+    prune` (which goes by tag) nor the user sees it. One that keeps another tag, a container or
+    a child image stays; Docker removes an untagged parent with its last child, so the base a
+    `--force` rebuild of `all` replaces goes with the last old method image built on it."""
+    docker = docker_sdk()
+    try:
+        if client.images.get(image_id).tags:
+            return False
+        client.images.remove(image_id)
+    except docker.errors.APIError:  # a child or a container holds it (or it is gone already)
+        return False
+    log(f"removed the image {tag} replaces ({image_id.removeprefix('sha256:')[:12]})")
+    return True
 
 
 def _upstream_from_labels(img) -> dict | None:
@@ -904,17 +924,30 @@ def build(target: str = "all", force: bool = False, upstream: bool = True, log: 
 
 def prune(client, log: Log = print) -> list[str]:
     """Remove this project's images whose tag is not the current one of any target (old sources,
-    old pins); the offline base is kept. Returns the removed tags."""
+    old pins); the offline base is kept. Until a target's current image is built, its newest old
+    one stays: it holds the layers that build reuses (a deploy image's backend venv, a method's
+    pinned stack: gigabytes and minutes to install again) and megabytes of its own. The next
+    prune after that build removes it. Returns the removed tags."""
     docker = docker_sdk()
-    current = {s.tag for target in ("all", *DEPLOY_IMAGES) for s in specs_for(client, target)}
-    removed = []
+    specs = [s for target in ("all", *DEPLOY_IMAGES) for s in specs_for(client, target)]
+    current = {s.tag for s in specs}
+    target_of = {s.tag.rpartition(":")[0]: s.target for s in specs if not _image_id(client, s.tag)}  # not built yet
+    stale: dict[str, list[tuple[str, str]]] = {}  # repository -> [(created, tag)]
     for img in client.images.list(filters={"label": f"{LABEL}.role"}):
         for tag in img.tags:
             if tag.startswith(f"{repo_prefix()}/") and tag not in current:
-                try:
-                    client.images.remove(tag)
-                    removed.append(tag)
-                    log(f"removed {tag}")
-                except docker.errors.APIError as e:  # still used by a container, or a parent of a kept image
-                    log(f"kept {tag} ({' '.join(str(e.explanation or e).split())[:120]})")
+                stale.setdefault(tag.rpartition(":")[0], []).append((img.attrs.get("Created", ""), tag))
+    removed = []
+    for repo, tags in sorted(stale.items()):
+        tags.sort(reverse=True)
+        if repo in target_of:
+            log(f"kept {tags.pop(0)[1]}: the layer cache of `llmcbench images build {target_of[repo]}`, "
+                "whose image for the current sources is not built yet")
+        for _, tag in tags:
+            try:
+                client.images.remove(tag)
+                removed.append(tag)
+                log(f"removed {tag}")
+            except docker.errors.APIError as e:  # still used by a container, or a parent of a kept image
+                log(f"kept {tag} ({' '.join(str(e.explanation or e).split())[:120]})")
     return removed

@@ -151,7 +151,8 @@ def test_a_method_image_built_offline_is_rebuilt_once_upstream_can_be_fetched(cl
     GitHub did not answer lacks its upstream checkout: once the repository can be fetched, the
     same build rebuilds it with the checkout, and after that reuses it. A local git repository
     stands in for GitHub (the wanda image with its pin replaced by that repository's commit, no
-    upstream stack, so it builds in seconds under a tag of its own)."""
+    upstream stack, so it builds in seconds under a tag of its own). The image it replaces is
+    removed, not left untagged."""
     import shutil
 
     from llmcbench.driver import doctor
@@ -174,8 +175,12 @@ def test_a_method_image_built_offline_is_rebuilt_once_upstream_can_be_fetched(cl
         assert not first.cached and first.upstream["fetched"] is False
         assert doctor._upstream_in_images(client, [spec]) == set()  # `doctor` does not count it
         hidden.rename(origin)  # now it does
-        second = images.build_image(client, spec, log=lambda _m: None)
+        said = []
+        second = images.build_image(client, spec, log=said.append)
         assert not second.cached and second.upstream["fetched"] is True and second.id != first.id
+        # the incomplete image is removed, not left untagged on disk where `images prune` cannot see it
+        assert images._image_id(client, first.id) is None, said
+        assert any(m.startswith(f"removed the image {spec.tag} replaces") for m in said), said
         assert client.images.get(spec.tag).labels["org.llmcbench.upstream.fetched"] == "true"
         assert doctor._upstream_in_images(client, [spec]) == {"wanda"}
         listing = client.containers.run(spec.tag, ["ls", "/opt/llmcbench/upstream/wanda"], network_mode="none", remove=True,
@@ -188,6 +193,51 @@ def test_a_method_image_built_offline_is_rebuilt_once_upstream_can_be_fetched(cl
             client.images.remove(spec.tag, force=True)
         if hidden.exists():
             shutil.rmtree(hidden)
+
+
+def _tiny_image(client, root, tag: str, parent: str, salt: str, role: str | None = None) -> str:
+    """An image of one small layer on `parent`, built in seconds; `salt` keeps the layer cache
+    from making two of them one image. `role`: the project's label, as `images prune` lists them."""
+    ctx = root / f"{tag.replace('/', '_').replace(':', '_')}-{salt}"
+    ctx.mkdir()
+    label = f"\nLABEL {images.LABEL}.role={role}" if role else ""
+    (ctx / "Dockerfile").write_text(f"FROM {parent}\nRUN echo {tag} {salt} > /salt{label}\n")
+    return client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, pull=False, network_mode="none")[0].id
+
+
+@needs_docker
+@pytest.mark.docker
+def test_a_replaced_image_goes_with_its_last_child_and_a_tagged_one_stays(client, tmp_path):
+    """`images build --force all` replaces the base while the old method images still stand on
+    it: the old base stays while one does, and goes with the last (Docker removes an untagged
+    parent with its last child). An old image that keeps a tag of its own stays. Tiny images on
+    the offline base, under this test's tags."""
+
+    tiny = lambda tag, parent, salt: _tiny_image(client, tmp_path, tag, parent, salt)
+
+    repo = "llmcbench-replacetest"
+    tags = [f"{repo}/base:t", f"{repo}/method-a:t", f"{repo}/method-b:t", f"{repo}/other:t", f"{repo}/keep:t"]
+    try:
+        old = {t: tiny(t, tags[0] if "method" in t else images.OFFLINE_BASE, "old") for t in tags[:4]}
+        client.images.get(old[tags[3]]).tag(f"{repo}/keep", tag="t")  # a tag of its own
+        said = []
+        tiny(tags[0], images.OFFLINE_BASE, "new")
+        assert not images._remove_replaced(client, old[tags[0]], tags[0], said.append)  # two children stand on it
+        tiny(tags[1], tags[0], "new")
+        assert images._remove_replaced(client, old[tags[1]], tags[1], said.append)
+        assert images._image_id(client, old[tags[0]]) == old[tags[0]]  # method-b still stands on it
+        tiny(tags[2], tags[0], "new")
+        assert images._remove_replaced(client, old[tags[2]], tags[2], said.append)
+        assert images._image_id(client, old[tags[0]]) is None  # gone with its last child
+        tiny(tags[3], images.OFFLINE_BASE, "new")
+        assert not images._remove_replaced(client, old[tags[3]], tags[3], said.append)
+        assert images._image_id(client, old[tags[3]]) == old[tags[3]]
+        assert [m.split(" (")[0] for m in said] == [f"removed the image {t} replaces" for t in tags[1:3]]
+        assert not {old[t] for t in tags[:4]} & {images._image_id(client, t) for t in tags[:4]}
+    finally:
+        for tag in reversed(tags):
+            with contextlib.suppress(Exception):
+                client.images.remove(tag, force=True)
 
 
 @needs_docker
@@ -539,26 +589,38 @@ def test_image_names_take_hyphens_or_underscores(client):
 
 @needs_docker
 @pytest.mark.docker
-def test_prune_keeps_the_current_images_of_every_target(client, built_images, monkeypatch):
+def test_prune_keeps_the_current_images_of_every_target(client, built_images, monkeypatch, tmp_path):
     """`llmcbench images prune` removes the tags of other sources or pins and keeps each target's
-    current image: eval's dependencies and a deploy image too (a deploy image is not in `all`)."""
+    current image: eval's dependencies and a deploy image too (a deploy image is not in `all`).
+    Where a target's current image is not built yet (wanda's here), its newest old image stays as
+    the layer cache of that build, and its older ones go."""
     monkeypatch.setenv("LLMCBENCH_IMAGE_REPO", "llmcbench-prunetest")  # this test's tags only
     base = images.base_spec(client)
-    current = [images.eval_deps_spec(client, base).tag, images.deploy_spec(client, "deploy-vllm-cpu").tag]
+    current = [images.eval_deps_spec(client, base).tag, images.eval_spec(client, base).tag,
+               images.deploy_spec(client, "deploy-vllm-cpu").tag]
     stale = ["llmcbench-prunetest/eval:0000000000000000", "llmcbench-prunetest/deploy-vllm-cpu:0000000000000000"]
     labelled = built_images["base"]  # any image with the project's labels stands in for the builds
     for tag in current + stale:
         repo, _, name = tag.rpartition(":")
         labelled.tag(repo, tag=name)
+    older, newer = "llmcbench-prunetest/method-wanda:ffffffffffffffff", "llmcbench-prunetest/method-wanda:0000000000000000"
+    for salt, tag in enumerate((older, newer)):  # built in this order: the newer tag sorts first by name
+        _tiny_image(client, tmp_path, tag, images.OFFLINE_BASE, str(salt), role="method")
+    assert not images._image_id(client, images.method_spec(client, "wanda").tag)
+    said = []
     try:
-        removed = images.prune(client, log=lambda _m: None)
-        assert sorted(removed) == sorted(stale)
+        removed = images.prune(client, log=said.append)
+        assert sorted(removed) == sorted(stale + [older]), said
         left = {t for img in client.images.list() for t in img.tags if t.startswith("llmcbench-prunetest/")}
-        assert left == set(current)
+        assert left == set(current + [newer])
+        assert f"kept {newer}: the layer cache of `llmcbench images build wanda`" in " ".join(said), said
     finally:
         for tag in current + stale:
             with contextlib.suppress(Exception):
                 client.images.remove(tag, noprune=True)
+        for tag in (older, newer):
+            with contextlib.suppress(Exception):
+                client.images.remove(tag, force=True)
 
 
 def test_a_method_pin_overrides_the_lock():
