@@ -394,6 +394,39 @@ def test_container_has_no_network_runs_as_non_root_and_cannot_write_its_inputs(b
     assert json.loads((run_dir / "result.json").read_text())["status"] == "failed"
 
 
+@needs_docker
+@pytest.mark.docker
+def test_a_container_left_by_a_dead_driver_is_removed_before_the_job_runs_again(client, built_images, model_dir, tmp_path):
+    """A driver killed with -9 leaves its job container running, writing into the run dir. The
+    rerun holds the job's lock, so it removes that container before it starts its own, and says
+    so in the log; a container of the same job in another store's run dir is not touched."""
+    from llmcbench.driver.runners.docker import DockerRunner
+
+    runner = DockerRunner()
+    plan, job, store = _compress_job_in_store(model_dir, tmp_path / "runs")
+    h = job.job_hash(runner.environment_id(job))
+    run_dir = store.run_dir("orphan", h)
+    store.prepare(run_dir, job)
+    labels = runner.container_config(job, h, run_dir, model_dir, plan.data_dir, runner.image_for(job))["labels"]
+    sleeper = lambda run_dir_label: client.containers.run(  # noqa: E731
+        images.OFFLINE_BASE, ["sleep", "600"], detach=True, network_mode="none",
+        labels={**labels, "org.llmcbench.run_dir": run_dir_label})
+    orphan, other = sleeper(labels["org.llmcbench.run_dir"]), sleeper(str(tmp_path / "other-store" / "run"))
+    try:
+        runner.run(job, h, run_dir, model_dir, plan.data_dir, command=["python", "-c", "print('RERUN', flush=True)"])
+        with pytest.raises(Exception, match="404|No such container"):
+            client.containers.get(orphan.id)
+        other.reload()
+        assert other.status == "running"
+        log = (run_dir / "log.txt").read_text()
+        assert f"removed container {orphan.name} (running) of this job, left by a driver that died" in log, log[-2000:]
+        assert "RERUN" in log
+    finally:
+        for c in (orphan, other):
+            with contextlib.suppress(Exception):
+                c.remove(force=True)
+
+
 # ---------------------------------------------------------------- time limit and docker kill
 
 def _left_containers(client, job_hash):

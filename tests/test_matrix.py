@@ -443,7 +443,7 @@ def test_interrupt_removes_docker_containers(tmp_path, tiny_llama_dir, data_dir)
         created.set()
         return container
 
-    runner = DockerRunner(client=SimpleNamespace(containers=SimpleNamespace(create=create)))
+    runner = DockerRunner(client=SimpleNamespace(containers=SimpleNamespace(create=create, list=lambda **_: [])))
     runner.image_for = lambda job: SimpleNamespace(id="sha256:fake", tags=["llmcbench-eval:fake"])
     runner.container_user = lambda: (os.getuid(), os.getgid(), [])
     job = compress_job(_fake_matrix(tmp_path, tiny_llama_dir).cells[0].plan)

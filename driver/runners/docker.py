@@ -215,6 +215,7 @@ class DockerRunner:
         container = None
         try:
             with open(run_dir / "log.txt", "ab") as log:
+                _remove_orphans(self.client, cfg["labels"], log, docker)
                 try:
                     container = self.client.containers.create(**cfg)
                 except docker.errors.APIError as e:
@@ -324,6 +325,21 @@ def _wait(container, deadline: float, docker) -> tuple[bool, int | None]:
             continue  # the wait request timed out: check the deadline and wait again
         except docker.errors.NotFound:
             return False, None
+
+
+def _remove_orphans(client, labels: dict[str, str], log, docker) -> None:
+    """A driver that died without its cleanup (kill -9, the OOM killer, a lost session) leaves
+    its job container behind, perhaps still running and writing into the run dir this run is
+    about to use. The caller holds the job's lock, so a container of the same job and run dir
+    belongs to a dead driver: it goes first, and the log says so."""
+    keys = ("org.llmcbench.job_hash", "org.llmcbench.run_dir")
+    try:
+        left = client.containers.list(all=True, filters={"label": [f"{k}={labels[k]}" for k in keys]})
+    except docker.errors.APIError as e:
+        raise UserError(_api_error(e)) from None
+    for c in left:
+        log.write(f"[llmcbench] removed container {c.name} ({c.status}) of this job, left by a driver that died\n".encode())
+        _remove(c, docker)
 
 
 def _remove(container, docker) -> None:
