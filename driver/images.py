@@ -929,9 +929,10 @@ def prune(client, log: Log = print) -> list[str]:
     pinned stack: gigabytes and minutes to install again) and megabytes of its own. The next
     prune after that build removes it. Returns the removed tags."""
     docker = docker_sdk()
-    specs = [s for target in ("all", *DEPLOY_IMAGES) for s in specs_for(client, target)]
-    current = {s.tag for s in specs}
-    target_of = {s.tag.rpartition(":")[0]: s.target for s in specs if not _image_id(client, s.tag)}  # not built yet
+    # the deploy chains repeat base and eval-deps: one daemon lookup per tag
+    specs = {s.tag: s for target in ("all", *DEPLOY_IMAGES) for s in specs_for(client, target)}
+    current = set(specs)
+    target_of = {tag.rpartition(":")[0]: s.target for tag, s in specs.items() if not _image_id(client, tag)}  # not built yet
     stale: dict[str, list[tuple[str, str]]] = {}  # repository -> [(created, tag)]
     for img in client.images.list(filters={"label": f"{LABEL}.role"}):
         for tag in img.tags:
