@@ -38,6 +38,8 @@ JOB_COMMAND = ["python", "-m", "llmcbench.driver.jobrun", "--job", "/job/job.jso
                "--data", "/data", "--out", "/out"]
 ROOT_FALLBACK_UID = 1000
 DEFAULT_SHM_BYTES = 2 << 30
+# The labels that tie a container to its job: `_remove_orphans` finds a dead driver's by them.
+JOB_HASH_LABEL, KIND_LABEL, RUN_DIR_LABEL = "org.llmcbench.job_hash", "org.llmcbench.kind", "org.llmcbench.run_dir"
 
 _RUNNING: dict[str, object] = {}  # id -> container of every job container this driver runs
 _REMOVED: set[str] = set()  # those remove_containers force-removed: interrupted, not crashed
@@ -186,7 +188,7 @@ class DockerRunner:
             network_mode="none", mem_limit=memory, memswap_limit=memory, shm_size=shm, pids_limit=4096,
             cap_drop=["ALL"], security_opt=["no-new-privileges"], init=True, detach=True,
             name=f"llmcbench-{job.kind}-{job_hash[:12]}-{uuid.uuid4().hex[:6]}",
-            labels={"org.llmcbench.job_hash": job_hash, "org.llmcbench.kind": job.kind, "org.llmcbench.run_dir": str(run_dir)},
+            labels={JOB_HASH_LABEL: job_hash, KIND_LABEL: job.kind, RUN_DIR_LABEL: str(run_dir)},
         )
         requests = device_requests(job.device, self.gpus)
         if requests:
@@ -332,7 +334,7 @@ def _remove_orphans(client, labels: dict[str, str], log, docker) -> None:
     its job container behind, perhaps still running and writing into the run dir this run is
     about to use. The caller holds the job's lock, so a container of the same job and run dir
     belongs to a dead driver: it goes first, and the log says so."""
-    keys = ("org.llmcbench.job_hash", "org.llmcbench.run_dir")
+    keys = (JOB_HASH_LABEL, RUN_DIR_LABEL)
     try:
         left = client.containers.list(all=True, filters={"label": [f"{k}={labels[k]}" for k in keys]})
     except docker.errors.APIError as e:
