@@ -15,7 +15,9 @@ positions 64-127 of `cos` from the low-accuracy kernel (errors up to 1.5e-4), Sp
 reference engine on the embedded SmolLM2 gave other weights (WikiText-2 ppl 74.76 against
 76.30). It happened in two full-suite CI runs, to the same job rerun through Slurm while other
 work loaded the machine; replaying exactly that chunk from VML's low-accuracy kernel
-reproduces those weights bit for bit.
+reproduces those weights bit for bit. That takes a CPU on which VML's accuracy modes differ: on an
+AMD EPYC (AVX-512) MKL computes the same floats at every mode, under each MKL_ENABLE_INSTRUCTIONS
+level, so there the race has nothing else to give.
 
 `warm_up_vml()` calls every such op once on a tensor far below torch's parallel grain (2048
 values), so each VML function's dispatch is resolved on one thread before any op runs on
