@@ -57,6 +57,9 @@ REQUIREMENTS_DIR = IMAGES_DIR / "requirements"
 OFFLINE_BASE = os.environ.get("LLMCBENCH_OFFLINE_BASE", "llmcbench/offline-base:bookworm-2")  # images/offline-base.sh
 GPU_BASE = "nvidia/cuda:12.4.1-runtime-ubuntu22.04"
 LABEL = "org.llmcbench"
+# The roles whose Dockerfile installs a layer of its own (COPY wheels/ and layer/); eval and the
+# deploy images install only the project (and a deploy backend) on their parent.
+LAYER_ROLES = ("base", "eval-deps", "method")
 FORMAT = "1"  # bump when the build procedure changes what an identical input produces
 PROJECT_DIRS = ("driver", "methods", "tracks")
 
@@ -738,17 +741,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _link_wheels(wheels: Path, dst: Path) -> None:
+    """Put a wheelhouse folder's wheels (not its .complete or .constraints.txt) into a context."""
+    dst.mkdir(parents=True)
+    for p in wheels.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            _link_or_copy(p, dst / p.name)
+
+
 def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
     """Fill a build context for `spec`; returns the image.json record."""
     shutil.copy2(spec.dockerfile, ctx / "Dockerfile")
-    wheels = layer_wheels(spec, log)
-    (ctx / "wheels").mkdir()
-    for p in wheels.iterdir():
-        if p.is_file() and not p.name.startswith("."):
-            _link_or_copy(p, ctx / "wheels" / p.name)
-    (ctx / "layer").mkdir()
-    (ctx / "layer" / "requirements.txt").write_text("".join(r + "\n" for r in spec.requirements))
-    (ctx / "layer" / "constraints.txt").write_text(_layer_constraints(read_constraints(), spec.requirements))
+    if spec.role in LAYER_ROLES:
+        _link_wheels(layer_wheels(spec, log), ctx / "wheels")
+        (ctx / "layer").mkdir()
+        (ctx / "layer" / "requirements.txt").write_text("".join(r + "\n" for r in spec.requirements))
+        (ctx / "layer" / "constraints.txt").write_text(_layer_constraints(read_constraints(), spec.requirements))
     record = {"name": spec.name, "role": spec.role, "tag": spec.tag, "inputs": spec.inputs(), "python": spec.python}
     if spec.has_project:
         (ctx / "project").mkdir()
@@ -764,11 +772,7 @@ def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
                 for name, text in upstream_layer_files(spec).items():
                     (ctx / "upstream-layer" / name).parent.mkdir(parents=True, exist_ok=True)
                     (ctx / "upstream-layer" / name).write_text(text)
-                wheels = upstream_wheels(spec, log)
-                (ctx / "upstream-layer" / "wheels").mkdir()
-                for p in wheels.iterdir():
-                    if p.is_file() and not p.name.startswith("."):
-                        _link_or_copy(p, ctx / "upstream-layer" / "wheels" / p.name)
+                _link_wheels(upstream_wheels(spec, log), ctx / "upstream-layer" / "wheels")
                 up["venv"] = "/opt/llmcbench/upstream-venv"
             else:
                 up["note"] = "no [upstream.image] in method.toml: the upstream engine has no pinned stack in this image"
@@ -784,11 +788,8 @@ def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
             record["network"] = "the build installs from the network (see its Dockerfile)"
             (ctx / "image.json").write_text(json.dumps(record, indent=2) + "\n")
             return record
-        wheels = isolated_wheels(f"{spec.name} backend", spec.name, spec.python, reqs, None, log)
-        (ctx / "backend" / "wheels").mkdir()
-        for p in wheels.iterdir():
-            if p.is_file() and not p.name.startswith("."):
-                _link_or_copy(p, ctx / "backend" / "wheels" / p.name)
+        _link_wheels(isolated_wheels(f"{spec.name} backend", spec.name, spec.python, reqs, None, log),
+                     ctx / "backend" / "wheels")
     (ctx / "image.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
