@@ -57,9 +57,6 @@ REQUIREMENTS_DIR = IMAGES_DIR / "requirements"
 OFFLINE_BASE = os.environ.get("LLMCBENCH_OFFLINE_BASE", "llmcbench/offline-base:bookworm-2")  # images/offline-base.sh
 GPU_BASE = "nvidia/cuda:12.4.1-runtime-ubuntu22.04"
 LABEL = "org.llmcbench"
-# The roles whose Dockerfile installs a layer of its own (COPY wheels/ and layer/); eval and the
-# deploy images install only the project (and a deploy backend) on their parent.
-LAYER_ROLES = ("base", "eval-deps", "method")
 FORMAT = "1"  # bump when the build procedure changes what an identical input produces
 PROJECT_DIRS = ("driver", "methods", "tracks")
 
@@ -184,6 +181,12 @@ class ImageSpec:
         if self.upstream_image:
             d["upstream_image"] = _sha(canonical_json({k: v for k, v in self.upstream_image.items() if k != "folder"}))
         return d
+
+    @property
+    def has_layer(self) -> bool:
+        """Whether the image installs a layer of its own (its Dockerfile copies wheels/ and layer/);
+        eval and the deploy images install only the project (and a deploy backend) on their parent."""
+        return self.role in ("base", "eval-deps", "method")
 
     @property
     def has_project(self) -> bool:
@@ -752,7 +755,7 @@ def _link_wheels(wheels: Path, dst: Path) -> None:
 def _context(spec: ImageSpec, ctx: Path, upstream: bool, log: Log) -> dict:
     """Fill a build context for `spec`; returns the image.json record."""
     shutil.copy2(spec.dockerfile, ctx / "Dockerfile")
-    if spec.role in LAYER_ROLES:
+    if spec.has_layer:
         _link_wheels(layer_wheels(spec, log), ctx / "wheels")
         (ctx / "layer").mkdir()
         (ctx / "layer" / "requirements.txt").write_text("".join(r + "\n" for r in spec.requirements))

@@ -670,6 +670,20 @@ def test_eval_image_sources_do_not_depend_on_any_method():
     assert "methods/wanda/method.toml" in wanda and not any(n.startswith("methods/gptq/") for n in wanda)
 
 
+@pytest.mark.parametrize("role,name", [("base", "base"), ("eval-deps", "eval-deps"), ("eval", "eval"),
+                                       ("method", "method-wanda"), *(("deploy", d) for d in images.DEPLOY_IMAGES)])
+def test_a_build_context_holds_what_its_dockerfile_copies(role, name):
+    """`_context` writes wheels/ and layer/ where `has_layer` says, project/ where `has_project`
+    says; each Dockerfile's COPY lines must agree, or the build fails on a missing folder (or a
+    layer is silently not installed)."""
+    spec = images.ImageSpec(role=role, name=name, requirements=[], python="3.11")
+    copies = {ln.split()[1] for ln in spec.dockerfile.read_text().splitlines() if ln.startswith("COPY ") and "--from" not in ln}
+    layer = {"wheels/", "layer/"} & copies
+    assert layer in (set(), {"wheels/", "layer/"})  # both or neither
+    assert bool(layer) == spec.has_layer
+    assert ("project/" in copies) == spec.has_project
+
+
 @needs_docker
 @pytest.mark.docker
 def test_deploy_jobs_run_in_the_eval_image(client, built_images, model_dir, tmp_path, run_cli, one_line_error):
