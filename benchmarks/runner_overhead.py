@@ -40,9 +40,10 @@ def main() -> None:
                 store = Store(Path(tmp))
                 run_dir = store.run_dir(plan.cell, h)
                 store.prepare(run_dir, job)
-                t0 = time.perf_counter()
-                result = runner.run(job, h, run_dir, Path(plan.model.path), plan.data_dir)
-                wall = time.perf_counter() - t0
+                with store.lock(run_dir):  # as a bench holds it: `images prune` leaves a locked job's container
+                    t0 = time.perf_counter()
+                    result = runner.run(job, h, run_dir, Path(plan.model.path), plan.data_dir)
+                    wall = time.perf_counter() - t0
                 if result.status != "ok":
                     raise SystemExit(f"{name} run failed: {result.error.type}: {result.error.message}")
                 figures[name].append((wall, result.wall_s, result.compress_s))

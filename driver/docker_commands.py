@@ -81,15 +81,20 @@ def images_list():
 @images_app.command("prune")
 def images_prune():
     """Remove this project's images built from other sources or pins than the current ones (a
-    target's newest old image stays until its current one is built: that build reuses its layers)."""
+    target's newest old image stays until its current one is built: that build reuses its layers),
+    and first the job containers no driver runs (a dead driver's), which would keep their images."""
     from . import images
     from .dockerhost import connect
+    from .runners.docker import remove_left_containers
 
     try:
-        removed = images.prune(connect(), log=_log)
+        client = connect()
+        containers = remove_left_containers(client, log=_log)
+        removed = images.prune(client, log=_log)
     except UserError as e:
         _fail(e)
-    console.print(f"removed {len(removed)} image tag(s); `docker image prune` frees their untagged layers")
+    console.print(f"removed {len(containers)} job container(s) left by a driver that died and {len(removed)} image tag(s); "
+                  "`docker image prune` frees their untagged layers")
 
 
 @images_app.command("lock")

@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from filelock import Timeout
+
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..dockerhost import connect, device_requests, docker_sdk, nvidia_runtime, parse_gpus
 from ..errors import UserError
@@ -342,6 +344,41 @@ def _remove_orphans(client, labels: dict[str, str], log, docker) -> None:
     for c in left:
         log.write(f"[llmcbench] removed container {c.name} ({c.status}) of this job, left by a driver that died\n".encode())
         _remove(c, docker)
+
+
+
+def remove_left_containers(client, log: Callable[[str], None] = print) -> list[str]:
+    """Remove the job containers no driver runs: those a driver that died left behind (exited,
+    or still running and writing into its run dir) where no rerun of the job came to remove
+    them (`_remove_orphans`). They hold disk and, while running, memory, and they keep their
+    images from `images prune`. A driver holds its job's lock while the job's container exists
+    (`Store.lock`), so a container whose lock is free, or whose run dir is gone, is left; one
+    whose lock is held belongs to a job that is running and stays. Returns the removed names."""
+    from ..store import Store
+
+    docker = docker_sdk()
+    try:
+        containers = client.containers.list(all=True, filters={"label": JOB_HASH_LABEL})
+    except docker.errors.APIError as e:
+        raise UserError(_api_error(e)) from None
+    removed = []
+    for c in containers:
+        run_dir = Path(c.labels.get(RUN_DIR_LABEL, ""))
+        lock = Store(run_dir.parent.parent).lock(run_dir) if run_dir.is_absolute() and run_dir.is_dir() else None
+        try:
+            if lock is not None:
+                lock.acquire(timeout=0)
+        except Timeout:
+            log(f"kept container {c.name} ({c.status}): its job is running ({run_dir})")
+            continue
+        try:
+            _remove(c, docker)
+        finally:
+            if lock is not None:
+                lock.release()
+        removed.append(c.name)
+        log(f"removed container {c.name} ({c.status}), left by a driver that died ({run_dir})")
+    return removed
 
 
 def _remove(container, docker) -> None:
