@@ -434,26 +434,28 @@ def test_a_container_left_by_a_dead_driver_is_removed_before_the_job_runs_again(
 def test_prune_removes_the_job_containers_no_driver_runs(client, tmp_path):
     """`llmcbench images prune` first removes the job containers that no driver runs: a dead
     driver's, exited or still running, whose job's lock is free, and one whose run dir is gone.
-    A container whose job's lock is held (a driver runs that job) stays, and the log says why."""
+    A container whose job's lock is held (a driver runs that job) stays, and so does one whose
+    lock cannot be taken (another user's store; here its `.locks` is a file); the log says why."""
     from filelock import FileLock
 
     from llmcbench.driver.runners.docker import JOB_HASH_LABEL, KIND_LABEL, RUN_DIR_LABEL
     from llmcbench.driver.store import Store
 
-    store = Store(tmp_path / "runs")
+    store, other = Store(tmp_path / "runs"), Store(tmp_path / "other-runs")
     made = {}
-    for name, command, has_run_dir in (("exited", ["true"], True), ("running", ["sleep", "600"], True),
-                                       ("held", ["sleep", "600"], True), ("gone", ["true"], False)):
-        run_dir = store.run_dir("cell", name.ljust(64, "0"))
-        if has_run_dir:
+    for name, command, where in (("exited", ["true"], store), ("running", ["sleep", "600"], store),
+                                 ("held", ["sleep", "600"], store), ("gone", ["true"], None), ("unchecked", ["true"], other)):
+        run_dir = (where or store).run_dir("cell", name.ljust(64, "0"))
+        if where is not None:
             run_dir.mkdir(parents=True)
         made[name] = client.containers.run(
             images.OFFLINE_BASE, command, detach=True, network_mode="none", name=f"llmcbench-prunetest-{name}-{os.getpid()}",
             labels={JOB_HASH_LABEL: run_dir.name, KIND_LABEL: "compress", RUN_DIR_LABEL: str(run_dir)})
-    held = FileLock(store.root / ".locks" / f"{store.run_dir('cell', 'held'.ljust(64, '0')).name}.lock")
+    (other.root / ".locks").write_text("not a folder")
+    held = FileLock(store.root / ".locks" / f"{'held'.ljust(64, '0')}.lock")
     held.acquire()  # this process stands for the driver that runs the job
     try:
-        for name in ("exited", "gone"):
+        for name in ("exited", "gone", "unchecked"):
             made[name].wait(timeout=60)
         # the image repository of no image: the prune of images has nothing to do here
         proc = run_cli("images", "prune", env={"LLMCBENCH_IMAGE_REPO": "llmcbench-prunetest-none"}, timeout=600)
@@ -463,9 +465,10 @@ def test_prune_removes_the_job_containers_no_driver_runs(client, tmp_path):
             with pytest.raises(Exception, match="404|No such container"):
                 client.containers.get(made[name].id)
             assert f"removed container {made[name].name}" in out, out
-        made["held"].reload()
-        assert made["held"].status == "running"
-        assert f"kept container {made['held'].name} (running): its job is running" in out, out
+        for name, status, why in (("held", "running", "its job is running"), ("unchecked", "exited", "its job's lock cannot be checked")):
+            made[name].reload()
+            assert made[name].status == status
+            assert f"kept container {made[name].name} ({status}): {why}" in out, out
         n = int(re.search(r"removed (\d+) job container\(s\) left by a driver that died", out).group(1))
         assert n == out.count("removed container ") and n >= 3, out  # the daemon may hold others left before this test
     finally:
@@ -473,6 +476,7 @@ def test_prune_removes_the_job_containers_no_driver_runs(client, tmp_path):
         for c in made.values():
             with contextlib.suppress(Exception):
                 c.remove(force=True)
+
 
 # ---------------------------------------------------------------- time limit and docker kill
 

@@ -352,8 +352,9 @@ def remove_left_containers(client, log: Callable[[str], None] = print) -> list[s
     or still running and writing into its run dir) where no rerun of the job came to remove
     them (`_remove_orphans`). They hold disk and, while running, memory, and they keep their
     images from `images prune`. A driver holds its job's lock while the job's container exists
-    (`Store.lock`), so a container whose lock is free, or whose run dir is gone, is left; one
-    whose lock is held belongs to a job that is running and stays. Returns the removed names."""
+    (`Store.lock`), so a container whose lock is free, or whose run dir is gone, has no driver;
+    one whose lock is held belongs to a job that is running and stays, as does one whose lock
+    cannot be taken (another user's store). Returns the removed containers' names."""
     from ..store import Store
 
     docker = docker_sdk()
@@ -364,15 +365,24 @@ def remove_left_containers(client, log: Callable[[str], None] = print) -> list[s
     removed = []
     for c in containers:
         run_dir = Path(c.labels.get(RUN_DIR_LABEL, ""))
-        lock = Store(run_dir.parent.parent).lock(run_dir) if run_dir.is_absolute() and run_dir.is_dir() else None
-        try:
-            if lock is not None:
+        lock = None
+        if run_dir.is_absolute() and run_dir.is_dir():
+            try:
+                lock = Store(run_dir.parent.parent).lock(run_dir)
                 lock.acquire(timeout=0)
-        except Timeout:
-            log(f"kept container {c.name} ({c.status}): its job is running ({run_dir})")
-            continue
+            except Timeout:  # before OSError: filelock's Timeout is one
+                log(f"kept container {c.name} ({c.status}): its job is running ({run_dir})")
+                continue
+            except OSError as e:  # another user's store: whether its job runs cannot be told
+                log(f"kept container {c.name} ({c.status}): its job's lock cannot be checked ({e})")
+                continue
         try:
-            _remove(c, docker)
+            c.remove(force=True)
+        except docker.errors.NotFound:  # gone meanwhile
+            pass
+        except docker.errors.APIError as e:
+            log(f"kept container {c.name} ({c.status}): the daemon did not remove it ({_api_error(e)})")
+            continue
         finally:
             if lock is not None:
                 lock.release()
