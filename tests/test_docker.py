@@ -428,7 +428,6 @@ def test_a_container_left_by_a_dead_driver_is_removed_before_the_job_runs_again(
                 c.remove(force=True)
 
 
-
 @needs_docker
 @pytest.mark.docker
 def test_prune_removes_the_job_containers_no_driver_runs(client, tmp_path):
@@ -436,8 +435,6 @@ def test_prune_removes_the_job_containers_no_driver_runs(client, tmp_path):
     driver's, exited or still running, whose job's lock is free, and one whose run dir is gone.
     A container whose job's lock is held (a driver runs that job) stays, and so does one whose
     lock cannot be taken (another user's store; here its `.locks` is a file); the log says why."""
-    from filelock import FileLock
-
     from llmcbench.driver.runners.docker import JOB_HASH_LABEL, KIND_LABEL, RUN_DIR_LABEL
     from llmcbench.driver.store import Store
 
@@ -452,7 +449,7 @@ def test_prune_removes_the_job_containers_no_driver_runs(client, tmp_path):
             images.OFFLINE_BASE, command, detach=True, network_mode="none", name=f"llmcbench-prunetest-{name}-{os.getpid()}",
             labels={JOB_HASH_LABEL: run_dir.name, KIND_LABEL: "compress", RUN_DIR_LABEL: str(run_dir)})
     (other.root / ".locks").write_text("not a folder")
-    held = FileLock(store.root / ".locks" / f"{'held'.ljust(64, '0')}.lock")
+    held = store.lock(store.run_dir("cell", "held".ljust(64, "0")))
     held.acquire()  # this process stands for the driver that runs the job
     try:
         for name in ("exited", "gone", "unchecked"):

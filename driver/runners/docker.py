@@ -346,7 +346,6 @@ def _remove_orphans(client, labels: dict[str, str], log, docker) -> None:
         _remove(c, docker)
 
 
-
 def remove_left_containers(client, log: Callable[[str], None] = print) -> list[str]:
     """Remove the job containers no driver runs: those a driver that died left behind (exited,
     or still running and writing into its run dir) where no rerun of the job came to remove
