@@ -331,17 +331,22 @@ def _wait(container, deadline: float, docker) -> tuple[bool, int | None]:
             return False, None
 
 
+def _job_containers(client, docker, label) -> list:
+    """The containers, running or exited, whose labels match `label` (a key, `key=value`, or a
+    list of those, as the daemon's label filter takes them); a daemon error is one line."""
+    try:
+        return client.containers.list(all=True, filters={"label": label})
+    except docker.errors.APIError as e:
+        raise UserError(_api_error(e)) from None
+
+
 def _remove_orphans(client, labels: dict[str, str], log, docker) -> None:
     """A driver that died without its cleanup (kill -9, the OOM killer, a lost session) leaves
     its job container behind, perhaps still running and writing into the run dir this run is
     about to use. The caller holds the job's lock, so a container of the same job and run dir
     belongs to a dead driver: it goes first, and the log says so."""
     keys = (JOB_HASH_LABEL, RUN_DIR_LABEL)
-    try:
-        left = client.containers.list(all=True, filters={"label": [f"{k}={labels[k]}" for k in keys]})
-    except docker.errors.APIError as e:
-        raise UserError(_api_error(e)) from None
-    for c in left:
+    for c in _job_containers(client, docker, [f"{k}={labels[k]}" for k in keys]):
         log.write(f"[llmcbench] removed container {c.name} ({c.status}) of this job, left by a driver that died\n".encode())
         _remove(c, docker)
 
@@ -357,12 +362,8 @@ def remove_left_containers(client, log: Callable[[str], None] = print) -> list[s
     from ..store import Store
 
     docker = docker_sdk()
-    try:
-        containers = client.containers.list(all=True, filters={"label": JOB_HASH_LABEL})
-    except docker.errors.APIError as e:
-        raise UserError(_api_error(e)) from None
     removed = []
-    for c in containers:
+    for c in _job_containers(client, docker, JOB_HASH_LABEL):
         run_dir = Path(c.labels.get(RUN_DIR_LABEL, ""))
         lock = None
         if run_dir.is_absolute() and run_dir.is_dir():
