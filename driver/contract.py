@@ -238,7 +238,10 @@ class Compression(_Record):
     group_size: int | None = None
     symmetric: bool | None = None
     act_granularity: Literal["none", "per_token", "per_tensor"] = "none"
-    smoothing_folded: bool = False
+    smoothing_folded: bool = Field(default=False, description=(
+        "per-channel scales moved from the linears' inputs into the op before them (SmoothQuant's "
+        "smoothing, AWQ's activation-aware scales, OmniQuant's LET) are already in the stored "
+        "weights and norms: the linears hold W*s, not W"))
     packed_format: str | None = None
     layers: dict[str, LayerCompression] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)

@@ -148,6 +148,23 @@ def _declared_pattern(model_dir: Path) -> str | None:
     return declaration.sparsity_pattern if declaration else None
 
 
+def folded_scales_note(reference_dir: Path, upstream_dir: Path) -> str | None:
+    """Where an engine folded per-channel scales into the weights (compression.json's
+    `smoothing_folded`: SmoothQuant, AWQ, OmniQuant's LET), its stored linears hold W*s: the
+    weight errors against dense then measure how far s is from 1 as well as the rounding (a
+    GPU parity run's AWQ W8 weights were 0.056 and 0.074 from dense, where 8-bit rounding in
+    groups of 128 moves normal weights by about 0.006). None where neither did."""
+    from .contract import read_compression
+
+    folded = [engine for engine, d in zip(ENGINES, (reference_dir, upstream_dir))
+              if (c := read_compression(Path(d))) is not None and c.smoothing_folded]
+    if not folded:
+        return None
+    return (f"{' and '.join(folded)} folded per-channel scales into the stored weights (compression.json smoothing_folded): "
+            "the weight rel. error vs dense and the weight rel. diff compare W*s, so they measure the scales as well as "
+            "the rounding, not the quantization error alone; the ppl compares the models")
+
+
 def _examples_digest(model_dir: Path) -> str | None:
     """The `examples sha256 <hex>` an engine noted in compression.json (LLM-Pruner's Taylor
     examples), None where it noted none."""
@@ -209,6 +226,9 @@ def run_planned_parity(planned: dict, on_job: Callable | None = None) -> ParityR
                      f"{digests['reference'][:16]}...)" if digests["reference"] == digests["upstream"] else
                      f"the engines' importance examples differ (sha256 {digests['reference'][:16]}... vs "
                      f"{digests['upstream'][:16]}...): their choices differ by the data as well as by the algorithm")
+    folded = folded_scales_note(ref.runs["compress"].run_dir / "model", up.runs["compress"].run_dir / "model")
+    if folded:
+        notes.append(folded)
     upstream_run = up.runs["compress"].result.metrics.get("upstream", {})
     if upstream_run.get("cuda_mapped_to_cpu"):
         notes.append("upstream ran on the CPU: the shim mapped its hard-coded CUDA calls to the CPU (methods/_upstream/shim.py)"

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from llmcbench.driver.contract import Compression
 from llmcbench.driver.fsio import write_record
-from llmcbench.driver.parity import compare_artifacts
+from llmcbench.driver.parity import compare_artifacts, folded_scales_note
 
 WEIGHT = "model.layers.0.mlp.up_proj.weight"
 
@@ -129,3 +129,22 @@ def test_parity_sets_the_methods_parity_params_on_both_engines(tmp_path, tiny_ll
         assert plan.tracks == [2]
     wanda = parity_plans("wanda", None, str(tiny_llama_dir), "quick", "local", tmp_path / "runs", None, "cpu")
     assert get_method("wanda").parity.params == {} and all(not p.overrides for p in wanda.values())
+
+
+def test_folded_scales_are_named_where_the_weight_errors_include_them(tmp_path):
+    """SmoothQuant, AWQ and OmniQuant's LET store W*s (compression.json smoothing_folded): the
+    record's weight errors against dense then include the scales, and a note must say so."""
+    dirs = {engine: tmp_path / engine for engine in ("reference", "upstream")}
+
+    def declare(**folded):
+        for engine, d in dirs.items():
+            d.mkdir(exist_ok=True)
+            write_record(d / "compression.json", Compression(method="t", smoothing_folded=folded.get(engine, False)))
+        return folded_scales_note(dirs["reference"], dirs["upstream"])
+
+    assert declare() is None
+    assert declare(upstream=True).startswith("upstream folded per-channel scales into the stored weights")
+    note = declare(reference=True, upstream=True)
+    assert note.startswith("reference and upstream folded") and "not the quantization error alone" in note
+    (dirs["upstream"] / "compression.json").unlink()  # an artifact without a declaration folds nothing we know of
+    assert folded_scales_note(dirs["reference"], dirs["upstream"]).startswith("reference folded")

@@ -477,6 +477,7 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
         group_size=settings.group_size if settings.group_size > 0 else None,
         symmetric=False,
         act_granularity="none",
+        smoothing_folded=settings.auto_scale,
         layers=layers,
         notes=_notes(calibration_ids, settings, update, ragged, packed_format),
     )

@@ -274,7 +274,7 @@ def test_declaration_and_what_changes(quantized):
     declaration = output.declaration
     assert (declaration.method, declaration.weight_bits, declaration.act_bits, declaration.group_size,
             declaration.symmetric, declaration.act_granularity, declaration.smoothing_folded) == (
-        "awq", 4, 16, 32, False, "none", False)
+        "awq", 4, 16, 32, False, "none", True)  # the activation-aware scales are in the weights and norms
     assert set(declaration.layers) == set(block_linears(model)) and len(declaration.layers) == 14
     assert all(layer.weight_bits == 4 for layer in declaration.layers.values())
     assert any("scale search over 2 blocks" in note for note in declaration.notes)
@@ -295,11 +295,12 @@ def test_awq_beats_round_to_nearest_on_salient_channels():
     reference_model = with_salient_channels(mha_llama())
     held_out = random_ids(2, 64, seed=99)
     reference = logits(reference_model, held_out)
-    errors = {}
+    errors, folded = {}, {}
     for name, params in {"awq": {}, "rtn": {"auto_scale": False, "auto_clip": False}}.items():
         model = with_salient_channels(mha_llama())
-        compress(model, random_ids(), {"weight_bits": 3, "group_size": 32, **params}, CPU)
+        folded[name] = compress(model, random_ids(), {"weight_bits": 3, "group_size": 32, **params}, CPU).declaration.smoothing_folded
         errors[name] = ((logits(model, held_out) - reference).norm() / reference.norm()).item()
+    assert folded == {"awq": True, "rtn": False}  # without the scale search nothing is moved into the weights
     print(f"relative logit error at W3 g32: awq {errors['awq']:.4f}, round-to-nearest {errors['rtn']:.4f}")
     assert errors["awq"] < 0.8 * errors["rtn"]
 

@@ -62,7 +62,7 @@ def test_convert_dump_fake_and_the_packed_state_dict(tmp_path, tiny_llama_dir, d
         ADAPTER.convert(ctx)  # W4 needs the packed state dict too
     torch.save({"model.layers.0.self_attn.q_proj.qweight": torch.zeros(64, 8, dtype=torch.int32)}, ctx.work / "quant-v2.pt")
     declaration = ADAPTER.convert(ctx)
-    assert (declaration.weight_bits, declaration.group_size, declaration.symmetric) == (4, 32, False)
+    assert (declaration.weight_bits, declaration.group_size, declaration.symmetric, declaration.smoothing_folded) == (4, 32, False, True)
     assert declaration.packed_format == "llm-awq-v2" and (tmp_path / ".packed.partial" / "awq-v2.pt").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(ctx.model_out, dtype=torch.float32)
     ppl = wikitext2_ppl(loaded, AutoTokenizer.from_pretrained(ctx.model_out), data_dir=data_dir, seqlen=128, max_windows=2)

@@ -116,7 +116,8 @@ class AWQUpstream(UpstreamAdapter):
                  "weights stored dequantized (--dump_fake)" + ("; packed/awq-v2.pt is upstream's WQLinear state dict"
                                                                if packed_format else "; W8: upstream packs 4-bit only")]
         return Compression(method="awq", engine="upstream", weight_bits=s.weight_bits, act_bits=16, group_size=s.group_size,
-                           symmetric=False, act_granularity="none", packed_format=packed_format, layers=layers, notes=notes)
+                           symmetric=False, act_granularity="none", smoothing_folded=True,  # run_awq's auto_scale
+                           packed_format=packed_format, layers=layers, notes=notes)
 
 
 ADAPTER = AWQUpstream()
