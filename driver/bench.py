@@ -18,6 +18,7 @@ from typing import Callable
 from filelock import Timeout
 
 from .contract import (Calibration, Compression, ContractError, DeploySettings, EvalSettings, Job, Limits, ModelRef, Result,
+                       artifact_digest, read_record,
                        read_compression, setting_label)
 from .data import data_digest, resolve_data
 from .errors import JobFailed, UnsupportedSetting, UserError, out_of_disk_hint
@@ -101,6 +102,8 @@ def parse_tracks(text: str | list[int] | None) -> list[int]:
     if isinstance(text, str) and text.strip().lower() == "all":
         return sorted(KNOWN_TRACKS)
     items = text if isinstance(text, list) else [t for t in str(text).replace(" ", "").split(",") if t]
+    if not items:
+        raise UserError(f"no track in '{text}': give tracks as numbers 1-7, e.g. TRACKS=1,3,4 (or all)")
     tracks = []
     for t in items:
         try:
@@ -249,6 +252,9 @@ def check_runs_dir(runs_dir: str | Path) -> None:
     code with a traceback, after the plan was printed."""
     if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
         raise UserError(f"--runs-dir {runs_dir} is a file: the result store is a directory")
+    above = next((p for p in Path(runs_dir).absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"--runs-dir {runs_dir} cannot be created: {above} is a file")
 
 
 def _check_model_support(method: str, engine: str, model: str | None) -> None:
@@ -366,7 +372,33 @@ def cached_jobs(plan: BenchPlan) -> tuple[int, int]:
     """(jobs already in the store, jobs planned): a bench with all its jobs cached runs nothing."""
     jobs = planned_jobs(plan)
     store = Store(plan.runs_dir)
-    return sum(store.cached(p.run_dir) is not None for p in jobs), len(jobs)
+    compressed = store.cached(jobs[0].run_dir) if jobs and jobs[0].key == "compress" else None
+    return sum(_cached(store, p.run_dir, _reading(p.job, compressed)) is not None for p in jobs), len(jobs)
+
+
+def _reading(job: Job, compressed: Result | None) -> Job:
+    """The job as it runs: one that reads the compress job's artifact records that artifact's
+    digest (`ModelRef.artifact_sha256`, outside the job hash)."""
+    if job.model.source != "artifact" or compressed is None:
+        return job
+    return job.model_copy(update={"model": job.model.model_copy(update={"artifact_sha256": artifact_digest(compressed)})})
+
+
+def _cached(store: Store, run_dir: Path, job: Job) -> Result | None:
+    """The store's result of the job, or None. A job on an artifact is cached only for the
+    artifact it read: `llmcbench compress --force` can recompute the artifact with other
+    weights (another thread count or GPU rounds differently) under the same hash, and an
+    evaluation of the old weights must not score the new ones. A run recorded before the
+    digest existed (None) is kept."""
+    result = store.cached(run_dir)
+    wanted = job.model.artifact_sha256
+    if result is None or wanted is None:
+        return result
+    try:
+        ran_on = read_record(run_dir / "job.json", Job).model.artifact_sha256
+    except ContractError:
+        return None
+    return None if ran_on is not None and ran_on != wanted else result
 
 
 _RUN_DIR_LOCKS: dict[Path, threading.Lock] = {}
@@ -412,18 +444,20 @@ def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = No
         with _run_dir_lock(p.run_dir), _job_lock(store, p, on_job) as on_line:
             if force and p.run_dir.exists():
                 shutil.rmtree(p.run_dir)
-            cached = store.cached(p.run_dir)
+            comp = plan.runs.get("compress")
+            job = _reading(p.job, comp.result if comp else None)
+            cached = _cached(store, p.run_dir, job)
             if cached is not None:
-                run = JobRun(p.job, p.job_hash, p.run_dir, cached, True)
+                run = JobRun(job, p.job_hash, p.run_dir, cached, True)
             else:
                 check_stopping()  # an interrupted matrix: the killed job's run dir (its log) is kept, not prepared afresh
-                store.prepare(p.run_dir, p.job)
+                store.prepare(p.run_dir, job)
                 if on_line is None and on_job:
-                    on_line = on_job(p.key, p.job, None)
-                result = runner.run(p.job, p.job_hash, p.run_dir, p.model_path, plan.data_dir, on_line=on_line)
-                run = JobRun(p.job, p.job_hash, p.run_dir, result, False)
+                    on_line = on_job(p.key, job, None)
+                result = runner.run(job, p.job_hash, p.run_dir, p.model_path, plan.data_dir, on_line=on_line)
+                run = JobRun(job, p.job_hash, p.run_dir, result, False)
         if on_job:
-            on_job(p.key, p.job, run)
+            on_job(p.key, job, run)
         if run.result.status != "ok":
             err = run.result.error
             hint = f"; {out_of_disk_hint(plan.runs_dir)}" if err.type == "out_of_disk" else ""

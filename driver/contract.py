@@ -47,6 +47,10 @@ class ModelRef(_Record):
     source: Literal["hub", "local", "artifact", "embedded"]
     identity: str
     path: str | None = Field(default=None, description="host path; excluded from the job hash")
+    artifact_sha256: str | None = Field(default=None, description=(
+        "an artifact's content when the job ran (`artifact_digest` of its compress result); excluded from "
+        "the job hash, which is planned before the compress job runs: a cached job whose artifact was "
+        "recomputed with other weights is stale"))
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -138,6 +142,7 @@ class Job(_Record):
         before they existed (and jobs that read the hub) keep their hashes."""
         d = self.model_dump(mode="json")
         d["model"].pop("path", None)
+        d["model"].pop("artifact_sha256", None)
         d.pop("limits", None)
         if d["overrides"] is None:
             del d["overrides"]
@@ -254,6 +259,12 @@ def read_compression(model_dir: Path) -> Compression | None:
     """A model dir's `compression.json`, None for a model without one (dense)."""
     path = Path(model_dir) / COMPRESSION_FILE
     return read_record(path, Compression) if path.is_file() else None
+
+
+def artifact_digest(result: "Result") -> str:
+    """One sha256 over what a compress job left (its result's `output_sha256`: the model's and
+    the packed export's files), recorded in the job.json of every job that reads the artifact."""
+    return _sha(canonical_json(result.output_sha256))
 
 
 def canonical_json(obj: Any) -> str:

@@ -188,3 +188,86 @@ def test_make_targets_run_the_steps_with_the_bench_variables(tiny_llama_dir, tmp
     cells = sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
     name = Path(tiny_llama_dir).name.lower()
     assert cells == [cell_name("dense", None, name), cell_name("wanda", "2:4", name)], cells
+
+
+DRIFT_TOML = """name = "drift"
+kind = "pruning"
+title = "test method whose weights depend on the environment, as a recompute on another machine's threads does"
+paper_preset = "a"
+
+[upstream]
+repo = "https://example.invalid/none"
+commit = "0000000000000000000000000000000000000000"
+
+[calibration]
+nsamples = 2
+seqlen = 16
+
+[engines.reference]
+module = "reference"
+
+[presets.a]
+"""
+
+DRIFT_ENGINE = '''import os
+
+import torch
+
+from llmcbench.driver.contract import Compression
+
+
+def compress(model, calibration_ids, params, device):
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1 + float(os.environ.get("DRIFT_BY", "0")))
+    return Compression(method="drift", sparsity_pattern="none", notes=["test method: one weight scaled by DRIFT_BY"])
+'''
+
+
+def test_an_evaluation_of_a_recomputed_artifact_is_not_a_cache_hit(tiny_llama_dir, tmp_path, run_cli):
+    """The compressed evaluation's hash is planned before its compress job runs, so it names the
+    compress job, not its weights. `compress --force` may recompute them differently (another
+    thread count, another GPU): the evaluation of the old weights is then stale, not a cache hit,
+    and the store report does not show it beside the new artifact's track 3."""
+    from llmcbench.driver.contract import Result, artifact_digest, read_record
+
+    method = tmp_path / "extra" / "drift"
+    method.mkdir(parents=True)
+    (method / "method.toml").write_text(DRIFT_TOML)
+    (method / "reference.py").write_text(DRIFT_ENGINE)
+
+    def cli(*args, drift="0"):
+        proc = run_cli(*args, "--model", str(tiny_llama_dir), "--runs-dir", "runs", "--device", "cpu", cwd=tmp_path,
+                       env={"LLMCBENCH_METHODS_PATH": str(tmp_path / "extra"), "DRIFT_BY": drift})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return _job_lines(proc.stdout)
+
+    def evaluated(eval_hash12):
+        job, _, run_dir = next(r for h, r in _runs(tmp_path / "runs").items() if h.startswith(eval_hash12))
+        return job["model"]["artifact_sha256"], run_dir
+
+    comp = cli("compress", "--method", "drift")["compress"]
+    first = cli("eval", "--method", "drift", "--tracks", "4")["compressed eval"]
+    assert first[0] == "ran"
+    comp_dir = next((tmp_path / "runs").glob(f"drift-*/{comp[1]}*"))
+    digest, eval_dir = evaluated(first[1])
+    assert digest == artifact_digest(read_record(comp_dir / "result.json", Result))
+    assert cli("eval", "--method", "drift", "--tracks", "4")["compressed eval"] == ("cached", first[1])
+
+    assert cli("compress", "--method", "drift", "--force", drift="0.5")["compress"] == ("ran", comp[1])  # same job
+    new_digest = artifact_digest(read_record(comp_dir / "result.json", Result))
+    assert new_digest != digest
+    proc = run_cli("report", "runs", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "runs" / "report" / "report.md").read_text()
+    assert "scored this cell's artifact before it was recomputed with other weights" in report, report
+    assert f"({eval_dir.parent.name}/{eval_dir.name})" in report  # the stale run, named in the store
+
+    again = cli("eval", "--method", "drift", "--tracks", "4")["compressed eval"]
+    assert again == ("ran", first[1])  # the same job, run again on the new weights
+    assert evaluated(first[1]) == (new_digest, eval_dir)
+    # the same weights once more (same DRIFT_BY): the evaluation stays a cache hit
+    assert cli("compress", "--method", "drift", "--force", drift="0.5")["compress"] == ("ran", comp[1])
+    assert artifact_digest(read_record(comp_dir / "result.json", Result)) == new_digest
+    assert cli("eval", "--method", "drift", "--tracks", "4")["compressed eval"] == ("cached", first[1])
+    proc = run_cli("report", "runs", cwd=tmp_path)
+    assert "recomputed with other weights" not in (tmp_path / "runs" / "report" / "report.md").read_text()

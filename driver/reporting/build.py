@@ -32,7 +32,7 @@ from pathlib import Path
 from ...tracks.records import compress_records, eval_records, judge_records, track4_memory_note
 from ..judging import load_judged
 from ...tracks.scoring import MetricRecord, ScoringError, drop_undefined_ratios, score
-from ..contract import ContractError, Job, Result, canonical_json, read_record
+from ..contract import ContractError, Job, Result, artifact_digest, canonical_json, read_record
 from ..store import REHASH_BYTES, run_problem
 from ..report import LABELS
 from .paper import compare_group, load_matching
@@ -218,9 +218,15 @@ def _group(model: str, identity: str, profile: str, members: list[StoredRun], ev
         track3_records = [rec for r, s in peers for rec in compress_records(r.result.metrics, model, r.job.method, s)]
         track3_sources = [r.source for r, _ in peers]
         artifact_evals = [e for e in evals if e.job.model.identity == f"artifact:{comp.result.job_hash}"]
+        # an evaluation of weights `compress --force` has replaced since scores another model
+        stale = [e for e in artifact_evals if e.job.model.artifact_sha256 not in (None, artifact_digest(comp.result))]
+        artifact_evals = [e for e in artifact_evals if e not in stale]
         pairs = [(ce, _dense_for(ce, comp, evals), tracks) for ce, tracks in _sources_per_track(artifact_evals)]
         cell = _cell(model, comp, setting, pairs, track3_records, track3_sources)
         cell.notes += _failed_since(comp, [e for e, _, _ in pairs], list(failed))
+        if stale:
+            cell.notes.append(f"{len(stale)} job(s) scored this cell's artifact before it was recomputed with other weights "
+                              f"({', '.join(str(e.path) for e in stale)}): not shown; the same bench or eval runs them again")
         cells.append(cell)
     flags = [name for name in FAIRNESS_FIELDS
              if len({getattr(c.fairness, name) for c in cells}) > 1]
