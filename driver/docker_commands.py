@@ -39,6 +39,8 @@ def images_build(
 
     t0 = time.perf_counter()
     try:
+        for target in targets or ["all"]:  # every typo said before the first build (they take minutes)
+            images.resolve_target(target)
         built, seen = [], set()
         for target in targets or ["all"]:
             for b in images.build(target, force=force, upstream=upstream, log=_log):

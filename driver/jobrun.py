@@ -27,7 +27,10 @@ from .contract import COMPRESSION_FILE, Compression, ErrorInfo, Job, Provenance,
 from .errors import classify_exception
 from .fsio import sha256_file, sha256_tree, write_record
 
-PARTIAL_OUTPUTS = (".model.partial", ".packed.partial")  # written whole, then renamed to model/ and packed/
+# written whole, then renamed to model/ and packed/; and the upstream engine's working copies
+# (its staged input model, its own dumps), removed when it succeeds: a failed job keeps its logs
+# (out/upstream/, log.txt), not gigabytes of weights that also hold the room result.json needs
+PARTIAL_OUTPUTS = (".model.partial", ".packed.partial", ".upstream-work")
 
 
 class Paths:

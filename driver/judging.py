@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .contract import canonical_json
@@ -43,12 +44,16 @@ def judge_config(url: str | None, model: str | None, key_env: str | None = None,
     if not data:
         return None
     try:
-        return JudgeConfig(**data)
+        config = JudgeConfig(**data)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
         flag = {"base_url": "--judge-url", "model": "--judge-model"}.get(key, f"judge.{key}")
         raise UserError(f"judge: {flag}: {err['msg'].removeprefix('Value error, ')}") from None
+    if config.api_key_env and not os.environ.get(config.api_key_env):  # the judge is asked after every job has run
+        raise UserError(f"judge: the API key's environment variable {config.api_key_env} (--judge-key-env) is not set: "
+                        "export it before the run")
+    return config
 
 
 def load_judged(run_dir: Path) -> dict | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bench import DEFAULT_TRACKS, BenchPlan, JobRun, parse_tracks, plan_bench, plan_model, planned_jobs, run_bench
-from .errors import UserError
+from .errors import StoreError, UserError
 from .fsio import dir_size_bytes
 from .store import Store
 
@@ -87,10 +87,13 @@ def run_eval(method: str | None = None, preset: str | None = None, model: str | 
         plan = plan_bench(method, preset, model, track_list, profile, engine, runner, runs_dir, data_dir, device,
                           sparsity, gpus=gpus, slurm=slurm, trust_remote_code=trust_remote_code, backends=backends)
         comp = planned_jobs(plan)[0]
-        compressed = Store(plan.runs_dir).cached(comp.run_dir)
+        what = f"{plan.method.name} {plan.setting} on {plan.model.name} (profile {plan.profile.name}, {plan.engine} engine)"
+        how = f"llmcbench compress --method {plan.method.name} --preset {plan.preset}" + (f" --model {model}" if model else "")
+        try:
+            compressed = Store(plan.runs_dir).cached(comp.run_dir)
+        except StoreError as e:  # eval never runs the compress job, so its own --force cannot repair it
+            raise StoreError(f"{str(e).split('; rerun with --force')[0]}: recompute it with `{how} --force`") from None
         if compressed is None:
-            what = f"{plan.method.name} {plan.setting} on {plan.model.name} (profile {plan.profile.name}, {plan.engine} engine)"
-            how = f"llmcbench compress --method {plan.method.name} --preset {plan.preset}" + (f" --model {model}" if model else "")
             if (comp.run_dir / "result.json").is_file():
                 raise UserError(f"{what}: its compression failed (log kept in {comp.run_dir / 'log.txt'}): rerun `{how}`")
             raise UserError(f"{what} is not compressed in {runs_dir} yet: run `{how}` (same options) first, or `llmcbench bench`")

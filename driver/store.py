@@ -17,6 +17,7 @@ a run dir that another is writing.
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 from collections.abc import Mapping
@@ -69,7 +70,13 @@ class Store:
     def lock(self, run_dir: Path) -> FileLock:
         """The inter-process lock of one job (held while it is checked, prepared and run)."""
         locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # another user's store, a read-only mount: one line, not a traceback
+            if e.errno == errno.ENOSPC:
+                raise  # the CLI's out-of-disk line, with its hint
+            raise StoreError(f"the result store {self.root} cannot be written ({e.strerror}): "
+                             "pass --runs-dir on a disk you can write to") from None
         return FileLock(locks / f"{run_dir.name}.lock")
 
     def prepare(self, run_dir: Path, job: Job) -> None:

@@ -131,6 +131,11 @@ def test_corrupted_result_is_detected_not_trusted(tmp_path, tiny_llama_dir, run_
     weights = next((run_dir / "model").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # swapped artifact bytes
     one_line_error(run_cli(*args), "corrupted artifact", weights.name)
+    # `eval` never reruns the compress job, so its --force cannot repair it: the line names the command that does
+    evaluate = ["eval", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "3", "--runs-dir", str(runs)]
+    err = one_line_error(run_cli(*evaluate, "--force"), "corrupted artifact", weights.name,
+                         "recompute it with `llmcbench compress --method wanda --preset unstructured-50 --model")
+    assert err.endswith(" --force`") and "rerun with --force" not in err
 
     healed = run_cli(*args, "--force")
     assert healed.returncode == 0, healed.stderr
@@ -276,6 +281,28 @@ def test_a_runs_dir_that_is_a_file_is_one_line(tmp_path, run_cli, one_line_error
         proc = run_cli(*command, "--runs-dir", str(afile))
         one_line_error(proc, "is a file", "directory")
         assert proc.returncode == 2 and afile.read_text() == "not a store\n"
+        proc = run_cli(*command, "--runs-dir", str(afile / "runs"))  # below a file: mkdir's traceback before
+        one_line_error(proc, "cannot be created", f"{afile} is a file")
+        assert proc.returncode == 2 and afile.read_text() == "not a store\n"
+
+
+def test_a_store_that_cannot_be_written_is_one_line(tmp_path, tiny_llama_dir, run_cli, one_line_error):
+    """Another user's store or a read-only mount fails where the first job's lock is made; here
+    the lock folder's place is taken by a file (root may write anywhere else)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".locks").write_text("")
+    proc = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--runs-dir", str(runs), "--device", "cpu")
+    one_line_error(proc, f"the result store {runs} cannot be written", "--runs-dir")
+    assert proc.returncode == 2 and sorted(p.name for p in runs.iterdir()) == [".locks"]
+
+
+def test_an_empty_track_list_is_one_line(tiny_llama_dir, tmp_path, run_cli, one_line_error):
+    for tracks in (",,,", " , "):
+        proc = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", tracks,
+                       "--runs-dir", str(tmp_path / "runs"))
+        one_line_error(proc, "no track in", "TRACKS=1,3,4")
+        assert proc.returncode == 2 and not (tmp_path / "runs").exists()
 
 
 def test_remote_code_is_an_opt_in_every_command_offers(tmp_path, tiny_llama_dir, run_cli, one_line_error):

@@ -128,6 +128,9 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     assert (tmp_path / "a" / "f.txt").read_text() == "two"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.txt"]
     assert set(sha256_tree(tmp_path)) == {"a/f.txt"}
+    # the mode a plain write gives under this umask, not mkstemp's 0600: a shared store's group reads its results
+    (tmp_path / "plain.txt").write_text("x")
+    assert (tmp_path / "a" / "f.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 != 0o600
 
 
 @pytest.mark.parametrize("line, version", [

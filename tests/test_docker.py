@@ -623,8 +623,9 @@ def test_daemon_down_is_one_line(tmp_path, tiny_llama_dir, one_line_error):
 
 def test_an_unknown_image_is_named_before_the_daemon_is_asked(tmp_path, one_line_error):
     """`llmcbench images build nosuch` with no daemon reachable: the typo, not the daemon."""
-    proc = run_cli("images", "build", "nosuch", env={"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"})
-    one_line_error(proc, "unknown image 'nosuch'", "deploy-vllm")
+    for targets in (["nosuch"], ["eval", "nosuch"]):  # a typo after a good target: said before eval's build starts
+        proc = run_cli("images", "build", *targets, env={"DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"})
+        one_line_error(proc, "unknown image 'nosuch'", "deploy-vllm")
 
 
 def test_docker_not_installed_is_one_line(tmp_path, tiny_llama_dir, one_line_error):

@@ -146,6 +146,7 @@ def _gated_env(tmp_path):
     ("bad_yaml", ["not valid YAML"]),
     ("judge_key", ["unknown key 'judge.modle'", "base_url"]),
     ("judge_url", ["--judge-url", "http://"]),
+    ("judge_key_unset", ["LLMCB_NO_SUCH_KEY", "is not set"]),  # before any job, not after all of them
     ("misspelt_methods", ["unknown key 'method'", "known keys"]),
     ("not_utf8", ["not UTF-8"]),
     ("directory", ["is a directory"]),
@@ -174,6 +175,9 @@ def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line
         args.insert(1, str(f))
     elif case == "judge_url":
         args += ["--methods", "wanda", "--judge-url", "127.0.0.1:8000/v1", "--judge-model", "gpt-4"]
+    elif case == "judge_key_unset":
+        args += ["--methods", "wanda", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "gpt-4",
+                 "--judge-key-env", "LLMCB_NO_SUCH_KEY"]
     elif case == "misspelt_methods":  # the misspelt key explains the missing methods, not "pass --methods"
         f.write_text("method: [wanda]\n")
         args.insert(1, str(f))

@@ -365,6 +365,7 @@ def test_upstream_hang_is_a_timeout(tmp_path, tiny_llama_dir, data_dir, upstream
     assert result.status == "failed" and result.error.type == "timeout", result.error
     assert wall < 120
     assert "pruning starts" in (out / "upstream" / "prune.log").read_text()
+    assert not (out / ".upstream-work").exists()  # upstream's copies of the model go; its log stays
 
 
 def test_missing_or_unpinned_checkout_is_bad_input(tmp_path, tiny_llama_dir, data_dir, upstream_root):

@@ -35,7 +35,8 @@ def screenshot(page: Path, png: Path, width: int = 1280, height: int = 2000, tim
     png.parent.mkdir(parents=True, exist_ok=True)
     proc = _run([f"--screenshot={png}", f"--window-size={width},{height}", Path(page).resolve().as_uri()], timeout_s)
     if not png.is_file() or png.stat().st_size == 0:
-        raise RuntimeError(f"chromium wrote no screenshot (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        last = next((ln.strip() for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no message")
+        raise RuntimeError(f"chromium wrote no screenshot (exit {proc.returncode}): {last[-300:]}")  # one line of its stderr
     return png
 
 

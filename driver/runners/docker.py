@@ -33,7 +33,7 @@ from filelock import Timeout
 
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..dockerhost import connect, device_requests, docker_sdk, nvidia_runtime, parse_gpus
-from ..errors import UserError
+from ..errors import StoreError, UserError
 from . import check_stopping, collect_result, model_inputs
 
 JOB_COMMAND = ["python", "-m", "llmcbench.driver.jobrun", "--job", "/job/job.json", "--models", "/models",
@@ -373,7 +373,7 @@ def remove_left_containers(client, log: Callable[[str], None] = print) -> list[s
             except Timeout:  # before OSError: filelock's Timeout is one
                 log(f"kept container {c.name} ({c.status}): its job is running ({run_dir})")
                 continue
-            except OSError as e:  # another user's store: whether its job runs cannot be told
+            except (OSError, StoreError) as e:  # another user's store: whether its job runs cannot be told
                 log(f"kept container {c.name} ({c.status}): its job's lock cannot be checked ({e})")
                 continue
         try:
