@@ -8,6 +8,7 @@ cache hit ever after. Everything the user typed is validated before anything is 
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from contextlib import contextmanager
@@ -118,6 +119,13 @@ def parse_tracks(text: str | list[int] | None) -> list[int]:
     return sorted(set(tracks))
 
 
+def require_track(flags: str, track: int, tracks: list[int]) -> None:
+    """A track's own options without the track would be read by nothing: said, not ignored."""
+    if track not in tracks:
+        raise UserError(f"{flags} is for track {track}, which is not among tracks {','.join(map(str, tracks))}: "
+                        f"add {track} to --tracks, or leave it out")
+
+
 def parse_sparsity(text: str | float | None) -> float | None:
     """Accepts 0.5, '50%' or 50; rejects negative and >100% values."""
     if text is None or text == "":
@@ -136,7 +144,7 @@ def parse_sparsity(text: str | float | None) -> float | None:
 
 def resolve_device(device: str) -> str:
     if device != "auto":
-        if device.startswith("cuda"):
+        if re.fullmatch(r"cuda(:\d+)?", device):
             import torch
 
             if not torch.cuda.is_available():

@@ -61,11 +61,26 @@ def _fail(exc: Exception, code: int) -> None:
 @contextmanager
 def _job_progress():
     """A live list of a bench's jobs; yields the `on_job` callback that `run_bench` reports to."""
+    import threading
+
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  TextColumn("[dim]{task.fields[status]}"), console=console, transient=False) as progress:
-        yield _progress_callback(progress)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                        TextColumn("[dim]{task.fields[status]}"), console=console, transient=False)
+    report, lock, started = _progress_callback(progress), threading.Lock(), []
+
+    def on_job(key, job, run):  # the display starts with the first job: bad input at planning is its line alone
+        with lock:
+            if not started:
+                progress.start()
+                started.append(True)
+        return report(key, job, run)
+
+    try:
+        yield on_job
+    finally:
+        if started:
+            progress.stop()
 
 
 def _progress_callback(progress):
@@ -121,7 +136,7 @@ def bench(
     trust_remote_code: TrustRemoteCodeOption = False,
 ):
     """Compress a model with METHOD, evaluate dense and compressed on the tracks, print the table."""
-    from .bench import plan_bench, run_bench
+    from .bench import plan_bench, require_track, run_bench
     from .report import build_report, render_rich, write_report
 
     t0 = time.perf_counter()
@@ -132,6 +147,8 @@ def bench(
         plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity,
                           gpus=gpus, slurm=slurm, judge=judge_config(judge_url, judge_model, judge_key_env),
                           trust_remote_code=trust_remote_code)
+        if judge_url or judge_model or judge_key_env:
+            require_track("--judge-url/--judge-model/--judge-key-env", 7, plan.tracks)
         console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.setting} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
         with _job_progress() as on_job:
@@ -189,7 +206,7 @@ def eval_(
                                                                      "3 with --method reads its compress result"),
     profile: ProfileOption = "quick",
     engine: EngineOption = "reference",
-    backend: str = typer.Option("torch_native", "--backend", help="track 5's deploy backend(s), comma-separated"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="track 5's deploy backend(s), comma-separated (default torch_native)"),
     runner: str = typer.Option("local", "--runner", help="local, docker (the eval image) or slurm"),
     gpus: GpusOption = None,
     partition: PartitionOption = None,
@@ -208,7 +225,7 @@ def eval_(
     t0 = time.perf_counter()
     out = _run_step(run_eval, method, preset, model, tracks=tracks, profile=profile, engine=engine, runner=runner,
                     runs_dir=runs_dir, data_dir=data_dir, device=device, sparsity=sparsity, gpus=gpus,
-                    backends=[b.strip() for b in backend.split(",") if b.strip()], force=force,
+                    backends=None if backend is None else [b.strip() for b in backend.split(",") if b.strip()], force=force,
                     trust_remote_code=trust_remote_code, slurm_flags=dict(partition=partition, account=account, qos=qos))
     plan = out.plan
     what = f"{plan.method.name} {plan.setting}" if plan.method else " ".join(filter(None, plan.label))
@@ -326,9 +343,11 @@ def _fmt(value, spec: str = ".2f") -> str:
 @app.command()
 def cancel(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the result store whose Slurm jobs to cancel")):
     """Cancel every Slurm job still queued or running for this store (a driver that was killed leaves them)."""
+    from .bench import check_runs_dir
     from .runners.slurm import cancel_store
 
     try:
+        check_runs_dir(runs_dir)  # a file names no store: said before asking Slurm
         ids = cancel_store(runs_dir)
     except UserError as e:
         _fail(e, e.exit_code)
@@ -422,6 +441,10 @@ def matrix(
             base = data.get("judge") if isinstance(data.get("judge"), dict) else None
             data["judge"] = judge_config(judge_url, judge_model, judge_key_env, base).model_dump()
         spec = parse_spec(data, str(file) if file else "matrix")
+        if judge_url or judge_model or judge_key_env:  # a file's judge: may serve other runs of it
+            from .bench import parse_tracks, require_track
+
+            require_track("--judge-url/--judge-model/--judge-key-env", 7, parse_tracks(spec.tracks))
         plan = plan_matrix(spec, runs_dir)
         refresh_cached(plan, force=force)
     except UserError as e:
@@ -562,6 +585,11 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]: finished jobs are kept in the store; run the same command to resume")
         sys.exit(130)
+    except UserError as e:  # bad input met outside a command's own handler (`methods list` with a bad LLMCBENCH_METHODS_PATH)
+        if _state["verbose"]:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
     except OSError as e:  # the driver's own writes (the store, a report) on a full disk: one line, not a traceback
         from .errors import is_out_of_disk, out_of_disk_hint
 

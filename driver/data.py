@@ -30,6 +30,8 @@ def resolve_data(data_dir: str | None, mode: Literal["auto", "local", "hub"] = "
         path = Path(data_dir).expanduser().resolve()
         if not (path / "hf").is_dir():
             raise UserError(f"data dir {data_dir} has no hf/ folder: expected hf/<hub id with / as __>/<config>/<split>.jsonl")
+        if next((path / "hf").glob("*/*/*.jsonl"), None) is None:  # found here, not in every job's log
+            raise UserError(f"data dir {data_dir} has no slices: expected hf/<hub id with / as __>/<config>/<split>.jsonl")
         return "local", path
     if mode == "hub" or (mode == "auto" and hub_reachable()):
         return "hub", SHIPPED_DATA

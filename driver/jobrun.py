@@ -30,7 +30,8 @@ from .fsio import sha256_file, sha256_tree, write_record
 # written whole, then renamed to model/ and packed/; and the upstream engine's working copies
 # (its staged input model, its own dumps), removed when it succeeds: a failed job keeps its logs
 # (out/upstream/, log.txt), not gigabytes of weights that also hold the room result.json needs
-PARTIAL_OUTPUTS = (".model.partial", ".packed.partial", ".upstream-work")
+MODEL_PARTIAL, PACKED_PARTIAL, UPSTREAM_WORK = ".model.partial", ".packed.partial", ".upstream-work"
+PARTIAL_OUTPUTS = (MODEL_PARTIAL, PACKED_PARTIAL, UPSTREAM_WORK)
 
 
 class Paths:
@@ -125,7 +126,7 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
 
     t0 = time.perf_counter()
     declaration = declaration.model_copy(update={"method": job.method, "preset": job.preset, "engine": job.engine})
-    tmp = paths.out / PARTIAL_OUTPUTS[0]
+    tmp = paths.out / MODEL_PARTIAL
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -134,7 +135,7 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if export_packed is not None:
-        packed_tmp, packed = paths.out / PARTIAL_OUTPUTS[1], paths.out / "packed"
+        packed_tmp, packed = paths.out / PACKED_PARTIAL, paths.out / "packed"
         shutil.rmtree(packed_tmp, ignore_errors=True)
         packed_tmp.mkdir()
         declaration = declaration.model_copy(update={"packed_format": export_packed(packed_tmp)})

@@ -136,7 +136,10 @@ def local_dir_digest(path: Path) -> str:
             dirty = True
         hashes[p.relative_to(path).as_posix()] = cache[key]
     if dirty:
-        write_atomic(cache_file, json.dumps(cache, indent=0))
+        try:
+            write_atomic(cache_file, json.dumps(cache, indent=0))
+        except OSError:  # a read-only cache: the next digest hashes the files again, nothing worse
+            pass
     return tree_digest(hashes)
 
 

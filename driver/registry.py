@@ -138,6 +138,10 @@ def method_dirs() -> list[Path]:
     """The package's methods/ plus any folders in LLMCBENCH_METHODS_PATH (os.pathsep-separated):
     a method developed outside this repository, or a test's deliberately failing method."""
     extra = [Path(p) for p in os.environ.get("LLMCBENCH_METHODS_PATH", "").split(os.pathsep) if p]
+    for folder in extra:
+        if not folder.is_dir():  # a typo would hide the method behind "unknown method"
+            raise UserError(f"LLMCBENCH_METHODS_PATH names {folder}, which is not a folder: "
+                            "give folders holding <method>/method.toml, separated by ':'")
     return [METHODS_DIR, *extra]
 
 
@@ -151,7 +155,7 @@ def discover(methods_dir: Path | None = None) -> dict[str, MethodSpec]:
         try:
             data = tomllib.loads(toml_path.read_text())
             spec = MethodSpec.model_validate({**data, "folder": toml_path.parent})
-        except (tomllib.TOMLDecodeError, ValidationError) as e:
+        except (tomllib.TOMLDecodeError, ValidationError, UnicodeDecodeError) as e:
             raise UserError(f"{toml_path}: invalid method declaration ({str(e).splitlines()[0]})") from None
         if spec.name != toml_path.parent.name:
             raise UserError(f"{toml_path}: name '{spec.name}' must equal its folder name '{toml_path.parent.name}'")

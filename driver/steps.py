@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import DEFAULT_TRACKS, BenchPlan, JobRun, parse_tracks, plan_bench, plan_model, planned_jobs, run_bench
+from .bench import DEFAULT_TRACKS, BenchPlan, JobRun, parse_tracks, plan_bench, plan_model, planned_jobs, require_track, run_bench
 from .errors import StoreError, UserError
 from .fsio import dir_size_bytes
 from .store import Store
@@ -70,6 +70,8 @@ def run_eval(method: str | None = None, preset: str | None = None, model: str | 
     """Evaluate the compressed model of (method, preset, model) from the store, or, without a
     method, the model itself. Tracks default to bench's evaluated ones (1 and 4)."""
     track_list = parse_tracks(tracks) if tracks else [t for t in DEFAULT_TRACKS if t != 3]
+    if backends is not None:
+        require_track("--backend", 5, track_list)
     if method is None:
         if 3 in track_list:
             raise UserError("track 3 measures a compression step: pass --method (its compress result is read) "
@@ -92,7 +94,7 @@ def run_eval(method: str | None = None, preset: str | None = None, model: str | 
         try:
             compressed = Store(plan.runs_dir).cached(comp.run_dir)
         except StoreError as e:  # eval never runs the compress job, so its own --force cannot repair it
-            raise StoreError(f"{str(e).split('; rerun with --force')[0]}: recompute it with `{how} --force`") from None
+            raise e.with_fix(f"recompute it with `{how} --force`") from None
         if compressed is None:
             if (comp.run_dir / "result.json").is_file():
                 raise UserError(f"{what}: its compression failed (log kept in {comp.run_dir / 'log.txt'}): rerun `{how}`")

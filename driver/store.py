@@ -57,14 +57,14 @@ class Store:
         try:
             result = read_record(path, Result)
         except ContractError as e:
-            raise StoreError(f"corrupted result in the store: {e}; rerun with --force to recompute it") from None
+            raise StoreError(f"corrupted result in the store: {e}") from None
         if result.job_hash != run_dir.name:
-            raise StoreError(f"corrupted result in the store: {path} belongs to job {result.job_hash[:12]}, not {run_dir.name[:12]}; rerun with --force")
+            raise StoreError(f"corrupted result in the store: {path} belongs to job {result.job_hash[:12]}, not {run_dir.name[:12]}")
         if result.status != "ok":
             return None
         stale = stale_output(run_dir, result)
         if stale:
-            raise StoreError(f"corrupted artifact in the store: {run_dir / stale[0]} is missing or does not match its recorded sha256; rerun with --force")
+            raise StoreError(f"corrupted artifact in the store: {run_dir / stale[0]} is missing or does not match its recorded sha256")
         return result
 
     def lock(self, run_dir: Path) -> FileLock:
@@ -75,7 +75,7 @@ class Store:
         except OSError as e:  # another user's store, a read-only mount: one line, not a traceback
             if e.errno == errno.ENOSPC:
                 raise  # the CLI's out-of-disk line, with its hint
-            raise StoreError(f"the result store {self.root} cannot be written ({e.strerror}): "
+            raise StoreError(f"the result store {self.root} cannot be written ({e.strerror})",
                              "pass --runs-dir on a disk you can write to") from None
         return FileLock(locks / f"{run_dir.name}.lock")
 

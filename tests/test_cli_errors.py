@@ -27,6 +27,9 @@ import pytest
     # what the upstream code hard-codes is refused at planning, not in the job after its run dir
     (["--method", "smoothquant", "--preset", "w4a4", "--engine", "upstream", "--tracks", "2"],
      ["smoothquant w4a4 (upstream engine)", "W8A8 with per-token activations only"]),
+    # a track's own options without the track would be read by nothing
+    (["--method", "wanda", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "judge"],
+     ["--judge-url/--judge-model/--judge-key-env is for track 7", "add 7 to --tracks"]),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_cli, one_line_error):
     runs = tmp_path / "runs"
@@ -43,6 +46,42 @@ def test_parity_bad_input_is_one_line_before_any_progress_display(tmp_path, args
     proc = run_cli("parity", *args, "--runs-dir", str(runs))
     one_line_error(proc)
     assert proc.returncode == 2 and proc.stdout == "" and not runs.exists()
+
+
+def test_options_of_a_track_not_run_and_a_data_dir_without_slices_are_one_line(tmp_path, tiny_llama_dir, run_cli,
+                                                                                one_line_error):
+    runs = tmp_path / "runs"
+    evaluate = ["eval", "--model", str(tiny_llama_dir), "--runs-dir", str(runs)]
+    proc = run_cli(*evaluate, "--backend", "vllm")
+    one_line_error(proc, "--backend is for track 5", "tracks 1,4", "add 5 to --tracks")
+    assert proc.stdout == ""  # the job display starts with a job: no blank line left before the error
+    one_line_error(run_cli("matrix", "--methods", "wanda", "--tracks", "1", "--judge-url", "http://127.0.0.1:9/v1",
+                           "--judge-model", "judge", "--runs-dir", str(runs)), "is for track 7", "add 7 to --tracks")
+    empty = tmp_path / "data"
+    (empty / "hf" / "allenai__c4" / "en").mkdir(parents=True)  # the layout, no slice in it
+    one_line_error(run_cli(*evaluate, "--data-dir", str(empty)), f"data dir {empty} has no slices", "<split>.jsonl")
+    assert not runs.exists()
+
+
+def test_a_misset_environment_device_or_runner_option_is_one_line(tmp_path, run_cli, one_line_error):
+    """Each of these was a traceback, an "unknown method", or a message about another runner."""
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    bench = ["bench", "--method", "wanda", "--runs-dir", str(runs)]
+    missing = {"LLMCBENCH_METHODS_PATH": str(tmp_path / "no-such-folder")}
+    one_line_error(run_cli(*bench, env=missing), f"LLMCBENCH_METHODS_PATH names {tmp_path / 'no-such-folder'}", "not a folder")
+    one_line_error(run_cli("methods", "list", env=missing), "LLMCBENCH_METHODS_PATH names", "not a folder")
+    broken = tmp_path / "ext" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "method.toml").write_bytes(b"\xff\xfe name = 'broken'")  # not UTF-8
+    one_line_error(run_cli(*bench, env={"LLMCBENCH_METHODS_PATH": str(tmp_path / "ext")}),
+                   f"{broken / 'method.toml'}: invalid method declaration", "utf-8")
+    cache.write_text("")
+    one_line_error(run_cli(*bench, env={"LLMCBENCH_CACHE": str(cache)}), f"the cache {cache} (LLMCBENCH_CACHE) is a file")
+    one_line_error(run_cli(*bench, "--device", "cuda:abc"), "unknown device 'cuda:abc'")
+    one_line_error(run_cli(*bench, "--runner", "slurm", "--gpus", "0"), "--gpus applies to the docker runner (got --runner slurm)",
+                   "slurm.gpus_per_job")
+    one_line_error(run_cli("cancel", "--runs-dir", str(cache)), f"--runs-dir {cache} is a file")
+    assert not runs.exists()
 
 
 def test_model_dir_without_config(tmp_path, run_cli, one_line_error):

@@ -28,6 +28,7 @@ from pathlib import Path
 from llmcbench.driver.contract import Job
 from llmcbench.driver.errors import is_out_of_disk
 from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
+from llmcbench.driver.jobrun import MODEL_PARTIAL, PACKED_PARTIAL, UPSTREAM_WORK
 
 from .adapter import NUMERICS, SHIM, Step, UpstreamAdapter, UpstreamContext
 from .shim import EXIT_NOT_STAGED, EXIT_PDB
@@ -150,7 +151,7 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
         raise UpstreamError(f"upstream checkout {repo} is at {commit[:12]} but method.toml pins {pinned_commit[:12]}", "bad_input")
     offline = job.calibration is None or job.calibration.source != "hub"
     logs_dir = paths.out / "upstream"
-    work, model_out, packed_out = paths.out / ".upstream-work", paths.out / ".model.partial", paths.out / ".packed.partial"
+    work, model_out, packed_out = paths.out / UPSTREAM_WORK, paths.out / MODEL_PARTIAL, paths.out / PACKED_PARTIAL
     for d in (work, model_out, packed_out):
         shutil.rmtree(d, ignore_errors=True)
     logs_dir.mkdir(parents=True, exist_ok=True)

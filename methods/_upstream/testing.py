@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcbench.driver.contract import Calibration, Job, ModelRef
+from llmcbench.driver.jobrun import MODEL_PARTIAL, UPSTREAM_WORK
 from llmcbench.driver.registry import get_method
 
 from .adapter import StagedData, UpstreamContext
@@ -37,12 +38,12 @@ def job_for(method: str, preset: str, *, profile: str = "paper", nsamples: int |
 def context_for(job: Job, tmp_path: Path, *, model_dir: Path | None = None, data_dir: Path | None = None,
                 repo: Path | None = None) -> UpstreamContext:
     """An UpstreamContext with the layout run_upstream uses (work/ and model_out under tmp_path)."""
-    work = tmp_path / ".upstream-work"
+    work = tmp_path / UPSTREAM_WORK
     work.mkdir(parents=True, exist_ok=True)
     staged = stage_data(data_dir, offline=True) if data_dir else StagedData(calibration=None, wikitext_test=None)
     return UpstreamContext(job=job, params=dict(job.params), repo=repo or tmp_path / "upstream", python="python",
                            model_dir=model_dir or Path("/models") / job.model.name, work=work,
-                           model_out=tmp_path / ".model.partial", staged=staged, device=job.device)
+                           model_out=tmp_path / MODEL_PARTIAL, staged=staged, device=job.device)
 
 
 def recorded_commands(method: str, preset: str) -> list[list[str]]:

@@ -30,6 +30,7 @@ import re
 import shutil
 
 from llmcbench.driver.contract import Compression
+from llmcbench.driver.jobrun import PACKED_PARTIAL
 
 from .._engine.blockwise import UnsupportedModelError
 from .._upstream.adapter import Step, UpstreamAdapter, UpstreamContext
@@ -107,7 +108,7 @@ class AWQUpstream(UpstreamAdapter):
         packed_format = None
         if s.weight_bits == 4:
             packed = require(ctx.work / "quant-v2.pt", "real-quantized state dict (--dump_quant, renamed *-v2.pt upstream)")
-            out = ctx.model_out.parent / ".packed.partial"
+            out = ctx.model_out.parent / PACKED_PARTIAL
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy2(packed, out / "awq-v2.pt")
             packed_format = "llm-awq-v2"
