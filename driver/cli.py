@@ -331,6 +331,9 @@ def parity(
                   f"(shapes agree {rec.shapes_agree:.0%})")
     if rec.weight_rel_err:
         console.print("each engine's weight rel. error vs dense: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.weight_rel_err.items()))
+    if rec.block_rel_err:
+        console.print(f"each engine's block output error vs dense ({rec.block_tokens} WikiText-2 tokens): "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in rec.block_rel_err.items()))
     for note in rec.notes:
         console.print(f"[dim]note: {note}[/dim]")
     console.print(f"parity: {time.perf_counter() - t0:.1f} s; record in {runs_dir / 'parity'}")

@@ -10,6 +10,11 @@ the two artifacts weight by weight:
   identical weights, next to each engine's own error ||W_engine - W_dense|| / ||W_dense||:
   GPTQ-style error feedback turns a rounding flip into others along its row, so two correct
   engines can differ by about their own error while being equally close to the dense model;
+- every method: each engine's block output error, each decoder block fed the dense model's
+  input to it on WikiText-2 tokens, its output against dense's, relative to the dense block's
+  own update. Scales a smoothing engine folds into its weights (SmoothQuant, AWQ, OmniQuant's
+  LET) cancel inside a block, so this is the figure that compares such an engine with a
+  plain one, where the weight errors measure the scales too;
 - structured pruning: the share of block linears whose pruned shapes agree, and channel
   agreement, the share of kept rows/columns (heads, MLP channels) that both engines kept
   (elementwise figures only over the linears of equal shape). Where both engines note the
@@ -61,11 +66,15 @@ class ParityRecord(BaseModel):
     weight_rel_diff: float | None
     identical_fraction: float | None
     weight_rel_err: dict[str, float] | None = None  # per engine, vs dense, over the linears of dense shape
+    # per engine: sqrt(sum over blocks ||B'(h) - B(h)||^2 / sum ||B(h) - h||^2), h the dense input to block B
+    block_rel_err: dict[str, float] | None = None
+    block_tokens: int | None = None  # how many WikiText-2 tokens block_rel_err ran on
     notes: list[str] = []
 
 
-def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) -> dict:
-    """Weight-level agreement of two compressed artifacts of the same dense model."""
+def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path, ids=None) -> dict:
+    """Weight-level agreement of two compressed artifacts of the same dense model; with token
+    `ids` (batch, seqlen), each engine's block output error as well."""
     import torch
 
     from ..methods._engine.testing import block_linears
@@ -109,7 +118,66 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path) 
         "weight_rel_diff": (diff_sq ** 0.5) / (dense_sq ** 0.5) if dense_sq else None,
         "identical_fraction": identical / total if total else None,
         "weight_rel_err": {k: (v / err_dense_sq) ** 0.5 for k, v in err_sq.items()} if err_dense_sq else None,
+        "block_rel_err": block_rel_errors(models, ids) if ids is not None else None,
+        "block_tokens": ids.numel() if ids is not None else None,
     }
+
+
+def block_rel_errors(models: dict, ids) -> dict[str, float] | None:
+    """Per engine: each decoder block run on the dense model's input to that block, its output
+    against the dense block's, relative to the dense block's own update (output - input),
+    summed in squares over the blocks. Every fold of the smoothing methods stays inside one
+    block (norm -> q/k/v and gate/up, v -> o, up -> down), so W*s and its 1/s cancel here.
+    The weights only: declared activation quantization is not applied (as in the weight
+    errors). None where the models' blocks do not pair up."""
+    import torch
+
+    from ..methods._engine.blockwise import UnsupportedModelError, _block_output, decoder_blocks
+
+    try:
+        layers = {k: decoder_blocks(m)[1] for k, m in models.items()}
+    except UnsupportedModelError:
+        return None
+    if len({len(v) for v in layers.values()}) != 1:
+        return None
+    inputs, outputs = [], []
+
+    def hidden_of(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def record_input(_module, args, kwargs):
+        inputs.append(hidden_of(args, kwargs).detach().clone())
+
+    def record_output(_module, _args, output):
+        outputs.append(_block_output(output).detach().float())
+
+    def run(model, hooks):
+        handles = [h for layer in layers[model] for h in hooks(layer)]
+        try:
+            with torch.no_grad():
+                models[model](input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
+    run("dense", lambda layer: (layer.register_forward_pre_hook(record_input, with_kwargs=True),
+                                layer.register_forward_hook(record_output)))
+    dense_in, dense_out = inputs, outputs
+    update_sq = sum(float(((o - i.float()) ** 2).sum()) for i, o in zip(dense_in, dense_out))
+    errors = {}
+    for engine in ENGINES:
+        feed = iter(dense_in)
+
+        def substitute(_module, args, kwargs):  # the dense input, whatever the engine's earlier blocks made
+            h = next(feed)
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+        outputs = []
+        run(engine, lambda layer: (layer.register_forward_pre_hook(substitute, with_kwargs=True),
+                                   layer.register_forward_hook(record_output)))
+        err_sq = sum(float(((o - d) ** 2).sum()) for o, d in zip(outputs, dense_out))
+        errors[engine] = (err_sq / update_sq) ** 0.5 if update_sq else None
+    return errors if all(v is not None for v in errors.values()) else None
 
 
 def kept_channels(reference, upstream, dense) -> tuple[set[int], set[int]] | None:
@@ -162,7 +230,8 @@ def folded_scales_note(reference_dir: Path, upstream_dir: Path) -> str | None:
         return None
     return (f"{' and '.join(folded)} folded per-channel scales into the stored weights (compression.json smoothing_folded): "
             "the weight rel. error vs dense and the weight rel. diff compare W*s, so they measure the scales as well as "
-            "the rounding, not the quantization error alone; the ppl compares the models")
+            "the rounding, not the quantization error alone; the block output error, where the scales cancel, and the "
+            "ppl compare the models")
 
 
 def _examples_digest(model_dir: Path) -> str | None:
@@ -176,6 +245,24 @@ def _examples_digest(model_dir: Path) -> str | None:
     notes = declaration.notes if declaration else []
     found = [m.group(1) for n in notes for m in [re.search(r"examples sha256 ([0-9a-f]{64})", n)] if m]
     return found[-1] if found else None
+
+
+BLOCK_WINDOWS, BLOCK_SEQLEN = 4, 128  # the block errors' tokens: a few seconds on CPU for a 7B model
+
+
+def block_ids(plan):
+    """(BLOCK_WINDOWS, BLOCK_SEQLEN) tokens of WikiText-2's test split (the text both engines'
+    perplexity is taken on) from where the plan reads its data, None where it is too short."""
+    from transformers import AutoTokenizer
+
+    from ..tracks.performance.perplexity import encode_joined, load_texts
+    from ..tracks.performance.task_table import WIKITEXT2
+
+    texts, _ = load_texts(WIKITEXT2, plan.data_dir if plan.data_source == "local" else None)
+    tokenizer = AutoTokenizer.from_pretrained(plan.model.path, trust_remote_code=plan.model.trust_remote_code)
+    ids = encode_joined(tokenizer, texts[:400])
+    n = BLOCK_WINDOWS * BLOCK_SEQLEN
+    return ids[:, :n].reshape(BLOCK_WINDOWS, BLOCK_SEQLEN) if ids.shape[1] >= n else None
 
 
 def _ppl(run) -> float | None:
@@ -202,7 +289,8 @@ def run_planned_parity(planned: dict, on_job: Callable | None = None) -> ParityR
 
     plans = {engine: run_bench(plan, on_job=on_job) for engine, plan in planned.items()}
     ref, up = plans["reference"], plans["upstream"]
-    figures = compare_artifacts(ref.runs["compress"].run_dir / "model", up.runs["compress"].run_dir / "model", Path(ref.model.path))
+    figures = compare_artifacts(ref.runs["compress"].run_dir / "model", up.runs["compress"].run_dir / "model", Path(ref.model.path),
+                                ids=block_ids(ref))
     sides = {}
     for engine, plan in plans.items():
         comp = plan.runs["compress"].result

@@ -148,3 +148,63 @@ def test_folded_scales_are_named_where_the_weight_errors_include_them(tmp_path):
     assert note.startswith("reference and upstream folded") and "not the quantization error alone" in note
     (dirs["upstream"] / "compression.json").unlink()  # an artifact without a declaration folds nothing we know of
     assert folded_scales_note(dirs["reference"], dirs["upstream"]).startswith("reference folded")
+
+
+def _folded_and_rounded(src: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Two artifacts of `src`: random per-channel scales folded as the smoothing methods fold
+    them (1/s into each RMSNorm and up_proj's rows, s into the columns of what reads them), the
+    function unchanged; and plain 8-bit rounding (per output row) of every block linear."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for kind in ("folded", "rounded"):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                if kind == "rounded":
+                    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                        step = lin.weight.abs().amax(dim=1, keepdim=True) / 127
+                        lin.weight.copy_(torch.round(lin.weight / step) * step)
+                    continue
+                for norm, readers in ((layer.input_layernorm, (a.q_proj, a.k_proj, a.v_proj)),
+                                      (layer.post_attention_layernorm, (m.gate_proj, m.up_proj))):
+                    scale = torch.exp(torch.empty(norm.weight.shape).uniform_(-0.7, 0.7, generator=g))
+                    norm.weight.div_(scale)
+                    for lin in readers:
+                        lin.weight.mul_(scale)
+                scale = torch.exp(torch.empty(m.up_proj.weight.shape[0]).uniform_(-0.7, 0.7, generator=g))
+                m.up_proj.weight.div_(scale[:, None])
+                m.down_proj.weight.mul_(scale)
+        out[kind] = tmp_path / kind
+        model.save_pretrained(out[kind])
+        AutoTokenizer.from_pretrained(src).save_pretrained(out[kind])
+        write_record(out[kind] / "compression.json", Compression(method="t", smoothing_folded=kind == "folded"))
+    return out["folded"], out["rounded"]
+
+
+def test_the_block_output_error_sees_through_folded_scales(tmp_path, embedded_model_dir, data_dir):
+    """On the embedded SmolLM2 and WikiText-2 tokens (as `llmcbench parity` takes them): scales
+    folded in (the smoothing methods' W*s) move the stored weights far from dense and leave every
+    block's output as it was; plain 8-bit rounding moves the weights a little and the outputs too.
+    The weight error ranks them the wrong way round, the block output error the right way."""
+    from types import SimpleNamespace
+
+    from llmcbench.driver.contract import ModelRef
+    from llmcbench.driver.parity import BLOCK_SEQLEN, BLOCK_WINDOWS, block_ids
+
+    folded, rounded = _folded_and_rounded(embedded_model_dir, tmp_path)
+    plan = SimpleNamespace(data_dir=data_dir, data_source="local",
+                           model=ModelRef(name="m", source="local", identity="x", path=str(embedded_model_dir)))
+    ids = block_ids(plan)
+    assert ids.shape == (BLOCK_WINDOWS, BLOCK_SEQLEN)
+    figures = compare_artifacts(folded, rounded, embedded_model_dir, ids=ids)
+    weights, blocks = figures["weight_rel_err"], figures["block_rel_err"]
+    assert figures["block_tokens"] == BLOCK_WINDOWS * BLOCK_SEQLEN
+    assert weights["reference"] > 0.2 and weights["upstream"] < 0.02, weights  # folded far, rounded near
+    assert blocks["reference"] < 1e-4, blocks  # the folds cancel inside each block
+    assert blocks["upstream"] > 1e-3 and blocks["upstream"] > 30 * blocks["reference"], blocks
+    # the dense model against itself: no error at all
+    assert compare_artifacts(embedded_model_dir, embedded_model_dir, embedded_model_dir, ids=ids)["block_rel_err"] == {
+        "reference": 0.0, "upstream": 0.0}

@@ -415,3 +415,8 @@ def test_parity_command_compares_both_engines(tmp_path, tiny_llama_dir, upstream
     assert rec.linears_compared == len(ref) and rec.shapes_agree == 1.0
     # two different 2:4 pruners: masks overlap well above chance (0.5 for random 2:4 masks) but differ
     assert 0.5 < rec.mask_agreement < 1
+    # each engine's blocks on WikiText-2 tokens: half of every 4 weights gone moves the outputs, not beyond
+    # the dense blocks' own updates
+    assert rec.block_tokens == 512 and set(rec.block_rel_err) == {"reference", "upstream"}
+    assert all(0.01 < v < 1 for v in rec.block_rel_err.values()), rec.block_rel_err
+    assert "block output error vs dense (512 WikiText-2 tokens)" in proc.stdout
