@@ -78,9 +78,21 @@ def _job_progress():
 
     try:
         yield on_job
+    except KeyboardInterrupt:  # the jobs are stopped by now (run_bench); the display ends before the line
+        if started:
+            progress.stop()
+            started.clear()
+        _interrupted()
     finally:
         if started:
             progress.stop()
+
+
+def _interrupted() -> None:
+    """Ctrl-C, or SIGTERM (made one in `main`), while jobs run. Typer turns a KeyboardInterrupt
+    that leaves a command into a silent exit 130, so the command says what is kept itself."""
+    err_console.print("[red]interrupted[/red]: finished jobs are kept in the store; run the same command to resume", soft_wrap=True)
+    raise typer.Exit(130)
 
 
 def _progress_callback(progress):
@@ -291,6 +303,8 @@ def deploy(
                           trust_remote_code=trust_remote_code)
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
     console.print(deploy_table(rows))
     console.print(f"deploy: {len(rows)} models measured in {time.perf_counter() - t0:.1f} s; store {runs_dir}")
 
@@ -585,9 +599,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app()
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/red]: finished jobs are kept in the store; run the same command to resume")
-        sys.exit(130)
     except UserError as e:  # bad input met outside a command's own handler (`methods list` with a bad LLMCBENCH_METHODS_PATH)
         if _state["verbose"]:
             raise

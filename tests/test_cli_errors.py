@@ -366,3 +366,30 @@ def test_a_matrix_that_selects_no_cell_says_why(tmp_path, run_cli, one_line_erro
     proc = run_cli("matrix", "--methods", "gptq,awq", "--presets", "track2", "--runs-dir", str(tmp_path / "runs"))
     one_line_error(proc, "no cells to run", "add 2 to --tracks")
     assert proc.returncode == 2
+
+
+def test_an_interrupted_bench_says_what_is_kept_and_leaves_no_job_running(tmp_path, tiny_llama_dir):
+    """Ctrl-C while a job runs: exit 130 and the line saying finished jobs are kept (Typer turned
+    the interrupt into a silent exit 130 before the command said it), the job process gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HANG_INJECT_SECONDS": "600",
+           "LLMCBENCH_METHODS_PATH": str(Path(__file__).parent / "fixtures" / "methods")}
+    proc = subprocess.Popen([sys.executable, "-m", "llmcbench.driver.cli", "bench", "--method", "hang_inject", "--preset", "ok",
+                             "--model", str(tiny_llama_dir), "--tracks", "3", "--device", "cpu", "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline, log = time.monotonic() + 300, None
+    while time.monotonic() < deadline and proc.poll() is None and log is None:
+        log = next((p for p in runs.glob("hang_inject-*/*/log.txt") if "sleeping" in p.read_text()), None)
+        time.sleep(0.2)
+    assert log is not None, "the job never started sleeping"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert err.strip() == "interrupted: finished jobs are kept in the store; run the same command to resume", err
+    assert log.parent.name not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
