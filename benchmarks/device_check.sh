@@ -37,6 +37,10 @@
 #       COST_LAYERS=32 COST_S=90 DEADLINE_S=<status's budget_left_s - 40> bash benchmarks/device_check.sh roofline cost`
 #      (eager decode; the full 32-layer model for two fast engines, against the per-layer x 32 extrapolation;
 #      at once, while the machine is warm: it goes back after 30 s idle)
+#   3. `UPSTREAM_METHODS="awq smoothquant omniquant" UPSTREAM_JOBS=3 bash benchmarks/device_check.sh upstream`
+#      (the parity records now hold each engine's block output error, where the scales these three fold
+#      into their weights cancel: the figure that says whether upstream's AWQ weights, 0.074 from dense
+#      against the reference's 0.056 on 2026-12-04, are worse or only scaled otherwise)
 # and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
 # Rehearse it here first, without a GPU: `benchmarks/device_prepare.py --rehearsal DIR` says how.
 # Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU
