@@ -123,7 +123,7 @@ def require_track(flags: str, track: int, tracks: list[int]) -> None:
     """A track's own options without the track would be read by nothing: said, not ignored."""
     if track not in tracks:
         raise UserError(f"{flags} is for track {track}, which is not among tracks {','.join(map(str, tracks))}: "
-                        f"add {track} to --tracks, or leave it out")
+                        f"add {track} to --tracks, or drop {flags}")
 
 
 def parse_sparsity(text: str | float | None) -> float | None:

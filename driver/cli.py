@@ -148,7 +148,7 @@ def bench(
     trust_remote_code: TrustRemoteCodeOption = False,
 ):
     """Compress a model with METHOD, evaluate dense and compressed on the tracks, print the table."""
-    from .bench import plan_bench, require_track, run_bench
+    from .bench import parse_tracks, plan_bench, require_track, run_bench
     from .report import build_report, render_rich, write_report
 
     t0 = time.perf_counter()
@@ -156,11 +156,11 @@ def bench(
         slurm = _slurm_config(runner, partition=partition, account=account, qos=qos)
         from .judging import judge_config
 
+        if judge_url or judge_model or judge_key_env:  # before the plan resolves (maybe downloads) the model
+            require_track("--judge-url/--judge-model/--judge-key-env", 7, parse_tracks(tracks))
         plan = plan_bench(method, preset, model, tracks, profile, engine, runner, runs_dir, data_dir, device, sparsity,
                           gpus=gpus, slurm=slurm, judge=judge_config(judge_url, judge_model, judge_key_env),
                           trust_remote_code=trust_remote_code)
-        if judge_url or judge_model or judge_key_env:
-            require_track("--judge-url/--judge-model/--judge-key-env", 7, plan.tracks)
         console.print(f"[bold]llmcbench bench[/bold] {plan.method.name} {plan.setting} on {plan.model.name} "
                       f"(profile {plan.profile.name}, tracks {','.join(map(str, plan.tracks))}, {plan.device}, data {plan.data_source})")
         with _job_progress() as on_job:

@@ -53,6 +53,8 @@ def embedded_model_dir() -> Path:
         return target
     try:  # before the 30-s conversion, not after it
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(target.parent, os.W_OK):  # an existing read-only folder: mkdir said nothing
+            raise PermissionError(13, "Permission denied")
     except OSError as e:
         if is_out_of_disk(e):
             raise

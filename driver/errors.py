@@ -26,6 +26,9 @@ class StoreError(UserError):
     def with_fix(self, fix: str) -> "StoreError":
         return StoreError(self.problem, fix)
 
+    def __reduce__(self):  # pickled as its two parts, not rebuilt from the joined text (the fix twice)
+        return StoreError, (self.problem, self.fix)
+
 
 class JobFailed(Exception):
     """A job ran and failed; its log and `result.json` (status failed) are kept."""

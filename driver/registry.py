@@ -137,11 +137,11 @@ def _import_file(name: str, path: Path):
 def method_dirs() -> list[Path]:
     """The package's methods/ plus any folders in LLMCBENCH_METHODS_PATH (os.pathsep-separated):
     a method developed outside this repository, or a test's deliberately failing method."""
-    extra = [Path(p) for p in os.environ.get("LLMCBENCH_METHODS_PATH", "").split(os.pathsep) if p]
+    extra = [Path(p).expanduser() for p in os.environ.get("LLMCBENCH_METHODS_PATH", "").split(os.pathsep) if p]
     for folder in extra:
         if not folder.is_dir():  # a typo would hide the method behind "unknown method"
             raise UserError(f"LLMCBENCH_METHODS_PATH names {folder}, which is not a folder: "
-                            "give folders holding <method>/method.toml, separated by ':'")
+                            f"give folders holding <method>/method.toml, separated by '{os.pathsep}'")
     return [METHODS_DIR, *extra]
 
 

@@ -84,6 +84,19 @@ def test_a_misset_environment_device_or_runner_option_is_one_line(tmp_path, run_
     assert not runs.exists()
 
 
+def test_a_store_error_keeps_its_problem_and_its_fix_apart():
+    """`eval` names another command's --force: it swaps the fix, the problem stays word for word."""
+    import pickle
+
+    from llmcbench.driver.errors import StoreError
+
+    e = StoreError("corrupted result in the store: x")
+    assert str(e) == "corrupted result in the store: x; rerun with --force to recompute it"
+    assert str(e.with_fix("recompute it with `llmcbench compress --force`")) == (
+        "corrupted result in the store: x; recompute it with `llmcbench compress --force`")
+    assert str(pickle.loads(pickle.dumps(e))) == str(e)
+
+
 def test_model_dir_without_config(tmp_path, run_cli, one_line_error):
     model = tmp_path / "not_a_model"
     model.mkdir()

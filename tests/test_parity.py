@@ -208,3 +208,19 @@ def test_the_block_output_error_sees_through_folded_scales(tmp_path, embedded_mo
     # the dense model against itself: no error at all
     assert compare_artifacts(embedded_model_dir, embedded_model_dir, embedded_model_dir, ids=ids)["block_rel_err"] == {
         "reference": 0.0, "upstream": 0.0}
+
+
+def test_no_block_output_error_where_the_blocks_do_not_pair_up(tmp_path, tiny_llama_dir, data_dir):
+    """An artifact with fewer decoder blocks than dense has no block-by-block comparison: None,
+    and the weight figures are still taken."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    model.save_pretrained(tmp_path / "short")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path / "short")
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    figures = compare_artifacts(tiny_llama_dir, tmp_path / "short", tiny_llama_dir, ids=ids)
+    assert figures["block_rel_err"] is None and figures["block_tokens"] is None
+    assert figures["linears_compared"] == 7  # layer 0's linears, in both

@@ -26,7 +26,8 @@ def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = No
     `slurm`: the slurm runner's SlurmConfig; `device`: the jobs' device, which its preflight checks
     against the partition."""
     if gpus is not None and name != "docker":
-        how = ("a Slurm job whose device is CUDA asks for slurm.gpus_per_job GPUs (a matrix file's slurm: settings)"
+        how = ("a Slurm job whose device is CUDA asks for slurm.gpus_per_job GPUs, set in a matrix file's slurm: "
+               "settings (bench, compress and eval ask for 1)"
                if name == "slurm" else "the local runner uses the host's GPUs as they are (set CUDA_VISIBLE_DEVICES to choose)")
         raise UserError(f"--gpus applies to the docker runner (got --runner {name}): {how}")
     if name == "local":
