@@ -475,5 +475,9 @@ def run_bench(plan: BenchPlan, force: bool = False, on_job: Callable | None = No
     if plan.judge is not None and "compressed eval t7" in plan.runs:
         from .judging import judge_bench
 
-        judge_bench(plan)
+        # under the compressed evaluation's locks: two benches of one cell ask the judge once, the
+        # second reads the first's judge.json (an API's calls cost money)
+        judged = plan.runs["compressed eval t7"].run_dir
+        with _run_dir_lock(judged), store.lock(judged):
+            judge_bench(plan)
     return plan

@@ -98,3 +98,22 @@ def test_bench_tracks_2_6_7_end_to_end(tmp_path, tiny_llama_dir, run_cli, stub_j
     again = run_cli("bench", "--method", "wanda", "--model", str(tiny_llama_dir), "--tracks", "2,6,7", "--device", "cpu",
                     "--runs-dir", str(runs), "--judge-url", stub_judge.base_url, "--judge-model", "stub-judge")
     assert again.returncode == 0 and len(stub_judge.requests) == 2 * n, again.stderr[-2000:]
+
+    # two benches at once, the judgement gone: one asks the judge (slowly), the other waits for it
+    # and reads its judge.json, so each pair is judged once, not once per process
+    import os
+    import subprocess
+    import sys
+    import time
+
+    (t7_dir / "judge.json").unlink()
+    stub_judge.reply_fn = lambda prompt: (time.sleep(0.3), _length_judge(prompt))[1]
+    args = [sys.executable, "-m", "llmcbench.driver.cli", "bench", "--method", "wanda", "--model", str(tiny_llama_dir),
+            "--tracks", "2,6,7", "--device", "cpu", "--runs-dir", str(runs), "--judge-url", stub_judge.base_url,
+            "--judge-model", "stub-judge"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    both = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in both]
+    assert [p.returncode for p in both] == [0, 0], [o[1][-2000:] for o in outs]
+    assert len(stub_judge.requests) == 4 * n
+    assert json.loads((t7_dir / "judge.json").read_text())["n_scored"] == n
