@@ -421,7 +421,7 @@ def _run_dir_lock(run_dir: Path) -> threading.Lock:
 
 @contextmanager
 def _job_lock(store: Store, p: PlannedJob, on_job: Callable | None):
-    """Hold the job's inter-process lock. When another process holds it (it runs this job),
+    """Hold the job's inter-process lock. When another process holds it (it runs this job, or judges its answers),
     say so on the job's progress line and wait; yields that line's callback if one was opened."""
     lock = store.lock(p.run_dir)
     on_line = None
@@ -430,7 +430,7 @@ def _job_lock(store: Store, p: PlannedJob, on_job: Callable | None):
     except Timeout:
         if on_job:
             on_line = on_job(p.key, p.job, None)
-            on_line(f"waiting: another llmcbench process runs this job ({lock.lock_file})")
+            on_line(f"waiting: another llmcbench process holds this job, running it or judging its answers ({lock.lock_file})")
         lock.acquire()
     try:
         yield on_line

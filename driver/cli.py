@@ -170,6 +170,8 @@ def bench(
         _fail(e, e.exit_code)
     except JobFailed as e:
         _fail(e, e.exit_code)
+    except KeyboardInterrupt:  # while planning (a model download): the jobs' display has not started
+        _interrupted()
     render_rich(rep, console)
     path = write_report(rep, plan.runs["compress"].run_dir)
     console.print(f"report: {path}  ({time.perf_counter() - t0:.1f} s)")
@@ -599,6 +601,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app()
+    except KeyboardInterrupt:  # before or after a command runs (Typer turns one inside it into exit 130)
+        sys.exit(130)
     except UserError as e:  # bad input met outside a command's own handler (`methods list` with a bad LLMCBENCH_METHODS_PATH)
         if _state["verbose"]:
             raise
