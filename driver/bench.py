@@ -8,7 +8,6 @@ cache hit ever after. Everything the user typed is validated before anything is 
 
 from __future__ import annotations
 
-import re
 import shutil
 import threading
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from .errors import JobFailed, UnsupportedSetting, UserError, out_of_disk_hint
 from .models import resolve_model
 from .profiles import KNOWN_TRACKS, PROFILES, TRACK1_TASKS, Profile
 from .registry import MethodSpec, get_method
-from .runners import check_stopping, get_runner
+from .runners import check_device_name, check_stopping, get_runner
 from .store import Store, cell_name
 
 ALL_TRACKS = set(range(1, 8))
@@ -144,13 +143,11 @@ def parse_sparsity(text: str | float | None) -> float | None:
 
 def resolve_device(device: str) -> str:
     if device != "auto":
-        if re.fullmatch(r"cuda(:\d+)?", device):
+        if check_device_name(device):
             import torch
 
             if not torch.cuda.is_available():
                 raise UserError(f"device {device} requested but no CUDA GPU is visible: use --device cpu")
-        elif device != "cpu":
-            raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
         return device
     import torch
 

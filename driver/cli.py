@@ -76,16 +76,16 @@ def _job_progress():
                 started.append(True)
         return report(key, job, run)
 
+    interrupted = False
     try:
         yield on_job
     except KeyboardInterrupt:  # the jobs are stopped by now (run_bench); the display ends before the line
-        if started:
-            progress.stop()
-            started.clear()
-        _interrupted()
+        interrupted = True
     finally:
         if started:
             progress.stop()
+    if interrupted:
+        _interrupted()
 
 
 def _interrupted() -> None:

@@ -98,7 +98,6 @@ def test_screenshot_is_a_rendered_page(real_report):
         shutil.copy(png, os.environ["LLMCBENCH_KEEP_SCREENSHOT"])
 
 
-
 def test_a_screenshot_chromium_cannot_write_is_one_line(chromium, tmp_path, run_cli, one_line_error):
     """Chromium's stderr is many lines (dbus, sandbox warnings): the error keeps its last one."""
     runs = tmp_path / "runs"

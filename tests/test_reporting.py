@@ -477,7 +477,6 @@ def test_untrusted_and_failed_runs_are_listed_not_scored(llama_store):
     assert cell.notes == ["no evaluation of this artifact in the store: tracks 1 and 4 not scored"]
 
 
-
 def _failed_run(store: SyntheticStore, job: Job, env: str) -> Path:
     """A run of `job` under other code (`env`: another job hash) that crashed, as the job process records it."""
     from llmcbench.driver.contract import ErrorInfo
@@ -627,7 +626,6 @@ def test_deploy_and_trust_results_get_their_table_and_figures():
     assert table.columns[2:] == ["TensorRT-LLM", "vLLM", "OM_hard"]
     assert plots.fig_tokens_per_s(report_group)[:4] == b"\x89PNG"
     assert plots.fig_trust(report_group)[:4] == b"\x89PNG"
-
 
 
 def test_a_track_table_has_a_dense_row_per_baseline_its_ratios_used():

@@ -79,7 +79,6 @@ def test_every_end_state_is_classified():
     assert not {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "SUSPENDED"} & FINISHED
 
 
-
 def _runner_polling(monkeypatch, states, **cfg):
     """A SlurmRunner whose job_state answers `states` in turn (the last one for ever)."""
     from llmcbench.driver.runners import slurm

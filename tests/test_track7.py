@@ -222,7 +222,6 @@ def test_unparsable_replies_are_counted_not_averaged(stub_judge):
     assert parse_scores("11 3") is None and parse_scores("") is None and parse_scores("score: 7") is None
 
 
-
 def test_scores_written_out_of_ten_are_read_as_scores_not_as_a_second_score(stub_judge):
     """A judge that writes "8/10 6/10" scores 8 and 6: read with "/" as the separator it was
     (8, 10), every second answer got a 10 and nothing counted as a failure."""

@@ -165,7 +165,6 @@ def test_only_the_last_layer_of_eval_and_deploy_images_follows_the_sources(monke
     assert "/project" not in (images.IMAGES_DIR / "Dockerfile.eval-deps").read_text()
 
 
-
 def test_a_layer_without_requirements_downloads_nothing(tmp_path, monkeypatch):
     """eval, the deploy images and most method images install no wheel of their own layer: on a
     fresh clone (an empty wheelhouse) they are built without pip downloading their parents' wheels
@@ -237,7 +236,6 @@ def test_a_method_image_holds_every_module_its_engines_import(tmp_path, monkeypa
         with zipfile.ZipFile(images.project_wheel(spec.name, log=lambda _m: None)) as wheel:
             in_image = set(wheel.namelist())
         assert loaded - in_image == set(), f"method image {spec.name} lacks {sorted(loaded - in_image)}"
-
 
 
 def test_a_method_outside_the_package_travels_into_its_image(tmp_path, monkeypatch):

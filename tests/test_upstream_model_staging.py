@@ -86,7 +86,6 @@ def test_a_model_in_the_old_format_is_given_as_it_is(tmp_path, embedded_model_di
     assert not (tmp_path / "second").exists()
 
 
-
 def test_the_artifact_keeps_the_input_tokenizer_not_upstreams_resave(tmp_path, tiny_llama_dir):
     """Upstream code that saves the tokenizer with its model (Wanda's `--save_model`) writes the
     files of the staged copy in its older stack's format; the artifact's tokenizer files are

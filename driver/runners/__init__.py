@@ -8,6 +8,7 @@ source digest for local, the image digest for docker) and
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +20,16 @@ from ..fsio import write_record
 PACKED_SUFFIX = ".packed"
 
 RUNNERS = ("local", "docker", "slurm")
+
+
+def check_device_name(device: str) -> bool:
+    """Whether an explicit `--device` names CUDA (cpu: False); anything else is a one-line error.
+    Whether such a device exists is each runner's question (the host's GPUs, or a partition's)."""
+    if device == "cpu":
+        return False
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        return True
+    raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
 
 
 def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = None, slurm=None, device: str | None = None):

@@ -41,7 +41,7 @@ from typing import Callable
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..errors import UserError
 from ..fsio import sha256_file, write_atomic
-from . import check_stopping, collect_result, model_inputs
+from . import check_device_name, check_stopping, collect_result, model_inputs
 from .slurm_script import SlurmConfig, batch_script, image_path, resource_args, time_minutes
 
 # Slurm end state -> the contract's error class (COMPLETED and FAILED read the job's own result)
@@ -201,8 +201,7 @@ class SlurmRunner:
     def resolve_device(self, device: str) -> str:
         """`auto` on a cluster: CUDA when the partition has GPUs (the login node's own GPUs do not count)."""
         if device != "auto":
-            if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-                raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
+            check_device_name(device)
             return device
         parts, default = _partitions()
         return "cuda" if "gpu" in parts.get(self.config.partition or default or "", "") else "cpu"

@@ -65,7 +65,6 @@ PARAMS = {"weight_bits", "group_size", "sym", "act_order", "static_groups", "tru
           "calibration_batch_size"}
 
 
-
 @dataclass(frozen=True)
 class GPTQSettings:
     weight_bits: int

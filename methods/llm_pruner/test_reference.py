@@ -280,7 +280,6 @@ def test_presets_pass_validation_and_the_registry():
     assert len(pins) == 1
 
 
-
 def test_block_50_gives_table_3s_macs_on_llama_2_7b():
     """The paper preset is the setting the paper measured: --pruning_ratio 0.5 in layers 4..29
     removes 39% of LLaMA-2-7B's parameters, not half, yet Table 3's 0.51 TMACs (1 x 128 tokens,

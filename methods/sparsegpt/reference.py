@@ -53,7 +53,6 @@ from .._engine.sparsity import check_n_m_shapes, sparsity_declaration
 PARAMS = {"pattern", "sparsity", "n", "m", "blocksize", "percdamp", "true_sequential", "calibration_batch_size"}
 
 
-
 @dataclass(frozen=True)
 class SparseGPTSettings:
     pattern: str  # "unstructured" or "n:m"
