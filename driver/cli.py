@@ -600,9 +600,16 @@ def main() -> None:
     # SIGTERM (`kill`, a scheduler) ends any command like Ctrl-C: job processes killed, Slurm jobs cancelled
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back here, to be one line like the others
     except KeyboardInterrupt:  # before or after a command runs (Typer turns one inside it into exit 130)
         sys.exit(130)
+    except _CLICK_ERROR as e:  # a missing or unknown option, an unknown command, a value click rejects
+        if type(e).__name__ != "NoArgsIsHelpError":  # no arguments: the help is printed already (as Typer does)
+            _usage_error(e)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
     except UserError as e:  # bad input met outside a command's own handler (`methods list` with a bad LLMCBENCH_METHODS_PATH)
         if _state["verbose"]:
             raise
@@ -615,6 +622,21 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/bold red] {e}; {out_of_disk_hint(e.filename)}", soft_wrap=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # a command's typer.Exit(n) comes back as n
+
+
+# click's base exception, from whichever click the Typer in use has (Typer 0.29 vendors it privately)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_error(e) -> None:
+    """click's usage error as this CLI's one line: the problem, then where the options are listed
+    (Typer's own handler prints the usage line, a hint and a boxed panel)."""
+    from rich.markup import escape
+
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    err_console.print(f"[bold red]error:[/bold red] {escape(e.format_message().rstrip('.'))}{hint}", soft_wrap=True)
 
 
 if __name__ == "__main__":

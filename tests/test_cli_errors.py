@@ -39,6 +39,27 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles, run_c
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["bench"], ["Missing option '--method'", "bench --help"]),
+    (["bench", "--method", "wanda", "--no-such-flag"], ["No such option: --no-such-flag"]),
+    (["bench", "--method", "wanda", "--profile"], ["'--profile' requires an argument"]),
+    (["benchh"], ["No such command 'benchh'", "Did you mean 'bench'"]),
+])
+def test_usage_errors_are_one_line_too(tmp_path, args, needles, run_cli, one_line_error):
+    """click's own errors: Typer printed a usage line, a hint and a boxed panel (five lines)."""
+    proc = run_cli(*args, cwd=tmp_path)
+    one_line_error(proc, *needles)
+    assert proc.returncode == 2 and proc.stdout == "" and not (tmp_path / "runs").exists()
+
+
+def test_help_and_no_arguments_still_print_the_help(run_cli):
+    """The usage-error handler lets help through: no arguments is help with exit 2, as Typer does."""
+    proc = run_cli()
+    assert proc.returncode == 2 and "bench" in proc.stdout and proc.stderr == "", proc.stderr
+    proc = run_cli("bench", "--help")
+    assert proc.returncode == 0 and "--method" in proc.stdout and proc.stderr == "", proc.stderr
+
+
 @pytest.mark.parametrize("args", [["nosuchmethod"], ["wanda", "--preset", "3:7"], ["wanda", "--model", "/no/such/model"]])
 def test_parity_bad_input_is_one_line_before_any_progress_display(tmp_path, args, run_cli, one_line_error):
     """Planned before the live job list starts: the error alone, no empty progress line on stdout."""
