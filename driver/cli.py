@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .consoles import console, err_console
+from .consoles import console, err_console, print_error
 from .errors import JobFailed, UserError
 from .fsio import not_there
 
@@ -28,7 +28,7 @@ ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="registry name (`llmcbench models list`), HF model dir or hub id (default: embedded SmolLM2-135M)")]
 RunsDirOption = Annotated[Path, typer.Option("--runs-dir", help="the result store")]
 DataDirOption = Annotated[Optional[str], typer.Option(
-    "--data-dir", help="local data dir (hf/<id>/<config>/<split>.jsonl); default: hub when online, else the shipped slices")]
+    "--data-dir", help="local data dir (hf/<hub id, / as __>/<config>/<split>.jsonl); default: hub when online, else the shipped slices")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(
     "--trust-remote-code", help="allow a model that runs its own modelling code from the hub (ChatGLM); off by default")]
@@ -54,7 +54,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show trac
 def _fail(exc: Exception, code: int) -> None:
     if _state["verbose"]:
         err_console.print_exception()
-    err_console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+    print_error(str(exc))
     raise typer.Exit(code)
 
 
@@ -410,7 +410,7 @@ def score(
 
 @app.command()
 def matrix(
-    file: Optional[Path] = typer.Argument(None, help="matrix YAML (keys: methods, presets, models, tracks, profile, engine, runner, device, data_dir, trust_remote_code, jobs, slurm, judge)"),
+    file: Optional[Path] = typer.Argument(None, help="matrix YAML (keys: methods, presets, models, tracks, profile, engine, runner, device, data_dir, trust_remote_code, jobs, backends, slurm, judge)"),
     methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated methods (overrides the file)"),
     presets: Optional[str] = typer.Option(None, "--presets", help="paper, track2, all, or preset names (default paper)"),
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated registry names, hub ids or dirs (default: embedded)"),
@@ -426,7 +426,7 @@ def matrix(
     judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="track 7: environment variable holding the judge's API key"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
     data_dir: DataDirOption = None,
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="cells in parallel (default: one per visible GPU, 1 on CPU)"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="cells in parallel (default: one per visible GPU, 1 on CPU; every cell with --runner slurm)"),
     trust_remote_code: TrustRemoteCodeOption = False,
     runs_dir: RunsDirOption = Path("runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="plan and show what is cached, run nothing"),
@@ -613,16 +613,17 @@ def main() -> None:
     except UserError as e:  # bad input met outside a command's own handler (`methods list` with a bad LLMCBENCH_METHODS_PATH)
         if _state["verbose"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+        print_error(str(e))
         sys.exit(e.exit_code)
     except OSError as e:  # the driver's own writes (the store, a report) on a full disk: one line, not a traceback
         from .errors import is_out_of_disk, out_of_disk_hint
 
         if not is_out_of_disk(e) or _state["verbose"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {e}; {out_of_disk_hint(e.filename)}", soft_wrap=True)
+        print_error(f"{e}; {out_of_disk_hint(e.filename)}")
         sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)  # a command's typer.Exit(n) comes back as n
+    # a command's typer.Exit(n) comes back as n; commands return None (a returned int would be the exit code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 # click's base exception, from whichever click the Typer in use has (Typer 0.29 vendors it privately)
@@ -632,11 +633,9 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 def _usage_error(e) -> None:
     """click's usage error as this CLI's one line: the problem, then where the options are listed
     (Typer's own handler prints the usage line, a hint and a boxed panel)."""
-    from rich.markup import escape
-
     ctx = getattr(e, "ctx", None)
     hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-    err_console.print(f"[bold red]error:[/bold red] {escape(e.format_message().rstrip('.'))}{hint}", soft_wrap=True)
+    print_error(e.format_message().rstrip(".") + hint)
 
 
 if __name__ == "__main__":

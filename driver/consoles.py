@@ -25,3 +25,11 @@ def make_console(stderr: bool = False) -> Console:
 
 console = make_console()
 err_console = make_console(stderr=True)
+
+
+def print_error(message: str) -> None:
+    """Bad input's one red line on stderr. The message is escaped: it quotes what the user typed,
+    and rich would take `--device 'cuda[red]'` as a style tag and print `cuda`."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)

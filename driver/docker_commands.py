@@ -13,14 +13,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .consoles import console, err_console
+from .consoles import console, print_error
 from .errors import UserError
 
 images_app = typer.Typer(no_args_is_help=True, help="Container images: base, one per method, eval (images/).")
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+    print_error(str(exc))
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 

@@ -21,6 +21,8 @@ import pytest
     (["--method", "wanda", "--sparsity", "-0.1"], ["out of range"]),
     (["--method", "wanda", "--sparsity", "150%"], ["out of range"]),
     (["--method", "wanda", "--profile", "fast"], ["unknown profile 'fast'"]),
+    # what the user typed is quoted as typed: rich took `[red]` for a style tag and printed 'cuda'
+    (["--method", "wanda", "--device", "cuda[red]"], ["unknown device 'cuda[red]'"]),
     # the registry says the reference engines are LLaMA-only: refused before any download
     (["--method", "wanda", "--model", "opt-1.3b"], ["wanda on opt-1.3b", "LLaMA-architecture models only"]),
     (["--method", "llm_pruner", "--model", "opt-1.3b", "--engine", "upstream"], ["llm_pruner does not support OPT"]),

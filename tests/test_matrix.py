@@ -61,6 +61,18 @@ def test_models_list_cli(run_cli):
         assert name in proc.stdout, name
 
 
+def test_matrix_help_names_every_key_a_matrix_file_takes():
+    """The FILE argument's help is where a user reads the keys; it had left out `backends`."""
+    import inspect
+
+    from llmcbench.driver.cli import matrix
+    from llmcbench.driver.matrix import MatrixSpec
+
+    text = inspect.signature(matrix).parameters["file"].default.help
+    listed = {k.strip() for k in text.split("keys:")[1].rstrip(")").split(",")}
+    assert listed == set(MatrixSpec.model_fields), listed ^ set(MatrixSpec.model_fields)
+
+
 def test_tables_keep_their_width_when_piped():
     """Piped into a log (tee, a Slurm job, CI) without COLUMNS, rich would assume 80 columns and
     wrap the registry's nine columns cell by cell; the CLI prints a table at its natural width

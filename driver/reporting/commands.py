@@ -13,14 +13,14 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from ..consoles import console, err_console
+from ..consoles import console, err_console, print_error
 from ..fsio import not_there
 
 
 def _fail(ctx: typer.Context, message: str, code: int = 2) -> None:
     if ctx.find_root().params.get("verbose"):
         err_console.print_exception()
-    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
