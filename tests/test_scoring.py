@@ -15,6 +15,7 @@ from llmcbench.tracks.scoring import (
     paper_oms,
     paper_wide_to_long,
     read_long_csv,
+    read_results_csv,
     score,
     write_long_csv,
 )
@@ -238,6 +239,24 @@ def test_read_long_csv_names_the_bad_line(tmp_path, line, message):
     path.write_text(HEADER + "1,M,dense,,mmlu,40\n" + line + "\n")
     with pytest.raises(ScoringError, match=message):
         read_long_csv(path)
+
+
+@pytest.mark.parametrize(
+    "text, track, message",
+    [  # each was a traceback, a silent pick of one column, or a message that ignored --track
+        ("method,model,setting,mmlu,om_ka\nW,M,s,30,abc\n", None, r":2: om_ka value 'abc' is not a number"),
+        ("method,model,setting,mmlu\nW,M,s,30,40\n", None, r":2: 5 fields, the header has 4"),
+        ("method,model,setting,mmlu,mmlu\nW,M,s,30,40\n", None, r":1: column 'mmlu' appears more than once"),
+        ("method,model,setting,bogus\nW,M,s,30\n", 1, r":1: 'bogus' is not a track 1 metric; known: .*mmlu"),
+        ("method,model,setting,mmlu\nW,M,s,30\n", 9, r"--track 9: tracks are 1-7"),
+        ("method,model,setting,mmlu\nW,,s,30\n", None, r":2: .*model and method must not be empty"),
+    ],
+)
+def test_a_bad_wide_table_is_one_scoring_error(tmp_path, text, track, message):
+    path = tmp_path / "w.csv"
+    path.write_text(text)
+    with pytest.raises(ScoringError, match=message):
+        read_results_csv(path, track)
 
 
 def test_read_long_csv_wants_the_exact_header(tmp_path):

@@ -339,24 +339,27 @@ def paper_wide_to_long(table_csv_path: str | Path, track: int | None = None) -> 
     (see `paper_oms`). The track is the only one whose catalogue holds every metric
     column; pass `track` where that is ambiguous.
     """
-    with open(table_csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        if not _is_wide_header(columns):
-            raise ScoringError(f"{table_csv_path}:1: expected columns method|category,model,setting,<metrics>..., got {','.join(columns)}")
-        metrics = [c for c in columns[3:] if not c.startswith("om_")]
-        tracks = [track] if track else [t for t in range(1, 8) if all((t, m) in METRICS for m in metrics)]
-        if len(tracks) != 1 or not all((tracks[0], m) in METRICS for m in metrics):
-            raise ScoringError(f"{table_csv_path}:1: metric columns {metrics} do not name exactly one track (candidates {tracks}); name the track (--track)")
-        records = []
-        for row in reader:
-            where = f"{table_csv_path}:{reader.line_num}"
-            for metric in metrics:
-                try:
-                    value = float(row[metric])
-                except (TypeError, ValueError):
-                    raise ScoringError(f"{where}: {metric} value {row[metric]!r} is not a number") from None
-                records.append(MetricRecord(track=tracks[0], model=row["model"], method=row[columns[0]], setting=row["setting"], metric=metric, value=value))
+    columns, rows = _wide_rows(table_csv_path)
+    metrics = [c for c in columns[3:] if not c.startswith("om_")]
+    if track is not None:
+        if not 1 <= track <= 7:
+            raise ScoringError(f"--track {track}: tracks are 1-7")
+        if unknown := [m for m in metrics if (track, m) not in METRICS]:
+            raise ScoringError(f"{table_csv_path}:1: {', '.join(map(repr, unknown))} is not a track {track} metric; "
+                               f"known: {', '.join(_known(track))}")
+    tracks = [track] if track else [t for t in range(1, 8) if all((t, m) in METRICS for m in metrics)]
+    if len(tracks) != 1:
+        raise ScoringError(f"{table_csv_path}:1: metric columns {metrics} do not name exactly one track (candidates {tracks}); "
+                           "name the track (--track)")
+    records = []
+    for where, row in rows:
+        for metric in metrics:
+            value = _number(row[metric], f"{where}: {metric}")
+            try:
+                records.append(MetricRecord(track=tracks[0], model=row["model"], method=row[columns[0]],
+                                            setting=row["setting"], metric=metric, value=value))
+            except ValidationError as e:
+                raise ScoringError(f"{where}: {e.errors()[0]['msg']}") from None
     return records
 
 
@@ -365,19 +368,45 @@ def _is_wide_header(columns: list[str]) -> bool:
     return len(columns) >= 4 and columns[0] in ("method", "category") and columns[1:3] == ["model", "setting"]
 
 
+def _wide_rows(path: str | Path) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """A wide table's header and its rows as (file:line, {column: field}). A repeated column
+    (which one would be scored?) or a row of another width than the header is a ScoringError."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        columns = next(reader, None) or []
+        if not _is_wide_header(columns):
+            raise ScoringError(f"{path}:1: expected columns method|category,model,setting,<metrics>..., got {','.join(columns)}")
+        if repeated := sorted({c for c in columns if columns.count(c) > 1}):
+            raise ScoringError(f"{path}:1: column {repeated[0]!r} appears more than once: give each metric one column")
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            where = f"{path}:{reader.line_num}"
+            if len(row) != len(columns):
+                raise ScoringError(f"{where}: {len(row)} fields, the header has {len(columns)}")
+            rows.append((where, dict(zip(columns, row))))
+    return columns, rows
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ScoringError(f"{what} value {text!r} is not a number") from None
+
+
 def paper_oms(table_csv_path: str | Path) -> dict[tuple[str, str], dict[str, float]]:
     """The OMs the paper prints, per (method, setting): {"om_ka": 60.51, ...}.
 
     The paper prints them on the first row of each method/setting; later rows are blank.
     """
     printed: dict[tuple[str, str], dict[str, float]] = {}
-    with open(table_csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        method_column = (reader.fieldnames or ["method"])[0]
-        for row in reader:
-            oms = {k: float(v) for k, v in row.items() if k.startswith("om_") and v and v.strip()}
-            if oms:
-                printed.setdefault((row[method_column], row["setting"]), {}).update(oms)
+    columns, rows = _wide_rows(table_csv_path)
+    for where, row in rows:
+        oms = {k: _number(v, f"{where}: {k}") for k, v in row.items() if k.startswith("om_") and v.strip()}
+        if oms:
+            printed.setdefault((row[columns[0]], row["setting"]), {}).update(oms)
     return printed
 
 
