@@ -22,6 +22,7 @@ from .contract import (Calibration, Compression, ContractError, DeploySettings, 
                        read_compression, setting_label)
 from .data import data_digest, resolve_data
 from .errors import JobFailed, UnsupportedSetting, UserError, out_of_disk_hint
+from .fsio import file_in_the_way
 from .models import resolve_model
 from .profiles import KNOWN_TRACKS, PROFILES, TRACK1_TASKS, Profile
 from .registry import MethodSpec, get_method
@@ -257,8 +258,7 @@ def check_runs_dir(runs_dir: str | Path) -> None:
     code with a traceback, after the plan was printed."""
     if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
         raise UserError(f"--runs-dir {runs_dir} is a file: the result store is a directory")
-    above = next((p for p in Path(runs_dir).absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    if above := file_in_the_way(Path(runs_dir)):
         raise UserError(f"--runs-dir {runs_dir} cannot be created: {above} is a file")
 
 

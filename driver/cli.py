@@ -367,6 +367,8 @@ def cancel(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the r
 
     try:
         check_runs_dir(runs_dir)  # a file names no store: said before asking Slurm
+        if not runs_dir.exists():
+            raise UserError(f"store {runs_dir} does not exist: pass the --runs-dir of your benches (default runs/)")
         ids = cancel_store(runs_dir)
     except UserError as e:
         _fail(e, e.exit_code)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import UserError
-from .fsio import tree_digest
+from .fsio import tree_digest, user_path
 from .models import hub_reachable, local_dir_digest
 
 SHIPPED_DATA = Path(__file__).resolve().parents[1] / "tracks" / "data"
@@ -27,7 +27,7 @@ def resolve_data(data_dir: str | None, mode: Literal["auto", "local", "hub"] = "
     """Returns (source, local dir). The local dir is staged into `/data` either way: with
     source 'hub' the job reads the hub (and the dir is only a fallback for calibration)."""
     if data_dir:
-        path = Path(data_dir).expanduser().resolve()
+        path = user_path(data_dir, "data dir").resolve()
         if not (path / "hf").is_dir():
             raise UserError(f"data dir {data_dir} has no hf/ folder: expected hf/<hub id with / as __>/<config>/<split>.jsonl")
         if next((path / "hf").glob("*/*/*.jsonl"), None) is None:  # found here, not in every job's log

@@ -39,6 +39,7 @@ class Diagnosis:
 def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
     from .dockerhost import connect, docker_installed, host_gpus, nvidia_runtime
     from .errors import UserError
+    from .fsio import cache_dir
     from .registry import discover
 
     d = Diagnosis()
@@ -84,7 +85,7 @@ def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
               runtime or ("none: containers cannot get GPUs (install the NVIDIA container toolkit)" if client else "daemon not reachable")))
 
     # Disk
-    places = [("runs dir", Path(runs_dir)), ("cache", Path(os.environ.get("LLMCBENCH_CACHE", Path.home() / ".cache" / "llmcbench")))]
+    places = [("runs dir", Path(runs_dir)), ("cache", cache_dir())]
     if info.get("DockerRootDir"):
         places.append(("docker root", Path(info["DockerRootDir"])))
     for label, p in places:

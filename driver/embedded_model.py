@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError, is_out_of_disk
+from .fsio import cache_dir
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,7 +28,7 @@ class EmbeddedModelError(RuntimeError):
 
 
 def cache_root() -> Path:
-    root = Path(os.environ.get("LLMCBENCH_CACHE", Path.home() / ".cache" / "llmcbench"))
+    root = cache_dir()
     if root.exists() and not root.is_dir():
         raise UserError(f"the cache {root} (LLMCBENCH_CACHE) is a file, not a folder: point LLMCBENCH_CACHE at a folder")
     return root

@@ -89,3 +89,26 @@ def tree_digest(hashes: dict[str, str]) -> str:
 
 def dir_size_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+
+
+def user_path(text: str | os.PathLike, what: str) -> Path:
+    """A path the user typed, `~` expanded. `~nosuchuser/x` is bad input (pathlib raises a
+    RuntimeError, which was a traceback)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        from .errors import UserError
+
+        raise UserError(f"{what} {text}: '{str(text).split(os.sep)[0]}' names no user's home folder") from None
+
+
+def cache_dir() -> Path:
+    """The harness's cache (the embedded model, hashes): $LLMCBENCH_CACHE, else ~/.cache/llmcbench.
+    Set but empty counts as unset: Path("") is the current folder, which got 0.5 GB of model."""
+    return user_path(os.environ.get("LLMCBENCH_CACHE") or Path.home() / ".cache" / "llmcbench", "LLMCBENCH_CACHE")
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file among `path`'s existing parents, if one is: then nothing can be created there."""
+    above = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None

@@ -14,7 +14,7 @@ from pathlib import Path
 from .contract import ModelRef
 from .embedded_model import EMBEDDED_NAME, EmbeddedModelError, cache_root, embedded_model_dir
 from .errors import UserError
-from .fsio import sha256_file, tree_digest, write_atomic
+from .fsio import sha256_file, tree_digest, user_path, write_atomic
 
 EMBEDDED_ALIASES = {"", "embedded", "default", EMBEDDED_NAME}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -38,7 +38,7 @@ def resolve_model(spec: str | None, revision: str | None = None, trust_remote_co
         check_access(entry, trust_remote_code)
         ref = _resolve_hub(entry.hub_id, revision or entry.revision or None, code=entry.trust_remote_code)
         return ref.model_copy(update={"name": entry.name, "trust_remote_code": entry.trust_remote_code})
-    path = Path(spec).expanduser()
+    path = user_path(spec, "model")
     looks_like_path = spec.startswith((".", "/", "~")) or path.exists() or not _HUB_ID.match(spec)
     if looks_like_path:
         if not path.exists():

@@ -76,8 +76,6 @@ def compare_artifacts(reference_dir: Path, upstream_dir: Path, dense_dir: Path, 
     """Weight-level agreement of two compressed artifacts of the same dense model; with token
     `ids` (batch, seqlen), each engine's block output error as well (where it cannot be taken,
     None, and the reason in `notes`: the record of two finished benches is not lost to it)."""
-    import torch
-
     from ..methods._engine.testing import block_linears
     from .jobrun import load_model
     from .contract import Job, ModelRef

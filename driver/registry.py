@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
+from .fsio import user_path
 
 METHODS_DIR = Path(__file__).resolve().parents[1] / "methods"
 
@@ -137,7 +138,7 @@ def _import_file(name: str, path: Path):
 def method_dirs() -> list[Path]:
     """The package's methods/ plus any folders in LLMCBENCH_METHODS_PATH (os.pathsep-separated):
     a method developed outside this repository, or a test's deliberately failing method."""
-    extra = [Path(p).expanduser() for p in os.environ.get("LLMCBENCH_METHODS_PATH", "").split(os.pathsep) if p]
+    extra = [user_path(p, "LLMCBENCH_METHODS_PATH") for p in os.environ.get("LLMCBENCH_METHODS_PATH", "").split(os.pathsep) if p]
     for folder in extra:
         if not folder.is_dir():  # a typo would hide the method behind "unknown method"
             raise UserError(f"LLMCBENCH_METHODS_PATH names {folder}, which is not a folder: "

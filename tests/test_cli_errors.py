@@ -107,6 +107,35 @@ def test_a_misset_environment_device_or_runner_option_is_one_line(tmp_path, run_
     assert not runs.exists()
 
 
+def test_paths_and_digests_that_cannot_be_right_are_one_line(tmp_path, run_cli, one_line_error):
+    """From a bad-input sweep: a traceback (`~nosuchuser`), a report written before its
+    screenshot failed, an empty digest that verified nothing, Slurm's own error for a typo'd store."""
+    runs = tmp_path / "runs"
+    bench = ["bench", "--method", "wanda", "--runs-dir", str(runs)]
+    one_line_error(run_cli(*bench, "--model", "~llmcbench-no-such-user/m"), "'~llmcbench-no-such-user' names no user's home")
+    one_line_error(run_cli(*bench, "--data-dir", "~llmcbench-no-such-user/d"), "data dir", "names no user's home")
+    for digest in ("", "abc"):
+        one_line_error(run_cli("verify", str(tmp_path / "b.tar.gz"), "--expect-digest", digest), "is not a sha256 digest")
+    one_line_error(run_cli("cancel", "--runs-dir", str(runs)), f"store {runs} does not exist")
+    store = tmp_path / "store"
+    store.mkdir()
+    one_line_error(run_cli("report", str(store), "--screenshot", str(tmp_path)), "is a folder: name the PNG file")
+    (tmp_path / "afile").write_text("")
+    one_line_error(run_cli("report", str(store), "--screenshot", str(tmp_path / "afile" / "x.png")), "afile is a file")
+    assert list(store.iterdir()) == [] and not runs.exists()
+
+
+def test_an_empty_cache_variable_is_the_default_cache_not_the_current_folder(monkeypatch, tmp_path):
+    """LLMCBENCH_CACHE="" was Path(""): a matrix put 0.5 GB of converted model into the cwd."""
+    from llmcbench.driver.fsio import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LLMCBENCH_CACHE", "")
+    assert cache_dir() == tmp_path / ".cache" / "llmcbench"
+    monkeypatch.setenv("LLMCBENCH_CACHE", "~/elsewhere")
+    assert cache_dir() == tmp_path / "elsewhere"
+
+
 def test_a_store_error_keeps_its_problem_and_its_fix_apart():
     """`eval` names another command's --force: it swaps the fix, the problem stays word for word."""
     import pickle

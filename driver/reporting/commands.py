@@ -7,6 +7,7 @@ a traceback with `--verbose`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from ..consoles import console, err_console, print_error
-from ..fsio import not_there
+from ..fsio import file_in_the_way, not_there
 
 
 def _fail(ctx: typer.Context, message: str, code: int = 2) -> None:
@@ -56,6 +57,11 @@ def report(
     if why := not_there(runs_dir):
         _fail(ctx, f"store {runs_dir} {why}: pass the --runs-dir of your benches (default runs/)")
     out = out_dir or runs_dir / "report"
+    if screenshot is not None:  # said before the report is written, not after
+        if screenshot.is_dir():
+            _fail(ctx, f"--screenshot {screenshot} is a folder: name the PNG file to write")
+        if above := file_in_the_way(screenshot):
+            _fail(ctx, f"--screenshot {screenshot} cannot be written: {above} is a file")
     try:
         rep = write_store_report(runs_dir, out)
     except (OSError, ValueError) as e:
@@ -115,6 +121,8 @@ def verify(
     """Re-check a bundle's hashes and seals and re-score it from its raw results; one line per problem."""
     from .bundle import BundleError, verify_bundle
 
+    if expect_digest is not None and not re.fullmatch(r"[0-9a-f]{64}", expect_digest.strip().lower()):
+        _fail(ctx, f"--expect-digest {expect_digest!r} is not a sha256 digest: give the 64 hex digits `llmcbench bundle` printed")
     try:
         problems, summary = verify_bundle(bundle_path, expect_digest)
     except BundleError as e:
