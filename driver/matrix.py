@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from ..tracks.records import compress_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
@@ -52,7 +52,7 @@ class MatrixSpec(BaseModel):
     presets: list[str] = Field(default_factory=lambda: ["paper"],
                                description="per method: paper, track2, all, or preset names (unknown names are an error)")
     models: list[str] = Field(default_factory=lambda: ["embedded"])
-    tracks: list[int] | str = Field(default_factory=lambda: [1, 3, 4])
+    tracks: list[StrictInt] | str = Field(default_factory=lambda: [1, 3, 4])  # strict: YAML's `true` is not track 1
     profile: Literal["quick", "paper"] = "quick"
     engine: Literal["reference", "upstream"] = "reference"
     runner: str = "local"
@@ -76,6 +76,32 @@ class MatrixSpec(BaseModel):
     def _listify(cls, v: Any) -> Any:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
+    @field_validator("methods", "presets", "models", "backends")
+    @classmethod
+    def _named(cls, v: list[str]) -> list[str]:
+        """`--models=` or `models: [""]` named nothing: it planned the embedded model, or no cell."""
+        if not v or not all(x.strip() for x in v):
+            raise ValueError("give at least one name, and no empty ones")
+        return [x.strip() for x in v]
+
+
+def _unique_keys_loader():
+    """YAML's SafeLoader, except that a key given twice is an error (PyYAML keeps the last one:
+    a matrix file with two `methods:` lines ran only the second list)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice, line {key_node.start_mark.line + 1}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
 
 def load_matrix_file(path: Path) -> dict[str, Any]:
     import yaml
@@ -92,7 +118,7 @@ def load_matrix_file(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"matrix file {path} cannot be read ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_unique_keys_loader()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"matrix file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -106,7 +132,7 @@ def parse_spec(data: dict[str, Any], where: str = "matrix") -> MatrixSpec:
     except ValidationError as e:
         errors = e.errors()  # a misspelt key first: it explains the "field required" that comes with it
         err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-        key = ".".join(str(x) for x in err["loc"])
+        key = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and "[" in x))  # not union tags: list[int]
         if err["type"] == "extra_forbidden":
             nested = {"slurm": SlurmConfig, "judge": JudgeConfig}.get(err["loc"][0], MatrixSpec)
             known = ", ".join(nested.model_fields)

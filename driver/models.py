@@ -50,7 +50,7 @@ def resolve_model(spec: str | None, revision: str | None = None, trust_remote_co
             raise UserError(f"model path {spec} is not a directory: pass an HF model dir (with config.json)")
         if not (path / "config.json").is_file():
             raise UserError(f"model dir {spec} has no config.json: it is not a Hugging Face model dir")
-        if not trust_remote_code and _needs_remote_code(path):
+        if _needs_remote_code(path, spec) and not trust_remote_code:
             raise UserError(f"model dir {spec} runs its own modelling code (auto_map in its config.json): "
                             "pass --trust-remote-code to allow it (off by default)")
         path = path.resolve()
@@ -103,15 +103,19 @@ def _repo_files(repo_id: str, revision: str | None) -> list[str] | None:
         return None
 
 
-def _needs_remote_code(path: Path) -> bool:
+def _needs_remote_code(path: Path, spec: str) -> bool:
     """A model whose config maps its classes to its own code (ChatGLM's auto_map): loading it
-    needs trust_remote_code; without the opt-in the job started and failed in transformers."""
+    needs trust_remote_code; without the opt-in the job started and failed in transformers.
+    A config.json that is not a JSON object is refused here too, not in the job's log."""
     import json
 
     try:
-        return bool(json.loads((path / "config.json").read_text()).get("auto_map"))
-    except (OSError, ValueError, AttributeError):
-        return False
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"model dir {spec}: config.json cannot be read as JSON ({e}): it is not a Hugging Face model dir") from None
+    if not isinstance(config, dict):
+        raise UserError(f"model dir {spec}: config.json is not a JSON object: it is not a Hugging Face model dir")
+    return bool(config.get("auto_map"))
 
 
 def _safe_name(name: str) -> str:

@@ -156,6 +156,11 @@ def test_model_dir_without_config(tmp_path, run_cli, one_line_error):
     proc = run_cli("bench", "--method", "wanda", "--model", str(model), "--runs-dir", str(tmp_path / "runs"))
     one_line_error(proc, "no config.json")
     assert not (tmp_path / "runs").exists()
+    for text in ("{not json", "[1, 2]"):  # planned, and the job started, before this
+        (model / "config.json").write_text(text)
+        proc = run_cli("bench", "--method", "wanda", "--model", str(model), "--runs-dir", str(tmp_path / "runs"))
+        one_line_error(proc, "config.json", "not a Hugging Face model dir")
+        assert not (tmp_path / "runs").exists()
 
 
 def test_score_rejects_unknown_metric(tmp_path, run_cli, one_line_error):

@@ -162,6 +162,11 @@ def _gated_env(tmp_path):
     ("misspelt_methods", ["unknown key 'method'", "known keys"]),
     ("not_utf8", ["not UTF-8"]),
     ("directory", ["is a directory"]),
+    # each was taken quietly: the last `methods:` list, track 1, the embedded model
+    ("twice", ["key 'methods' appears twice, line 2"]),
+    ("true_track", ["tracks.0", "valid integer"]),
+    ("empty_model", ["models: give at least one name"]),
+    ("no_models", ["models: give at least one name"]),
 ])
 def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line_error):
     runs = tmp_path / "runs"
@@ -198,6 +203,12 @@ def test_matrix_bad_input_is_one_line(case, needles, tmp_path, run_cli, one_line
         args.insert(1, str(f))
     elif case == "directory":
         args.insert(1, str(tmp_path))
+    elif case in ("twice", "true_track", "empty_model"):
+        f.write_text({"twice": "methods: [wanda]\nmethods: [gptq]\n", "true_track": "methods: [wanda]\ntracks: [true]\n",
+                      "empty_model": "methods: [wanda]\nmodels: ['']\n"}[case])
+        args.insert(1, str(f))
+    elif case == "no_models":
+        args += ["--methods", "wanda", "--models="]
     proc = run_cli(*args, env=env)
     one_line_error(proc, *needles)
     assert proc.returncode == 2
