@@ -210,6 +210,8 @@ def plan_model(model: str | None = None, tracks=None, profile: str = "quick", ru
     else:
         get_runner(runner, gpus)
         dev = resolve_device(device)
+    if backends is not None and not backends:  # `--backend ,` named none: not the default quietly
+        raise UserError("--backend names no backend: pass e.g. torch_native or torch_native,vllm")
     backends = [b.strip().lower().replace("-", "_") for b in backends or ["torch_native"]]  # TensorRT-LLM, as pip spells it
     if compile and set(backends) - {"torch_native", "vllm"}:
         raise UserError("--compile is for the torch_native and vllm backends: TensorRT-LLM and MLC-LLM compile on their own")

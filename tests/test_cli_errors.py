@@ -77,6 +77,7 @@ def test_options_of_a_track_not_run_and_a_data_dir_without_slices_are_one_line(t
     evaluate = ["eval", "--model", str(tiny_llama_dir), "--runs-dir", str(runs)]
     proc = run_cli(*evaluate, "--backend", "vllm")
     one_line_error(proc, "--backend is for track 5", "tracks 1,4", "add 5 to --tracks")
+    one_line_error(run_cli(*evaluate, "--tracks", "5", "--backend", ","), "--backend names no backend")
     assert proc.stdout == ""  # the job display starts with a job: no blank line left before the error
     one_line_error(run_cli("matrix", "--methods", "wanda", "--tracks", "1", "--judge-url", "http://127.0.0.1:9/v1",
                            "--judge-model", "judge", "--runs-dir", str(runs)), "is for track 7", "add 7 to --tracks")
