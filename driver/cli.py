@@ -365,11 +365,18 @@ def cancel(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="the r
     from .bench import check_runs_dir
     from .runners.slurm import cancel_store
 
+    missing = UserError(f"store {runs_dir} does not exist and no Slurm job names it: pass the --runs-dir of your benches "
+                        "(default runs/)")
     try:
         check_runs_dir(runs_dir)  # a file names no store: said before asking Slurm
-        if not runs_dir.exists():
-            raise UserError(f"store {runs_dir} does not exist: pass the --runs-dir of your benches (default runs/)")
-        ids = cancel_store(runs_dir)
+        try:  # a deleted store's jobs are still its jobs (their comment names its path): asked first
+            ids = cancel_store(runs_dir)
+        except UserError:
+            if runs_dir.exists():
+                raise
+            raise missing from None  # a typo'd store: that, not Slurm's own complaint
+        if not ids and not runs_dir.exists():
+            raise missing
     except UserError as e:
         _fail(e, e.exit_code)
     console.print(f"cancelled {len(ids)} Slurm job(s) of {runs_dir}" + (f": {', '.join(ids)}" if ids else ""))

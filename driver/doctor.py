@@ -85,7 +85,11 @@ def diagnose(runs_dir: Path = Path("runs")) -> Diagnosis:
               runtime or ("none: containers cannot get GPUs (install the NVIDIA container toolkit)" if client else "daemon not reachable")))
 
     # Disk
-    places = [("runs dir", Path(runs_dir)), ("cache", cache_dir())]
+    places = [("runs dir", Path(runs_dir))]
+    try:
+        places.append(("cache", cache_dir()))
+    except UserError as e:  # LLMCBENCH_CACHE=~nosuchuser: a failed check in the table, not an abort
+        add(Check("cache", False, str(e)))
     if info.get("DockerRootDir"):
         places.append(("docker root", Path(info["DockerRootDir"])))
     for label, p in places:

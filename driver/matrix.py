@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..tracks.records import compress_records
 from ..tracks.scoring import MetricRecord, OMRow, ScoringError, drop_undefined_ratios, score
@@ -52,7 +52,7 @@ class MatrixSpec(BaseModel):
     presets: list[str] = Field(default_factory=lambda: ["paper"],
                                description="per method: paper, track2, all, or preset names (unknown names are an error)")
     models: list[str] = Field(default_factory=lambda: ["embedded"])
-    tracks: list[StrictInt] | str = Field(default_factory=lambda: [1, 3, 4])  # strict: YAML's `true` is not track 1
+    tracks: list[int] | str = Field(default_factory=lambda: [1, 3, 4])
     profile: Literal["quick", "paper"] = "quick"
     engine: Literal["reference", "upstream"] = "reference"
     runner: str = "local"
@@ -76,6 +76,14 @@ class MatrixSpec(BaseModel):
     def _listify(cls, v: Any) -> Any:
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
 
+    @field_validator("tracks", mode="before")
+    @classmethod
+    def _no_booleans(cls, v: Any) -> Any:
+        """YAML's `true` would be track 1 (a bool is an int to pydantic)."""
+        if isinstance(v, list) and any(isinstance(x, bool) for x in v):
+            raise ValueError("tracks are numbers 1-7, not true/false")
+        return v
+
     @field_validator("methods", "presets", "models", "backends")
     @classmethod
     def _named(cls, v: list[str]) -> list[str]:
@@ -93,11 +101,12 @@ def _unique_keys_loader():
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice, line {key_node.start_mark.line + 1}", key_node.start_mark)
-                seen.add(key)
+            for key_node, _ in node.value:  # plain keys only: merge keys (<<) and the rest go to PyYAML
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value}' appears twice",
+                                                                key_node.start_mark)
+                    seen.add(key_node.value)
             return super().construct_mapping(node, deep)
 
     return Loader
@@ -120,10 +129,15 @@ def load_matrix_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_unique_keys_loader()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"matrix file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        problem = (getattr(e, "problem", None) or str(e).splitlines()[0]) + (f", line {mark.line + 1}" if mark else "")
+        raise UserError(f"matrix file {path} is not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise UserError(f"matrix file {path} must be a mapping of keys (methods, presets, models, tracks, ...)")
     return data
+
+
+UNION_TAGS = {"list[int]", "str"}
 
 
 def parse_spec(data: dict[str, Any], where: str = "matrix") -> MatrixSpec:
@@ -132,7 +146,8 @@ def parse_spec(data: dict[str, Any], where: str = "matrix") -> MatrixSpec:
     except ValidationError as e:
         errors = e.errors()  # a misspelt key first: it explains the "field required" that comes with it
         err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-        key = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and "[" in x))  # not union tags: list[int]
+        # pydantic names the union's branch after the field (tracks.list[int].0): not a key the user wrote
+        key = ".".join(str(x) for i, x in enumerate(err["loc"]) if i == 0 or x not in UNION_TAGS)
         if err["type"] == "extra_forbidden":
             nested = {"slurm": SlurmConfig, "judge": JudgeConfig}.get(err["loc"][0], MatrixSpec)
             known = ", ".join(nested.model_fields)

@@ -148,6 +148,17 @@ def _gated_env(tmp_path):
     return {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", "HF_HOME": str(home), "HF_TOKEN_PATH": str(home / "token")}
 
 
+def test_a_matrix_file_may_use_anchors_and_merge_keys(tmp_path):
+    """The duplicate-key check reads plain keys only: a merge key (<<) is YAML's, not a repeat."""
+    from llmcbench.driver.matrix import load_matrix_file
+
+    f = tmp_path / "m.yaml"
+    f.write_text("methods: &m [wanda]\nmodels: [embedded]\nrunner: slurm\nslurm:\n  <<: {partition: gpu, account: x}\n"
+                 "  account: lab\ntracks: ['1', 3]\n")
+    spec = parse_spec(load_matrix_file(f))
+    assert (spec.methods, spec.slurm.partition, spec.slurm.account, spec.tracks) == (["wanda"], "gpu", "lab", [1, 3])
+
+
 @pytest.mark.parametrize("case, needles", [
     ("unknown_key", ["unknown key 'modles'", "known keys"]),
     ("unknown_model", ["unknown model 'no-such-model'", "models list"]),
@@ -164,7 +175,7 @@ def _gated_env(tmp_path):
     ("directory", ["is a directory"]),
     # each was taken quietly: the last `methods:` list, track 1, the embedded model
     ("twice", ["key 'methods' appears twice, line 2"]),
-    ("true_track", ["tracks.0", "valid integer"]),
+    ("true_track", ["tracks: tracks are numbers 1-7, not true/false"]),
     ("empty_model", ["models: give at least one name"]),
     ("no_models", ["models: give at least one name"]),
 ])
