@@ -52,7 +52,7 @@ from .._engine import params as check
 from .._engine.blockwise import BlockStep, decoder_blocks, find_linears, run_blockwise
 from .._engine.folding import norm_scales_with_weight
 
-PARAMS = {"alpha", "weight_bits", "act_bits", "act_granularity", "smooth", "calibration_batch_size"}
+PARAMS = {"alpha", "alpha_by_arch", "weight_bits", "act_bits", "act_granularity", "smooth", "calibration_batch_size"}
 SUPPORTED_BITS = (4, 8)
 GRANULARITIES = ("per_token", "per_tensor")
 SCALE_FLOOR = 1e-5  # upstream's clamp on the smoothing scales, the weight maxima and the quantization scales
@@ -74,12 +74,18 @@ class SmoothQuantSettings:
     calibration_batch_size: int | None = None
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "SmoothQuantSettings":
-        """Validate a preset's params merged with the job's overrides."""
+    def from_params(cls, params: dict[str, Any], arch: str | None = None) -> "SmoothQuantSettings":
+        """Validate a preset's params merged with the job's overrides. `arch` (the model's
+        model_type) picks its entry of `alpha_by_arch`: the migration strength is tuned per model
+        family (the SmoothQuant paper: 0.5 for OPT; upstream's LLaMA example: 0.85)."""
         check.reject_unknown("smoothquant", params, PARAMS)
-        alpha = params.get("alpha", 0.85)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"smoothquant: alpha (migration strength) must be a number in [0, 1], got {alpha!r}")
+        by_arch = params.get("alpha_by_arch", {})
+        if not isinstance(by_arch, dict):
+            raise ValueError(f"smoothquant: alpha_by_arch must map model types to alphas, e.g. {{opt = 0.5}}, got {by_arch!r}")
+        for alpha in (params.get("alpha", 0.85), *by_arch.values()):
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+                raise ValueError(f"smoothquant: alpha (migration strength) must be a number in [0, 1], got {alpha!r}")
+        alpha = by_arch.get(arch, params.get("alpha", 0.85))
         bits = {}
         for key in ("weight_bits", "act_bits"):
             value = params.get(key, 8)
@@ -185,7 +191,7 @@ def compress(model: nn.Module, calibration_ids: torch.Tensor, params: dict[str, 
     `calibration_batch_size` (windows per block forward; speed only). With `smooth` false
     nothing is calibrated: that is plain W8A8 round-to-nearest, the paper's baseline.
     """
-    settings = SmoothQuantSettings.from_params(params)
+    settings = SmoothQuantSettings.from_params(params, getattr(model.config, "model_type", None))
     check_model(model)
     if settings.smooth:
         run_blockwise(model, calibration_ids, device,

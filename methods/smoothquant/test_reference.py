@@ -181,6 +181,8 @@ def test_smoothing_beats_plain_w8a8_with_activation_outliers(tiny_llama_dir, cal
     ({"smooth": "yes"}, "smooth"),
     ({"calibration_batch_size": 0}, "positive integer"),
     ({"migration_strength": 0.5}, "unknown parameter"),
+    ({"alpha_by_arch": 0.5}, "alpha_by_arch must map model types"),
+    ({"alpha_by_arch": {"opt": 2}}, "alpha"),
 ])
 def test_bad_params_raise(params, message):
     with pytest.raises(ValueError, match=message):
@@ -210,8 +212,9 @@ def test_method_toml_declares_upstream_and_valid_presets():
     presets = declaration["presets"]
     assert set(presets) == {"w8a8", "w4a4"} and declaration["paper_preset"] == "w8a8"
     assert presets["w8a8"]["alpha"] == 0.85
-    for params in presets.values():
-        SmoothQuantSettings.from_params(params)
+    for params in presets.values():  # LLaMA's 0.85 (upstream's example), OPT's 0.5 (the paper's)
+        assert SmoothQuantSettings.from_params(params, "llama").alpha == 0.85
+        assert SmoothQuantSettings.from_params(params, "opt").alpha == 0.5
 
 
 def test_embedded_model_w8a8_loss_stays_close_to_dense(embedded_model_dir, data_dir):

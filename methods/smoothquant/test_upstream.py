@@ -23,6 +23,17 @@ def test_w8a8_builds_the_recorded_commands(tmp_path, data_dir):
     assert other[1].argv[1] == "0.5" and other[0].argv[other[0].argv.index("--num-samples") + 1] == "64"
 
 
+def test_opt_gets_its_own_migration_strength(tmp_path, data_dir):
+    """The presets carry alpha_by_arch = {opt = 0.5}: upstream ran OPT with LLaMA's 0.85."""
+    model = tmp_path / "opt"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "opt"}')
+    ctx = context_for(job_for("smoothquant", "w8a8"), tmp_path, model_dir=model, data_dir=data_dir)
+    assert ADAPTER.steps(ctx)[1].argv[:2] == ["--alpha", "0.5"]
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    assert ADAPTER.steps(ctx)[1].argv[:2] == ["--alpha", "0.85"]
+
+
 def test_what_upstream_cannot_express_is_refused(tmp_path, data_dir):
     """fake_quant.py hard-codes n_bits=8 and per-token activations: W4A4 is not run as W8A8."""
     with pytest.raises(NotImplementedError, match="W4A4"):

@@ -34,8 +34,8 @@ from .reference import SmoothQuantSettings
 SUPPORTED_ARCHS = {"llama", "opt"}
 
 
-def settings_for(params: dict) -> SmoothQuantSettings:
-    s = SmoothQuantSettings.from_params(params)
+def settings_for(params: dict, arch: str | None = None) -> SmoothQuantSettings:
+    s = SmoothQuantSettings.from_params(params, arch)
     if (s.weight_bits, s.act_bits) != (8, 8) or s.act_granularity != "per_token":
         raise NotImplementedError(
             f"smoothquant upstream quantizes W8A8 with per-token activations only (fake_quant.py hard-codes n_bits=8 and "
@@ -53,7 +53,7 @@ class SmoothQuantUpstream(UpstreamAdapter):
         return {"wikitext2_ppl": found["perplexity_ppl"]} if "perplexity_ppl" in found else {}
 
     def steps(self, ctx: UpstreamContext) -> list[Step]:
-        s = settings_for(ctx.params)
+        s = settings_for(ctx.params, ctx.input_config.get("model_type"))
         if ctx.staged.calibration is None:
             raise FileNotFoundError("smoothquant upstream needs a calibration file (the C4 slice under /data) for "
                                     "generate_act_scales.py --dataset-path")
@@ -72,7 +72,7 @@ class SmoothQuantUpstream(UpstreamAdapter):
         ]
 
     def convert(self, ctx: UpstreamContext) -> Compression:
-        s = settings_for(ctx.params)
+        s = settings_for(ctx.params, ctx.input_config.get("model_type"))
         model = hf_dir_from_upstream(ctx.work / "model", ctx.input_model, ctx.model_out)
         layers = quantized_layers(model, 8, None, levels=2 ** 8 - 1, grid="per-channel INT8")  # symmetric abs-max: -127..127
         notes = [f"upstream mit-han-lab/smoothquant: generate_act_scales.py then ppl_eval.py --alpha {s.alpha} "
