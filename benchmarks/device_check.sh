@@ -40,7 +40,8 @@
 #   3. `UPSTREAM_METHODS="awq smoothquant omniquant" UPSTREAM_JOBS=3 bash benchmarks/device_check.sh upstream`
 #      (the parity records now hold each engine's block output error, where the scales these three fold
 #      into their weights cancel: the figure that says whether upstream's AWQ weights, 0.074 from dense
-#      against the reference's 0.056 on 2026-12-04, are worse or only scaled otherwise)
+#      against the reference's 0.056 on 2026-12-04, are worse or only scaled otherwise; and each engine's
+#      compress_peak_gpu_bytes, the upstream one new from the shim's timed windows: the first upstream GPU figure)
 # and name the parts or methods (UPSTREAM_METHODS, COST_METHODS) that matter most first.
 # Rehearse it here first, without a GPU: `benchmarks/device_prepare.py --rehearsal DIR` says how.
 # Without a GPU (DEVICE=cpu, a rehearsal of the wiring) the shapes shrink to seconds; on CPU

@@ -336,11 +336,13 @@ def parity(
     except (UserError, JobFailed) as e:
         _fail(e, e.exit_code)
     t = Table(title=f"Parity: {rec.method} {rec.preset} on {rec.model} (dense WikiText-2 ppl {_fmt(rec.dense_wikitext2_ppl)})")
-    for col in ("engine", "WikiText-2 ppl (ours)", "upstream's own figures", "sparsity", "bits", "compress s"):
+    for col in ("engine", "WikiText-2 ppl (ours)", "upstream's own figures", "sparsity", "bits", "compress s", "peak GPU GB"):
         t.add_column(col)
     for engine, side in rec.engines.items():
         own = ", ".join(f"{k} {v:.2f}" for k, v in side.upstream_reported.items()) or "-"
-        t.add_row(engine, _fmt(side.wikitext2_ppl), own, _fmt(side.measured_sparsity, ".3f"), str(side.weight_bits), _fmt(side.compress_s, ".1f"))
+        gpu_gb = side.compress_peak_gpu_bytes and side.compress_peak_gpu_bytes / 1e9
+        t.add_row(engine, _fmt(side.wikitext2_ppl), own, _fmt(side.measured_sparsity, ".3f"), str(side.weight_bits), _fmt(side.compress_s, ".1f"),
+                  _fmt(gpu_gb, ".2f"))
     console.print(t)
     console.print(f"mask agreement {_fmt(rec.mask_agreement, '.4f')}; channel agreement {_fmt(rec.channel_agreement, '.4f')}; weight rel. diff {_fmt(rec.weight_rel_diff, '.4f')}; "
                   f"identical weights {_fmt(rec.identical_fraction, '.4f')}; linears compared {rec.linears_compared} "

@@ -42,6 +42,7 @@ class EngineSide(BaseModel):
     model_config = ConfigDict(extra="forbid")
     compress_job: str
     compress_s: float | None
+    compress_peak_gpu_bytes: int | None = None  # track 3's figure on a GPU: the peak reserved while compressing
     wikitext2_ppl: float | None
     measured_sparsity: float | None
     weight_bits: int
@@ -318,7 +319,9 @@ def run_planned_parity(planned: dict, on_job: Callable | None = None) -> ParityR
     for engine, plan in plans.items():
         comp = plan.runs["compress"].result
         c = comp.metrics.get("compression", {})
-        sides[engine] = EngineSide(compress_job=comp.job_hash, compress_s=comp.compress_s, wikitext2_ppl=_ppl(plan.runs.get("compressed eval")),
+        sides[engine] = EngineSide(compress_job=comp.job_hash, compress_s=comp.compress_s,
+                                   compress_peak_gpu_bytes=comp.metrics.get("track3", {}).get("compress_peak_gpu_bytes"),
+                                   wikitext2_ppl=_ppl(plan.runs.get("compressed eval")),
                                    measured_sparsity=c.get("measured_sparsity"), weight_bits=c.get("weight_bits", 16),
                                    upstream_reported=comp.metrics.get("upstream", {}).get("reported", {}),
                                    device=plan.device, gpu_name=comp.environment.gpu_name,

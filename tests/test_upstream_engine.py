@@ -102,6 +102,8 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
         assert (out / "model" / name).read_bytes() == (tiny_llama_dir / name).read_bytes(), name
     track3 = result.metrics["track3"]
     assert track3["timed"] == ["prune: lib.prune:prune_wanda"]
+    # a CPU job has no GPU figure: the memory counters cuda_to_cpu turns into constants are not one
+    assert track3["compress_peak_gpu_bytes"] is None and result.peak_gpu_bytes is None
     assert 0 < result.compress_s < upstream["step_wall_s"]["prune"] < wall  # loading and upstream's eval excluded
     assert result.input_sha256["calibration"] == sha256_file(data_dir / "hf" / "allenai__c4" / "en" / "train.jsonl")
     assert any(k.startswith("model/") for k in result.output_sha256)
@@ -165,6 +167,52 @@ def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "events-True.jsonl").read_text().splitlines()[0])["event"] == "cuda_to_cpu"
     if not torch.cuda.is_available():
         assert run[1].returncode != 0 and "CUDA" in run[1].stderr, run[1].stdout[-1000:]
+
+
+PEAK_SCRIPT = """
+import torch
+
+MIB = 1 << 20
+
+
+def inner():
+    kept = torch.empty(64 * MIB, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    return kept.numel()
+
+
+def work():
+    scratch = torch.empty(256 * MIB, dtype=torch.uint8, device="cuda")
+    del scratch
+    torch.cuda.empty_cache()
+    return inner()
+
+
+if __name__ == "__main__":
+    loaded = torch.empty(512 * MIB, dtype=torch.uint8, device="cuda")  # the model's load: before the window
+    del loaded
+    torch.cuda.empty_cache()
+    work()
+"""
+
+
+@pytest.mark.gpu
+def test_shim_takes_the_gpu_peak_of_the_timed_functions_alone(tmp_path):
+    """Track 3 on a GPU for the upstream engine: each timed function's event holds the peak memory the
+    process reserved while it ran: not the 512 MiB freed before it (the load), but the 256 MiB
+    scratch it freed before calling a nested timed function, whose start must not reset the
+    outer peak. The job's figure is the largest of them (methods/_upstream/run.py)."""
+    from llmcbench.methods._upstream.adapter import SHIM
+
+    (tmp_path / "script.py").write_text(PEAK_SCRIPT)
+    (tmp_path / "hooks.json").write_text(json.dumps({"script": str(tmp_path / "script.py"), "time": ["__main__:work", "__main__:inner"],
+                                                     "events": str(tmp_path / "events.jsonl")}))
+    proc = subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks = {e["target"]: e["peak_gpu_bytes"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
+             if e["event"] == "timed"}
+    mib = 1 << 20
+    assert 64 * mib <= peaks["__main__:inner"] and 256 * mib <= peaks["__main__:work"] < 512 * mib, peaks
 
 
 WARM_UP_SCRIPT = """
@@ -399,7 +447,7 @@ def test_parity_command_compares_both_engines(tmp_path, tiny_llama_dir, upstream
     assert set(rec.engines) == {"reference", "upstream"}
     for side in rec.engines.values():
         assert side.measured_sparsity == pytest.approx(0.5) and 1 < side.wikitext2_ppl < float("inf")
-        assert side.device == "cpu" and side.gpu_name is None
+        assert side.device == "cpu" and side.gpu_name is None and side.compress_peak_gpu_bytes is None
     # both sides name the upstream commit their method pins (the reference engine is its clean-room reading)
     from llmcbench.driver.registry import get_method
     assert {s.upstream_commit for s in rec.engines.values()} == {get_method("wanda").upstream.commit}

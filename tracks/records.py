@@ -71,8 +71,8 @@ def judge_records(judged: dict | None, model: str, method: str, setting: str) ->
 def compress_records(metrics: dict[str, Any], model: str, method: str, setting: str) -> list[MetricRecord]:
     """Track 3: time of the compression step alone and its peak memory: the GPU's where it ran
     on one (SPEC 5: the peak reserved by the process), the host's on a CPU. A CUDA run without
-    a GPU figure (the upstream engine's children, whose host RSS is all it records) gets no
-    memory cell: its host RSS beside other methods' GPU memory would set or skew M_max, so its
+    a GPU figure (a result from before the upstream engine's shim took one) gets no memory
+    cell: its host RSS beside other methods' GPU memory would set or skew M_max, so its
     OM_train is left unscored rather than computed from the wrong quantity."""
     t3 = metrics["track3"]
     out = [MetricRecord(track=3, model=model, method=method, setting=setting, metric="compress_time_min", value=t3["compress_s"] / 60)]

@@ -17,7 +17,9 @@ would otherwise apply to upstream source:
   `allow_hub` is set (the paper profile with hub access). A rule's `until_saved` splits are
   served only until the step's model exists (see `staging.dataset_rules`).
 - `time`: functions whose wall time is the compression step (e.g. GPTQ's
-  `llama_sequential`), so track 3 never counts loading or upstream's own evaluation.
+  `llama_sequential`), so track 3 never counts loading or upstream's own evaluation. On a
+  GPU their event also holds the peak GPU memory the process reserved while they ran
+  (`timed_window`), as the reference engines measure theirs.
 - `save`: after a function returns, `save_pretrained` the model it was given or returned,
   for repositories that keep the compressed weights only in memory (GPTQ, SmoothQuant,
   SparseGPT saves only after its mandatory evaluation); or `torch.save` an object
@@ -85,6 +87,7 @@ class Hooks:
         self.cfg = cfg
         self.events_path = cfg.get("events")
         self.saved = False
+        self.open_windows = 0  # timed functions running now (a nested one shares the outermost one's peak)
 
     def event(self, **record) -> None:
         record["t"] = time.time()
@@ -196,6 +199,40 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _cuda(hooks: Hooks):
+    """torch where this process computes on a real GPU (not one the `cuda_to_cpu` hook maps to
+    the CPU, whose memory counters are constants), else None."""
+    torch = sys.modules.get("torch")
+    if hooks.cfg.get("cuda_to_cpu") or torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch
+
+
+@contextlib.contextmanager
+def timed_window(hooks: Hooks, target: str):
+    """Time one call of a `time` target and, on a GPU, take the peak memory the process reserved
+    during it (SPEC 5, track 3: the caching allocator's peak, the reference engines' figure). The
+    peak is reset when the outermost timed call starts, so the model's load and anything freed
+    before (with `empty_cache`) do not count, and a timed call inside another does not reset
+    the outer one's. None of the pinned repositories resets the peak itself."""
+    torch = _cuda(hooks)
+    if torch is not None and hooks.open_windows == 0:
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+    hooks.open_windows += 1
+    try:
+        _sync()
+        t0 = time.perf_counter()
+        yield
+        _sync()
+        seconds = time.perf_counter() - t0
+    finally:
+        hooks.open_windows -= 1
+    torch = _cuda(hooks)  # a first CUDA call may have come inside the window
+    peak = sum(torch.cuda.max_memory_reserved(index) for index in range(torch.cuda.device_count())) if torch else 0
+    hooks.event(event="timed", target=target, seconds=seconds, **({"peak_gpu_bytes": peak} if peak else {}))
+
+
 def _pick_model(spec: dict, args, kwargs, returned):
     if spec.get("model") == "return":
         return returned
@@ -214,13 +251,8 @@ def wrap(hooks: Hooks, target: str, fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if timed:
-            _sync()
-            t0 = time.perf_counter()
-        returned = fn(*args, **kwargs)
-        if timed:
-            _sync()
-            hooks.event(event="timed", target=target, seconds=time.perf_counter() - t0)
+        with timed_window(hooks, target) if timed else contextlib.nullcontext():
+            returned = fn(*args, **kwargs)
         for spec in saves:
             obj = _pick_model(spec, args, kwargs, returned)
             if spec.get("torch_save"):
