@@ -324,14 +324,21 @@ try:
 except OSError as e:
     r["dns"] = f"{type(e).__name__}: {e}"
 mounts = {line.split()[4]: line.split()[5].split(",")[0] for line in open("/proc/self/mountinfo")}
-r["mounts"] = {m: mounts.get(m) for m in ("/job/job.json", f"/models/{name}", "/data", "/out")}
-for path in ["/job/job.json", f"/models/{name}/config.json", f"/models/{name}/world_writable.txt",
+r["mounts"] = {m: mounts.get(m) for m in ("/job/job.json", f"/models/{name}", "/data", "/out", "/out/job.json")}
+for path in ["/job/job.json", "/out/job.json", f"/models/{name}/config.json", f"/models/{name}/world_writable.txt",
              f"/models/{name}/new.txt", "/data/new.txt"]:
     try:
         open(path, "a").close()
         r[path] = "written"
     except OSError as e:
         r[path] = errno.errorcode.get(e.errno, str(e.errno))
+for verb, act in (("unlink", lambda: os.unlink("/out/job.json")), ("replace", lambda: os.replace("/out/probe.txt", "/out/job.json"))):
+    open("/out/probe.txt", "w").close()
+    try:
+        act()
+        r[verb] = "done"
+    except OSError as e:
+        r[verb] = errno.errorcode.get(e.errno, str(e.errno))
 r["reads_job"] = json.load(open("/job/job.json"))["kind"]
 r["reads_model"] = os.path.getsize(f"/models/{name}/model.safetensors") > 0
 r["reads_data"] = os.path.isdir("/data/hf")
@@ -370,6 +377,7 @@ def test_container_has_no_network_runs_as_non_root_and_cannot_write_its_inputs(b
     h = job.job_hash(runner.environment_id(job))
     run_dir = store.run_dir("probe", h)
     store.prepare(run_dir, job)
+    store_job = (run_dir / "job.json").read_bytes()
     result = runner.run(job, h, run_dir, model_copy, plan.data_dir, command=["python", "-c", PROBE, job.model.name])
     log = (run_dir / "log.txt").read_text()
     [line] = [ln for ln in log.splitlines() if ln.startswith("PROBE ")]
@@ -380,11 +388,14 @@ def test_container_has_no_network_runs_as_non_root_and_cannot_write_its_inputs(b
     assert probe["connect"].startswith("OSError") and "unreachable" in probe["connect"].lower(), probe["connect"]
     assert probe["dns"] != "resolved"
     name = job.model.name
-    assert probe["mounts"] == {"/job/job.json": "ro", f"/models/{name}": "ro", "/data": "ro", "/out": "rw"}
+    assert probe["mounts"] == {"/job/job.json": "ro", f"/models/{name}": "ro", "/data": "ro", "/out": "rw", "/out/job.json": "ro"}
     # every write to an input fails; where file permissions would allow it, the mount refuses it
-    for path in ["/job/job.json", f"/models/{name}/config.json", f"/models/{name}/world_writable.txt",
+    for path in ["/job/job.json", "/out/job.json", f"/models/{name}/config.json", f"/models/{name}/world_writable.txt",
                  f"/models/{name}/new.txt", "/data/new.txt"]:
         assert probe[path] in {"EROFS", "EACCES"}, (path, probe[path])
+    # the store's job.json, which the container could write to without its own mount (it owns the run dir), stays
+    assert probe["/out/job.json"] == "EROFS" and probe["unlink"] == probe["replace"] == "EBUSY", probe
+    assert (run_dir / "job.json").read_bytes() == store_job
     assert probe[f"/models/{name}/world_writable.txt"] == "EROFS"
     assert probe[f"/models/{name}/new.txt"] == "EROFS"
     assert probe["reads_job"] == "compress" and probe["reads_model"] and probe["reads_data"]

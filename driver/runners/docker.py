@@ -8,6 +8,7 @@ The container gets exactly the contract's mounts:
     /models/<name>    ro   the input model (a compress job's artifact for a compressed eval)
     /data             ro   the staged data dir
     /out              rw   the run dir: the job writes model/, packed/ and result.json
+    /out/job.json     ro   the same job.json, the store's copy: a job cannot rewrite the record of what it ran
 
 and runs with no network, as a non-root user (the invoking user's uid and groups; a fixed
 unprivileged uid when the driver runs as root, with the run dir handed over for the run and
@@ -192,6 +193,9 @@ class DockerRunner:
             name=f"llmcbench-{job.kind}-{job_hash[:12]}-{uuid.uuid4().hex[:6]}",
             labels={JOB_HASH_LABEL: job_hash, KIND_LABEL: job.kind, RUN_DIR_LABEL: str(run_dir)},
         )
+        # the run dir holds job.json, which the store and `verify` read back: bound read-only over itself
+        # (a second bind of one host path, so a Mount: `volumes` maps each host path once)
+        cfg["mounts"] = [docker_sdk().types.Mount("/out/job.json", str((run_dir / "job.json").resolve()), type="bind", read_only=True)]
         requests = device_requests(job.device, self.gpus)
         if requests:
             cfg["device_requests"] = requests
