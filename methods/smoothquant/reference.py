@@ -82,10 +82,11 @@ class SmoothQuantSettings:
         by_arch = params.get("alpha_by_arch", {})
         if not isinstance(by_arch, dict):
             raise ValueError(f"smoothquant: alpha_by_arch must map model types to alphas, e.g. {{opt = 0.5}}, got {by_arch!r}")
-        for alpha in (params.get("alpha", 0.85), *by_arch.values()):
+        default = params.get("alpha", cls.alpha)
+        for alpha in (default, *by_arch.values()):
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
                 raise ValueError(f"smoothquant: alpha (migration strength) must be a number in [0, 1], got {alpha!r}")
-        alpha = by_arch.get(arch, params.get("alpha", 0.85))
+        alpha = by_arch.get(arch, default)
         bits = {}
         for key in ("weight_bits", "act_bits"):
             value = params.get(key, 8)
