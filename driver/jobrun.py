@@ -23,7 +23,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .contract import COMPRESSION_FILE, Compression, ErrorInfo, Job, Provenance, Result, read_compression, read_record
+from .contract import (COMPRESSION_FILE, Compression, ErrorInfo, Job, Provenance, Result, UpstreamEnvironment, read_compression,
+                       read_record)
 from .errors import classify_exception
 from .fsio import sha256_file, sha256_tree, write_record
 
@@ -305,7 +306,13 @@ def execute(paths: Paths) -> int:
 
             upstream = get_method(job.method).upstream
             provenance.upstream_repo, provenance.upstream_commit = upstream.repo, upstream.commit
-            run_compress(job, paths, result)
+            try:
+                run_compress(job, paths, result)
+            finally:
+                if job.engine == "upstream":  # what ran: the checkout's own commit and interpreter
+                    provenance.upstream_commit = result.get("upstream_commit")
+                    if "upstream_environment" in result:
+                        environment.upstream = UpstreamEnvironment(**result["upstream_environment"])
         elif job.kind == "eval":
             run_eval(job, paths, result)
         elif job.kind == "deploy":

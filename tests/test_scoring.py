@@ -267,8 +267,8 @@ def test_read_long_csv_wants_the_exact_header(tmp_path):
 
 
 def test_track3_memory_is_never_host_rss_beside_gpu_memory():
-    """On CUDA track 3's memory is the GPU's; a run that recorded only host RSS there (the
-    upstream engine's children) gets no memory cell, so it neither sets M_max for the others
+    """On CUDA track 3's memory is the GPU's; a run that recorded only host RSS there (an
+    upstream-engine result from before its shim took the GPU peak) gets no memory cell, so it neither sets M_max for the others
     nor gets an OM_train from the wrong quantity. On a CPU host RSS is the figure."""
     from llmcbench.tracks.records import compress_records
 

@@ -38,6 +38,13 @@ def upstream_root(tmp_path_factory) -> Path:
     return root
 
 
+def shim_events(path: Path) -> list[dict]:
+    """The shim's events after its first, which names the interpreter (test_shim_takes_the_host_rss_...)."""
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert events[0]["event"] == "environment", events[0]
+    return events[1:]
+
+
 def run_job(tmp_path: Path, model_dir: Path, data_dir: Path, upstream_root: Path | None, *, preset: str = "2:4",
             mode: str = "", time_limit_s: int = 600) -> tuple[Result, Path, float]:
     """One compress job in the volume-contract layout the runners give it; returns its result."""
@@ -102,8 +109,18 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
         assert (out / "model" / name).read_bytes() == (tiny_llama_dir / name).read_bytes(), name
     track3 = result.metrics["track3"]
     assert track3["timed"] == ["prune: lib.prune:prune_wanda"]
-    # a CPU job has no GPU figure: the memory counters cuda_to_cpu turns into constants are not one
+    # a CPU job has no GPU figure
     assert track3["compress_peak_gpu_bytes"] is None and result.peak_gpu_bytes is None
+    # its host RSS is the timed function's, as the reference engine's is its compression step's
+    events = [json.loads(line) for line in (out / "upstream" / "prune.events.jsonl").read_text().splitlines()]
+    [timed] = [e for e in events if e["event"] == "timed"]
+    assert track3["compress_peak_rss_scope"] == "compress_step" and track3["compress_peak_rss_bytes"] == timed["peak_rss_bytes"] > 0
+    # what ran: upstream's own interpreter (here the harness's, the stand-in's default) and the checkout's commit
+    import platform
+
+    assert result.environment.upstream.python == platform.python_version()
+    assert result.environment.upstream.torch == torch.__version__ and result.environment.upstream.cuda == torch.version.cuda
+    assert result.provenance.upstream_commit == get_method("wanda").upstream.commit
     assert 0 < result.compress_s < upstream["step_wall_s"]["prune"] < wall  # loading and upstream's eval excluded
     assert result.input_sha256["calibration"] == sha256_file(data_dir / "hf" / "allenai__c4" / "en" / "train.jsonl")
     assert any(k.startswith("model/") for k in result.output_sha256)
@@ -114,7 +131,6 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
     own = upstream["own_eval_text"]
     assert own["cut"] and own["tokens"] >= own["tokens_wanted"] == 4096 and own["rows"] < own["rows_total"]
     assert f"wikitext test rows {own['rows']}\n" in log
-    events = [json.loads(line) for line in (out / "upstream" / "prune.events.jsonl").read_text().splitlines()]
     served = [e for e in events if e["event"] == "dataset"]
     kinds = [e["event"] for e in events]
     assert kinds.index("vml_warm_up") < kinds.index("dataset") and events[kinds.index("vml_warm_up")]["ops"] >= 8
@@ -164,7 +180,7 @@ def test_cuda_to_cpu_hook_runs_cuda_code_on_the_cpu(tmp_path):
     assert run[0].returncode == 0, run[0].stderr[-2000:]
     assert "devices cpu cpu cpu cpu autocast torch.float16 peak 0" in run[0].stdout
     assert "moves Tensor False False True" in run[0].stdout, run[0].stdout
-    assert json.loads((tmp_path / "events-True.jsonl").read_text().splitlines()[0])["event"] == "cuda_to_cpu"
+    assert shim_events(tmp_path / "events-True.jsonl")[0]["event"] == "cuda_to_cpu"
     if not torch.cuda.is_available():
         assert run[1].returncode != 0 and "CUDA" in run[1].stderr, run[1].stdout[-1000:]
 
@@ -194,6 +210,74 @@ if __name__ == "__main__":
     torch.cuda.empty_cache()
     work()
 """
+
+
+RSS_SCRIPT = """
+MB = 1 << 20
+
+
+def inner():
+    kept = b"x" * (20 * MB)
+    return len(kept)
+
+
+def work():
+    scratch = b"x" * (200 * MB)
+    del scratch
+    return inner()
+
+
+if __name__ == "__main__":
+    loaded = b"x" * (400 * MB)  # the model's load: before the window
+    del loaded
+    work()
+"""
+
+
+def test_shim_takes_the_host_rss_peak_of_the_timed_functions_alone(tmp_path):
+    """Track 3's host memory for the upstream engine, as the reference engine measures its own: the
+    peak RSS while the timed functions ran, not the 400 MB freed before them (the load), but the
+    200 MB scratch freed before a nested timed call, whose start must not reset the outer peak."""
+    from llmcbench.methods._upstream.adapter import SHIM
+
+    (tmp_path / "script.py").write_text(RSS_SCRIPT)
+    (tmp_path / "hooks.json").write_text(json.dumps({"script": str(tmp_path / "script.py"), "time": ["__main__:work", "__main__:inner"],
+                                                     "events": str(tmp_path / "events.jsonl")}))
+    proc = subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    peaks = {e["target"]: e["peak_rss_bytes"] for e in events if e["event"] == "timed"}
+    mb = 1 << 20
+    assert 200 * mb <= peaks["__main__:inner"] and 200 * mb <= peaks["__main__:work"] < 400 * mb, peaks
+    # the inner call's time is inside the outer one's: the job counts it once
+    assert [e.get("nested", False) for e in events if e["event"] == "timed"] == [True, False]
+    # the first event names the interpreter that ran the script
+    assert events[0]["event"] == "environment" and events[0]["torch"] == torch.__version__
+
+
+def test_an_upstream_interpreter_of_its_own_enters_the_job_hash(tmp_path, monkeypatch):
+    """On the local runner, pointing LLMCBENCH_UPSTREAM_PYTHON at another venv (other library versions)
+    is another job: its cached result is not the old venv's. Reference jobs and the harness's own
+    interpreter keep their hashes; an interpreter that cannot run is a one-line error at planning."""
+    from llmcbench.driver.errors import UserError
+    from llmcbench.driver.runners.local import LocalRunner
+    from llmcbench.methods._upstream.staging import upstream_interpreter_id
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    runner, job = LocalRunner(), job_for("wanda", "2:4", device="cpu")
+    reference = job.model_copy(update={"engine": "reference"})
+    monkeypatch.delenv("LLMCBENCH_UPSTREAM_PYTHON", raising=False)
+    base = {j.engine: runner.environment_id(j) for j in (job, reference)}
+    assert base["upstream"] == base["reference"]  # upstream's code runs on the harness's interpreter
+    monkeypatch.setenv("LLMCBENCH_UPSTREAM_PYTHON", sys.executable)
+    assert runner.environment_id(job) == base["upstream"]
+    monkeypatch.setenv("LLMCBENCH_UPSTREAM_PYTHON", str(tmp_path / "bare" / "bin" / "python"))
+    assert "torch=None" in upstream_interpreter_id()  # a bare venv: no torch of its own
+    assert runner.environment_id(job) != base["upstream"] and runner.environment_id(reference) == base["reference"]
+    assert job.job_hash(runner.environment_id(job)) != job.job_hash(base["upstream"])
+    monkeypatch.setenv("LLMCBENCH_UPSTREAM_PYTHON", str(tmp_path / "no-such-python"))
+    with pytest.raises(UserError, match="LLMCBENCH_UPSTREAM_PYTHON=.*no-such-python cannot be run"):
+        runner.environment_id(job)
 
 
 @pytest.mark.gpu
@@ -235,7 +319,7 @@ def test_shim_resolves_vml_kernels_before_upstream_runs(tmp_path, stack, request
     proc = subprocess.run([python, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (event,) = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    (event,) = shim_events(tmp_path / "events.jsonl")
     assert event["event"] == "vml_warm_up"
     out = proc.stdout
     assert out.index('"event": "vml_warm_up"') < out.index("script starts; llmcbench modules: []"), out
@@ -297,7 +381,7 @@ def test_cpu_jobs_run_upstream_fp16_as_fp32(tmp_path, half_to_float):
                          text=True, timeout=300, env={**os.environ, "FP16_CHECKPOINT": str(tmp_path / "fp16.safetensors")})
     assert run.returncode == 0, run.stderr[-2000:]
     expected = half_to_float is not False
-    event = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[0])
+    event = shim_events(tmp_path / "events.jsonl")[0]
     assert event["event"] == "cuda_to_cpu" and event["half_to_float"] is expected
     dtype = "torch.float32" if expected else "torch.float16"
     assert f"dtypes {dtype} {dtype} {dtype} {dtype} {dtype} default torch.float32" in run.stdout, run.stdout
@@ -338,7 +422,7 @@ def test_unused_c4_split_is_served_for_calibration_only(tmp_path, data_dir):
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "calibration loads 256" in proc.stdout and "evaluated C4" not in proc.stdout
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = shim_events(tmp_path / "events.jsonl")
     assert [e["event"] for e in events] == ["dataset", "stopped"]
     assert "upstream's own evaluation" in events[-1]["reason"]
 

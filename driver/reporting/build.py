@@ -377,7 +377,9 @@ def _fairness(comp: StoredRun, comp_eval: StoredRun | None, dense: StoredRun | N
         calibration_seed=cal.seed if cal else None, engine=job.engine, runner=res.provenance.runner,
         image=res.provenance.image, image_digest=res.provenance.image_digest, profile=job.profile, device=job.device,
         dtype=job.dtype, evaluation=evaluation, dense_baseline=dense.result.job_hash if dense else None,
-        environment=f"torch {env.torch}, transformers {env.transformers}, lm-eval {env.lm_eval}", source=comp.source)
+        environment=f"torch {env.torch}, transformers {env.transformers}, lm-eval {env.lm_eval}"
+                    + (f"; upstream code on torch {up.torch}, transformers {up.transformers}" if (up := env.upstream) else ""),
+        source=comp.source)
 
 
 def _paper_notes(groups: list[GroupReport], rows) -> list[str]:

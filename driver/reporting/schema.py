@@ -87,7 +87,7 @@ class Fairness(_Record):
     dtype: str
     evaluation: str | None = Field(description="the compressed eval's settings: tracks, limit, ppl windows, shots")
     dense_baseline: str | None = Field(description="job hash of the dense evaluation the cell is scored against")
-    environment: str | None = Field(description="torch / transformers / lm-eval of the compress job")
+    environment: str | None = Field(description="torch / transformers / lm-eval of the compress job (and the upstream engine's own stack)")
     source: str
 
 

@@ -13,7 +13,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..contract import ContractError, ErrorInfo, Provenance, Result, read_record
+from ..contract import ContractError, ErrorInfo, Job, Provenance, Result, read_record
 from ..errors import UserError
 from ..fsio import write_record
 
@@ -30,6 +30,18 @@ def check_device_name(device: str) -> bool:
     if re.fullmatch(r"cuda(:\d+)?", device):
         return True
     raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
+
+
+def with_upstream_interpreter(environment_id: str, job: Job | None) -> str:
+    """A host runner's identity (local, Slurm without a container) for `job`: an upstream-engine compress
+    job adds the interpreter its upstream code runs on where that is not the harness's own (an image's
+    digest covers its venv already)."""
+    if job is None or job.kind != "compress" or job.engine != "upstream":
+        return environment_id
+    from ...methods._upstream.staging import upstream_interpreter_id
+
+    interpreter = upstream_interpreter_id()
+    return environment_id if interpreter is None else f"{environment_id}:upstream[{interpreter}]"
 
 
 def get_runner(name: str, gpus: str | None = None, cuda_visible: str | None = None, slurm=None, device: str | None = None):

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..environment import local_environment_id
-from . import check_stopping, collect_result, model_inputs
+from . import check_stopping, collect_result, model_inputs, with_upstream_interpreter
 
 
 _CHILDREN: set[int] = set()  # process groups of the running job processes (all runners of this driver)
@@ -69,8 +69,8 @@ class LocalRunner:
         self.cuda_visible = cuda_visible
 
     def environment_id(self, job: Job | None = None) -> str:
-        """The same for every job: the host's library versions and the project's source digest."""
-        return local_environment_id()
+        """The host's library versions and the project's source digest (and an upstream job's interpreter)."""
+        return with_upstream_interpreter(local_environment_id(), job)
 
     def run(self, job: Job, job_hash: str, run_dir: Path, model_path: Path, data_dir: Path,
             on_line: Callable[[str], None] | None = None) -> Result:

@@ -41,7 +41,7 @@ from typing import Callable
 from ..contract import ErrorInfo, Job, Provenance, Result
 from ..errors import UserError
 from ..fsio import sha256_file, write_atomic
-from . import check_device_name, check_stopping, collect_result, model_inputs
+from . import check_device_name, check_stopping, collect_result, model_inputs, with_upstream_interpreter
 from .slurm_script import SlurmConfig, batch_script, image_path, resource_args, time_minutes
 
 # Slurm end state -> the contract's error class (COMPLETED and FAILED read the job's own result)
@@ -209,10 +209,10 @@ class SlurmRunner:
     def environment_id(self, job: Job | None = None) -> str:
         if self.config.runtime == "local":
             if self.config.python and self.config.python != sys.executable:
-                return _python_environment_id(self.config.python)
+                return with_upstream_interpreter(_python_environment_id(self.config.python), job)
             from ..environment import local_environment_id
 
-            return local_environment_id()
+            return with_upstream_interpreter(local_environment_id(), job)
         return f"{self.config.runtime}:{self.image_digest(job).removeprefix('sha256:')[:16]}"
 
     def image_digest(self, job: Job) -> str:

@@ -147,6 +147,7 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     t_start = time.monotonic()
     repo = upstream_repo(job.method)
     commit = checkout_commit(repo)
+    result["upstream_commit"] = commit  # the provenance of what runs: None where the checkout cannot tell
     if commit is not None and commit != pinned_commit:
         raise UpstreamError(f"upstream checkout {repo} is at {commit[:12]} but method.toml pins {pinned_commit[:12]}", "bad_input")
     offline = job.calibration is None or job.calibration.source != "hub"
@@ -167,17 +168,18 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     steps = adapter.steps(ctx)
     deadline = t_start + max(1, job.limits.time_limit_s - DEADLINE_MARGIN_S)
 
-    compress_s, timing, texts, walls, half_as_float, gpu_peaks = 0.0, [], [], {}, False, []
+    compress_s, timing, texts, walls, half_as_float, all_timed, versions = 0.0, [], [], {}, False, [], None
     t_run = time.perf_counter()
     for step in steps:
         text, events, wall = run_step(ctx, step, logs_dir, deadline)
         texts.append(text)
         walls[step.name] = wall
         half_as_float |= any(e.get("event") == "cuda_to_cpu" and e.get("half_to_float") for e in events)
+        versions = versions or next((e for e in events if e.get("event") == "environment"), None)
         timed = [e for e in events if e.get("event") == "timed"]
+        all_timed += timed
         if timed:
-            compress_s += sum(e["seconds"] for e in timed)
-            gpu_peaks += [e["peak_gpu_bytes"] for e in timed if e.get("peak_gpu_bytes")]
+            compress_s += sum(e["seconds"] for e in timed if not e.get("nested"))
             timing += [f"{step.name}: {e['target']}" for e in timed]
         elif step.compress:
             compress_s += wall
@@ -201,7 +203,14 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     shutil.rmtree(work, ignore_errors=True)
     result["save_s"] = time.perf_counter() - t0
     result["compress_s"] = compress_s
-    result["peak_gpu_bytes"] = max(gpu_peaks, default=None)
+    # the peaks of the timed functions (shim.timed_window): GPU reserved, and host RSS where every
+    # timed call could reset it; else the largest child's lifetime peak, load and own evaluation included
+    result["peak_gpu_bytes"] = max((e["peak_gpu_bytes"] for e in all_timed if e.get("peak_gpu_bytes")), default=None)
+    step_rss = bool(all_timed) and all(e.get("peak_rss_bytes") for e in all_timed)
+    peak_rss = (max(e["peak_rss_bytes"] for e in all_timed) if step_rss
+                else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    if versions is not None:  # the interpreter upstream's code ran on (the shim's first event)
+        result["upstream_environment"] = {k: v for k, v in versions.items() if k not in ("event", "t")}
     result["load_s"] = max(0.0, upstream_s - compress_s)  # upstream's loading, data and own evaluation
 
     if offline and ctx.staged.calibration is not None:
@@ -210,9 +219,8 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     if (paths.out / "packed").is_dir():
         result["output_sha256"].update({f"packed/{k}": v for k, v in sha256_tree(paths.out / "packed").items()})
     result["metrics"] = {
-        # upstream ran in child processes: the largest one's peak resident memory, and on a GPU the
-        # largest peak its processes reserved inside the timed functions (shim.timed_window)
-        "track3": {"compress_s": compress_s, "compress_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "track3": {"compress_s": compress_s, "compress_peak_rss_bytes": peak_rss,
+                   "compress_peak_rss_scope": "compress_step" if step_rss else "upstream_process_lifetime",
                    "compress_peak_gpu_bytes": result["peak_gpu_bytes"], "device": job.device, "timed": timing},
         "compression": {"measured_sparsity": declaration.measured_sparsity, "weight_bits": declaration.weight_bits,
                         "act_bits": declaration.act_bits},

@@ -17,9 +17,9 @@ would otherwise apply to upstream source:
   `allow_hub` is set (the paper profile with hub access). A rule's `until_saved` splits are
   served only until the step's model exists (see `staging.dataset_rules`).
 - `time`: functions whose wall time is the compression step (e.g. GPTQ's
-  `llama_sequential`), so track 3 never counts loading or upstream's own evaluation. On a
-  GPU their event also holds the peak GPU memory the process reserved while they ran
-  (`timed_window`), as the reference engines measure theirs.
+  `llama_sequential`), so track 3 never counts loading or upstream's own evaluation. Their
+  event also holds the process's peak host RSS while they ran and, on a GPU, the peak GPU
+  memory it reserved (`timed_window`), as the reference engines measure theirs.
 - `save`: after a function returns, `save_pretrained` the model it was given or returned,
   for repositories that keep the compressed weights only in memory (GPTQ, SmoothQuant,
   SparseGPT saves only after its mandatory evaluation); or `torch.save` an object
@@ -55,7 +55,9 @@ If the script asks for a dataset that was not staged after the model was saved (
 hook, or by upstream itself into the step's declared `outputs`: the mandatory PTB/C4
 evaluations of GPTQ and SparseGPT, OmniQuant's C4 perplexity, offline), the run ends there with
 exit 0 and says so: what the harness needed has been produced. Before the save it is an
-error. Events (timings, saves, stops) are appended as JSON lines to `events`.
+error. Events (this interpreter's versions, timings, saves, stops) are appended as JSON lines
+to `events`. `shim.py --versions` prints the versions alone (the job hash's identity of an
+upstream interpreter other than the harness's).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class Hooks:
         self.cfg = cfg
         self.events_path = cfg.get("events")
         self.saved = False
-        self.open_windows = 0  # timed functions running now (a nested one shares the outermost one's peak)
+        self.open_windows = 0  # timed functions running now (a nested one shares the outermost one's peaks)
+        self.rss_reset = False  # whether the outermost one could reset the peak RSS
 
     def event(self, **record) -> None:
         record["t"] = time.time()
@@ -95,6 +98,32 @@ class Hooks:
         if self.events_path:
             with open(self.events_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def interpreter_versions() -> dict:
+    """The Python and the libraries upstream's code runs on here, from package metadata (importing
+    none of them), with the CUDA torch was built for: the environment an upstream result records,
+    which is not the harness's (an upstream stack pins, e.g., torch 2.1 and transformers 4.35)."""
+    import platform
+    import re
+    from importlib import metadata, util
+
+    found = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "accelerate", "datasets"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    found["cuda"] = None
+    spec = util.find_spec("torch") if found["torch"] else None
+    try:
+        # torch/version.py: `cuda = '12.1'` (older) or `cuda: Optional[str] = '12.1'`; None on a CPU build
+        with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
+            match = re.search(r"^cuda\b[^=\n]*=\s*'([^']+)'", f.read(), re.M)
+        found["cuda"] = match.group(1) if match else None
+    except (AttributeError, TypeError, OSError):  # no torch, or one without its version.py
+        pass
+    return found
 
 
 def warm_up_vml(hooks: Hooks, numerics_path: str) -> None:
@@ -208,17 +237,41 @@ def _cuda(hooks: Hooks):
     return torch
 
 
+def _reset_peak_rss() -> bool:
+    """The process's peak RSS (VmHWM) back to its current RSS (Linux: clear_refs "5", as the
+    reference engines' `measure_common.reset_peak_rss`); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def timed_window(hooks: Hooks, target: str):
-    """Time one call of a `time` target and, on a GPU, take the peak memory the process reserved
-    during it (SPEC 5, track 3: the caching allocator's peak, the reference engines' figure). The
-    peak is reset when the outermost timed call starts, so the model's load and anything freed
-    before (with `empty_cache`) do not count, and a timed call inside another does not reset
-    the outer one's. None of the pinned repositories resets the peak itself."""
-    torch = _cuda(hooks)
-    if torch is not None and hooks.open_windows == 0:
-        for index in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(index)
+    """Time one call of a `time` target and take the peak memory of the process during it (SPEC 5,
+    track 3): its host RSS and, on a GPU, what it reserved (the caching allocator's peak), the
+    reference engines' figures. Both peaks are reset when the outermost timed call starts, so the
+    model's load and anything freed before (with `empty_cache`) do not count, and a timed call
+    inside another does not reset the outer one's. GPU memory is summed over the devices (a model
+    upstream spreads with `device_map="auto"` is on several). None of the pinned repositories
+    resets the GPU peak itself."""
+    nested = hooks.open_windows > 0  # its time is inside the outer one's: counted once (run.py)
+    if not nested:
+        hooks.rss_reset = _reset_peak_rss()
+        torch = _cuda(hooks)
+        if torch is not None:
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(index)
     hooks.open_windows += 1
     try:
         _sync()
@@ -228,9 +281,11 @@ def timed_window(hooks: Hooks, target: str):
         seconds = time.perf_counter() - t0
     finally:
         hooks.open_windows -= 1
+    figures = {"peak_rss_bytes": _peak_rss_bytes() if hooks.rss_reset else None, "nested": nested}
     torch = _cuda(hooks)  # a first CUDA call may have come inside the window
-    peak = sum(torch.cuda.max_memory_reserved(index) for index in range(torch.cuda.device_count())) if torch else 0
-    hooks.event(event="timed", target=target, seconds=seconds, **({"peak_gpu_bytes": peak} if peak else {}))
+    if torch is not None:
+        figures["peak_gpu_bytes"] = sum(torch.cuda.max_memory_reserved(index) for index in range(torch.cuda.device_count()))
+    hooks.event(event="timed", target=target, seconds=seconds, **{k: v for k, v in figures.items() if v})
 
 
 def _pick_model(spec: dict, args, kwargs, returned):
@@ -446,11 +501,18 @@ def run_script(hooks: Hooks, script: str, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="run an upstream script with llmcbench hooks")
-    ap.add_argument("--hooks", required=True, help="hooks JSON written by the driver")
+    ap.add_argument("--hooks", help="hooks JSON written by the driver")
+    ap.add_argument("--versions", action="store_true", help="print this interpreter's versions as JSON and exit")
     a = ap.parse_args(argv)
+    if a.versions:
+        print(json.dumps(interpreter_versions()))
+        return 0
+    if not a.hooks:
+        ap.error("--hooks is required")
     with open(a.hooks) as f:
         cfg = json.load(f)
     hooks = Hooks(cfg)
+    hooks.event(event="environment", **interpreter_versions())
     # upstream's own packages (lib/, smoothquant/, awq/, LLMPruner/) come from PYTHONPATH (the checkout)
     patch_datasets(hooks)
     if cfg.get("no_pdb"):

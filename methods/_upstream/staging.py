@@ -9,6 +9,7 @@ without the latter the job's own interpreter runs upstream (recorded in result.j
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -40,6 +41,35 @@ def upstream_python() -> str:
     if explicit:
         return explicit
     return str(IMAGE_PYTHON) if IMAGE_PYTHON.exists() else sys.executable
+
+
+def upstream_interpreter_id() -> str | None:
+    """What the job hash adds for an upstream-engine job on the local and Slurm runners when upstream's
+    code runs on another interpreter than the harness's (LLMCBENCH_UPSTREAM_PYTHON): its library
+    versions, so that pointing it at another venv never serves the old venv's cached result. None
+    where it is the harness's own (already in the runner's identity)."""
+    python = upstream_python()
+    return None if python == sys.executable else _interpreter_id(python)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_id(python: str) -> str:
+    from llmcbench.driver.errors import UserError
+
+    from .adapter import SHIM
+
+    try:
+        proc = subprocess.run([python, str(SHIM), "--versions"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"LLMCBENCH_UPSTREAM_PYTHON={python} cannot be run: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        versions = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        versions = None
+    if proc.returncode != 0 or not isinstance(versions, dict):
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()] or [f"exit code {proc.returncode}"]
+        raise UserError(f"LLMCBENCH_UPSTREAM_PYTHON={python} cannot report its versions: {lines[-1]}")
+    return ",".join(f"{k}={v}" for k, v in sorted(versions.items()))
 
 
 def checkout_commit(repo: Path) -> str | None:
