@@ -27,6 +27,7 @@ from .contract import (COMPRESSION_FILE, Compression, ErrorInfo, Job, Provenance
                        read_record)
 from .errors import classify_exception
 from .fsio import sha256_file, sha256_tree, write_record
+from .gpu_sampler import UsedMemorySampler
 
 # written whole, then renamed to model/ and packed/; and the upstream engine's working copies
 # (its staged input model, its own dumps), removed when it succeeds: a failed job keeps its logs
@@ -75,6 +76,14 @@ def load_model(path: Path, job: Job):
     return model.eval(), tokenizer
 
 
+def _gpu_uuids(torch, device) -> list[str]:
+    """The uuid of a CUDA `device` (what nvidia-smi names it by), none for a CPU."""
+    if device.type != "cuda":
+        return []
+    props = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
+    return [str(props.uuid)] if getattr(props, "uuid", None) else []
+
+
 def run_compress(job: Job, paths: Paths, result: dict) -> None:
     import torch
 
@@ -115,13 +124,14 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     from ..tracks.acceleration.measure_common import peak_rss, reset_peak_rss
 
     step_rss = reset_peak_rss([os.getpid()])
-    t0 = time.perf_counter()
-    output = engine.compress(model, calibration_ids, dict(job.params), device, **extra)
-    declaration, export_packed = (output, None) if isinstance(output, Compression) else (output.declaration, output.export_packed)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        result["peak_gpu_bytes"] = torch.cuda.max_memory_reserved(device)
-    result["compress_s"] = time.perf_counter() - t0
+    with UsedMemorySampler(_gpu_uuids(torch, device)) as nvml:  # SPEC 5's cross-check, from outside torch
+        t0 = time.perf_counter()
+        output = engine.compress(model, calibration_ids, dict(job.params), device, **extra)
+        declaration, export_packed = (output, None) if isinstance(output, Compression) else (output.declaration, output.export_packed)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            result["peak_gpu_bytes"] = torch.cuda.max_memory_reserved(device)
+        result["compress_s"] = time.perf_counter() - t0
     compress_peak_rss = peak_rss([os.getpid()]) if step_rss else peak_rss_bytes()
     _log(f"compressed with {job.method}/{job.preset} ({job.engine}) in {result['compress_s']:.1f} s")
 
@@ -155,6 +165,7 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
             "compress_peak_rss_bytes": compress_peak_rss,
             "compress_peak_rss_scope": "compress_step" if step_rss else "process_lifetime",
             "compress_peak_gpu_bytes": result.get("peak_gpu_bytes"),
+            "compress_gpu_used_nvml_bytes": nvml.peak_bytes,
             "device": str(device),
         },
         "compression": {"measured_sparsity": declaration.measured_sparsity, "weight_bits": declaration.weight_bits, "act_bits": declaration.act_bits},

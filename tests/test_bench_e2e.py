@@ -47,6 +47,7 @@ def test_run_dirs_hold_the_contract_files(bench_run):
     # track 3's host memory is the compression step's (the peak reset after loading), below the job's lifetime peak
     t3 = result.metrics["track3"]
     assert t3["compress_peak_rss_scope"] == "compress_step" and 0 < t3["compress_peak_rss_bytes"] <= result.peak_rss_bytes
+    assert t3["compress_peak_gpu_bytes"] is None and t3["compress_gpu_used_nvml_bytes"] is None  # a CPU job: no GPU figures
     assert result.input_sha256["job.json"] == sha256_file(run_dir / "job.json")
     assert result.input_sha256["calibration"] == sha256_file(
         __import__("llmcbench.driver.data", fromlist=["x"]).SHIPPED_DATA / "hf/allenai__c4/en/train.jsonl")

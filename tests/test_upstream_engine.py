@@ -109,8 +109,8 @@ def test_upstream_job_produces_a_faithful_artifact(tmp_path, tiny_llama_dir, dat
         assert (out / "model" / name).read_bytes() == (tiny_llama_dir / name).read_bytes(), name
     track3 = result.metrics["track3"]
     assert track3["timed"] == ["prune: lib.prune:prune_wanda"]
-    # a CPU job has no GPU figure
-    assert track3["compress_peak_gpu_bytes"] is None and result.peak_gpu_bytes is None
+    # a CPU job has no GPU figures
+    assert track3["compress_peak_gpu_bytes"] is None and result.peak_gpu_bytes is None and track3["compress_gpu_used_nvml_bytes"] is None
     # its host RSS is the timed function's, as the reference engine's is its compression step's
     events = [json.loads(line) for line in (out / "upstream" / "prune.events.jsonl").read_text().splitlines()]
     [timed] = [e for e in events if e["event"] == "timed"]
@@ -288,15 +288,19 @@ def test_shim_takes_the_gpu_peak_of_the_timed_functions_alone(tmp_path):
     outer peak. The job's figure is the largest of them (methods/_upstream/run.py)."""
     from llmcbench.methods._upstream.adapter import SHIM
 
+    from llmcbench.methods._upstream.adapter import GPU_SAMPLER
+
     (tmp_path / "script.py").write_text(PEAK_SCRIPT)
     (tmp_path / "hooks.json").write_text(json.dumps({"script": str(tmp_path / "script.py"), "time": ["__main__:work", "__main__:inner"],
-                                                     "events": str(tmp_path / "events.jsonl")}))
+                                                     "events": str(tmp_path / "events.jsonl"), "gpu_sampler": str(GPU_SAMPLER)}))
     proc = subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    peaks = {e["target"]: e["peak_gpu_bytes"] for e in map(json.loads, (tmp_path / "events.jsonl").read_text().splitlines())
-             if e["event"] == "timed"}
+    timed = {e["target"]: e for e in shim_events(tmp_path / "events.jsonl") if e["event"] == "timed"}
+    peaks = {target: e["peak_gpu_bytes"] for target, e in timed.items()}
     mib = 1 << 20
     assert 64 * mib <= peaks["__main__:inner"] and 256 * mib <= peaks["__main__:work"] < 512 * mib, peaks
+    # NVML's sample of the device (the CUDA context at least) on the outermost call only
+    assert timed["__main__:work"]["nvml_used_bytes"] > 0 and "nvml_used_bytes" not in timed["__main__:inner"], timed
 
 
 WARM_UP_SCRIPT = """

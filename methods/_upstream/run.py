@@ -30,7 +30,7 @@ from llmcbench.driver.errors import is_out_of_disk
 from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
 from llmcbench.driver.jobrun import MODEL_PARTIAL, PACKED_PARTIAL, UPSTREAM_WORK
 
-from .adapter import NUMERICS, SHIM, Step, UpstreamAdapter, UpstreamContext
+from .adapter import GPU_SAMPLER, NUMERICS, SHIM, Step, UpstreamAdapter, UpstreamContext
 from .shim import EXIT_NOT_STAGED, EXIT_PDB
 from .staging import checkout_commit, cut_wikitext_test, dataset_rules, stage_data, stage_model, upstream_python, upstream_repo
 
@@ -77,7 +77,7 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
             "script": str(ctx.repo / step.script), "argv": step.argv, "events": str(events_path),
             "datasets": dataset_rules(ctx.staged, unused_splits=step.unused_splits),
             "allow_hub": not ctx.staged.offline, "time": step.time, "save": step.save, "no_pdb": True, "outputs": step.outputs,
-            "cuda_to_cpu": ctx.device == "cpu", "warm_up_vml": str(NUMERICS),
+            "cuda_to_cpu": ctx.device == "cpu", "warm_up_vml": str(NUMERICS), "gpu_sampler": str(GPU_SAMPLER),
         }
         hooks_path = logs_dir / f"{step.name}.hooks.json"
         hooks_path.write_text(json.dumps(hooks, indent=2) + "\n")
@@ -221,7 +221,9 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     result["metrics"] = {
         "track3": {"compress_s": compress_s, "compress_peak_rss_bytes": peak_rss,
                    "compress_peak_rss_scope": "compress_step" if step_rss else "upstream_process_lifetime",
-                   "compress_peak_gpu_bytes": result["peak_gpu_bytes"], "device": job.device, "timed": timing},
+                   "compress_peak_gpu_bytes": result["peak_gpu_bytes"],
+                   "compress_gpu_used_nvml_bytes": max((e["nvml_used_bytes"] for e in all_timed if e.get("nvml_used_bytes")), default=None),
+                   "device": job.device, "timed": timing},
         "compression": {"measured_sparsity": declaration.measured_sparsity, "weight_bits": declaration.weight_bits,
                         "act_bits": declaration.act_bits},
         "upstream": {
