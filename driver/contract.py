@@ -169,18 +169,6 @@ class ErrorInfo(_Record):
     message: str
 
 
-class UpstreamEnvironment(_Record):
-    """The interpreter an upstream-engine job ran the original repository's code on (its own
-    pinned stack, e.g. torch 2.1 and transformers 4.35), which is not the harness's above it."""
-
-    python: str | None = None
-    torch: str | None = None
-    transformers: str | None = None
-    accelerate: str | None = None
-    datasets: str | None = None
-    cuda: str | None = None
-
-
 class Environment(_Record):
     python: str | None = None
     torch: str | None = None
@@ -191,7 +179,6 @@ class Environment(_Record):
     driver: str | None = None
     platform: str | None = None
     llmcbench: str | None = None
-    upstream: UpstreamEnvironment | None = None  # the upstream engine's code ran on this one
 
 
 class Provenance(_Record):

@@ -23,8 +23,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .contract import (COMPRESSION_FILE, Compression, ErrorInfo, Job, Provenance, Result, UpstreamEnvironment, read_compression,
-                       read_record)
+from .contract import COMPRESSION_FILE, Compression, ErrorInfo, Job, Provenance, Result, read_compression, read_record
 from .errors import classify_exception
 from .fsio import sha256_file, sha256_tree, write_record
 from .gpu_sampler import UsedMemorySampler
@@ -320,10 +319,8 @@ def execute(paths: Paths) -> int:
             try:
                 run_compress(job, paths, result)
             finally:
-                if job.engine == "upstream":  # what ran: the checkout's own commit and interpreter
+                if job.engine == "upstream":  # what ran: the checkout's own commit (None where it cannot tell)
                     provenance.upstream_commit = result.get("upstream_commit")
-                    if "upstream_environment" in result:
-                        environment.upstream = UpstreamEnvironment(**result["upstream_environment"])
         elif job.kind == "eval":
             run_eval(job, paths, result)
         elif job.kind == "deploy":

@@ -378,7 +378,8 @@ def _fairness(comp: StoredRun, comp_eval: StoredRun | None, dense: StoredRun | N
         image=res.provenance.image, image_digest=res.provenance.image_digest, profile=job.profile, device=job.device,
         dtype=job.dtype, evaluation=evaluation, dense_baseline=dense.result.job_hash if dense else None,
         environment=f"torch {env.torch}, transformers {env.transformers}, lm-eval {env.lm_eval}"
-                    + (f"; upstream code on torch {up.torch}, transformers {up.transformers}" if (up := env.upstream) else ""),
+                    + (f"; upstream code on torch {up.get('torch')}, transformers {up.get('transformers')}"
+                       if (up := res.metrics.get("upstream", {}).get("environment")) else ""),
         source=comp.source)
 
 

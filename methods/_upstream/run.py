@@ -142,6 +142,22 @@ def cut_own_eval_text(job: Job, ctx: UpstreamContext, adapter: UpstreamAdapter) 
                              f"{profile.ppl_seqlen}; upstream's needs one window of {window}"}
 
 
+def _interpreter(events_path: Path, result: dict) -> dict | None:
+    """The interpreter upstream's code ran on, from the shim's first event (its Python, torch and CUDA
+    build, transformers, accelerate, datasets: the method's pinned stack, not the harness's), put
+    into `metrics.upstream.environment` at once, so that a failed job keeps it too."""
+    try:
+        with open(events_path) as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return None
+    if first.get("event") != "environment":
+        return None
+    versions = {k: v for k, v in first.items() if k not in ("event", "t")}
+    result["metrics"].setdefault("upstream", {})["environment"] = versions
+    return versions
+
+
 def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned_commit: str) -> None:
     """The upstream counterpart of jobrun.run_compress; fills `result` the same way."""
     t_start = time.monotonic()
@@ -171,11 +187,13 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     compress_s, timing, texts, walls, half_as_float, all_timed, versions = 0.0, [], [], {}, False, [], None
     t_run = time.perf_counter()
     for step in steps:
-        text, events, wall = run_step(ctx, step, logs_dir, deadline)
+        try:
+            text, events, wall = run_step(ctx, step, logs_dir, deadline)
+        finally:  # a failed step's interpreter too: where the stack matters most
+            versions = versions or _interpreter(logs_dir / f"{step.name}.events.jsonl", result)
         texts.append(text)
         walls[step.name] = wall
         half_as_float |= any(e.get("event") == "cuda_to_cpu" and e.get("half_to_float") for e in events)
-        versions = versions or next((e for e in events if e.get("event") == "environment"), None)
         timed = [e for e in events if e.get("event") == "timed"]
         all_timed += timed
         if timed:
@@ -209,8 +227,6 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
     step_rss = bool(all_timed) and all(e.get("peak_rss_bytes") for e in all_timed)
     peak_rss = (max(e["peak_rss_bytes"] for e in all_timed) if step_rss
                 else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-    if versions is not None:  # the interpreter upstream's code ran on (the shim's first event)
-        result["upstream_environment"] = {k: v for k, v in versions.items() if k not in ("event", "t")}
     result["load_s"] = max(0.0, upstream_s - compress_s)  # upstream's loading, data and own evaluation
 
     if offline and ctx.staged.calibration is not None:
@@ -231,7 +247,7 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
             "commands": [s.describe() for s in steps],
             "step_wall_s": walls,
             "checkout": str(repo), "commit": commit or "unknown (not a git checkout)",
-            "python": ctx.python, "offline_data": offline,
+            "python": ctx.python, "environment": versions, "offline_data": offline,
             # what the copy of the input model given to upstream rewrote (staging.stage_model)
             "staged_model": rewritten,
             # the WikiText-2 test text upstream's own perplexity was served (a prefix on the quick profile)
