@@ -9,6 +9,7 @@ source digest for local, the image digest for docker) and
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,15 +33,15 @@ def check_device_name(device: str) -> bool:
     raise UserError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
 
 
-def with_upstream_interpreter(environment_id: str, job: Job | None) -> str:
+def with_upstream_interpreter(environment_id: str, job: Job | None, harness: str = sys.executable) -> str:
     """A host runner's identity (local, Slurm without a container) for `job`: an upstream-engine compress
-    job adds the interpreter its upstream code runs on where that is not the harness's own (an image's
-    digest covers its venv already)."""
+    job adds the interpreter its upstream code runs on where that is not the jobs' own `harness` (an
+    image's digest covers its venv already)."""
     if job is None or job.kind != "compress" or job.engine != "upstream":
         return environment_id
     from ...methods._upstream.staging import upstream_interpreter_id
 
-    interpreter = upstream_interpreter_id()
+    interpreter = upstream_interpreter_id(harness)
     return environment_id if interpreter is None else f"{environment_id}:upstream[{interpreter}]"
 
 

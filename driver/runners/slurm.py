@@ -209,7 +209,7 @@ class SlurmRunner:
     def environment_id(self, job: Job | None = None) -> str:
         if self.config.runtime == "local":
             if self.config.python and self.config.python != sys.executable:
-                return with_upstream_interpreter(_python_environment_id(self.config.python), job)
+                return with_upstream_interpreter(_python_environment_id(self.config.python), job, self.config.python)
             from ..environment import local_environment_id
 
             return with_upstream_interpreter(local_environment_id(), job)

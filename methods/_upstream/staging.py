@@ -43,13 +43,14 @@ def upstream_python() -> str:
     return str(IMAGE_PYTHON) if IMAGE_PYTHON.exists() else sys.executable
 
 
-def upstream_interpreter_id() -> str | None:
+def upstream_interpreter_id(harness: str = sys.executable) -> str | None:
     """What the job hash adds for an upstream-engine job on the local and Slurm runners when upstream's
-    code runs on another interpreter than the harness's (LLMCBENCH_UPSTREAM_PYTHON): its library
-    versions, so that pointing it at another venv never serves the old venv's cached result. None
-    where it is the harness's own (already in the runner's identity)."""
-    python = upstream_python()
-    return None if python == sys.executable else _interpreter_id(python)
+    code runs on another interpreter than the jobs' own `harness` (LLMCBENCH_UPSTREAM_PYTHON, which
+    sbatch passes on): its library versions, so that pointing it at another venv never serves the old
+    venv's cached result. None where upstream runs on the harness's interpreter (already in the
+    runner's identity)."""
+    python = os.environ.get("LLMCBENCH_UPSTREAM_PYTHON")
+    return None if not python or python == harness else _interpreter_id(python)
 
 
 @functools.lru_cache(maxsize=None)
