@@ -75,12 +75,12 @@ def load_model(path: Path, job: Job):
     return model.eval(), tokenizer
 
 
-def _gpu_uuids(torch, device) -> list[str]:
-    """The uuid of a CUDA `device` (what nvidia-smi names it by), none for a CPU."""
+def _gpu_uuid(torch, device) -> str | None:
+    """The uuid of a CUDA `device` (what nvidia-smi names it by); None for a CPU."""
     if device.type != "cuda":
-        return []
+        return None
     props = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
-    return [str(props.uuid)] if getattr(props, "uuid", None) else []
+    return str(props.uuid) if getattr(props, "uuid", None) else None
 
 
 def run_compress(job: Job, paths: Paths, result: dict) -> None:
@@ -123,7 +123,7 @@ def run_compress(job: Job, paths: Paths, result: dict) -> None:
     from ..tracks.acceleration.measure_common import peak_rss, reset_peak_rss
 
     step_rss = reset_peak_rss([os.getpid()])
-    with UsedMemorySampler(_gpu_uuids(torch, device)) as nvml:  # SPEC 5's cross-check, from outside torch
+    with UsedMemorySampler(_gpu_uuid(torch, device)) as nvml:  # SPEC 5's cross-check, from outside torch
         t0 = time.perf_counter()
         output = engine.compress(model, calibration_ids, dict(job.params), device, **extra)
         declaration, export_packed = (output, None) if isinstance(output, Compression) else (output.declaration, output.export_packed)

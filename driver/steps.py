@@ -53,6 +53,8 @@ def compress_rows(run: JobRun) -> list[tuple[str, str, str]]:
             ("3", "peak host RSS (GB)", f"{t3['compress_peak_rss_bytes'] / 1e9:.2f}")]
     if t3.get("compress_peak_gpu_bytes"):
         rows.append(("3", "peak GPU memory (GB)", f"{t3['compress_peak_gpu_bytes'] / 1e9:.2f}"))
+    if t3.get("compress_gpu_used_nvml_bytes"):  # the cross-check: the device's use, context and other processes included
+        rows.append(("3", "GPU memory used, NVML sample (GB)", f"{t3['compress_gpu_used_nvml_bytes'] / 1e9:.2f}"))
     if comp.get("measured_sparsity") is not None:
         rows.append(("", "measured sparsity", f"{comp['measured_sparsity']:.4f}"))
     rows.append(("", "weight / activation bits", f"{comp.get('weight_bits', 16)} / {comp.get('act_bits', 16)}"))

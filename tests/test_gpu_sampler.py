@@ -1,9 +1,10 @@
 """NVML's memory-used sample beside track 3's allocator peak (driver/gpu_sampler.py).
 
-The figure comes from `nvidia-smi`. Without a GPU, a stand-in `nvidia-smi` on PATH gives the
-parsing and the sampling thread something to read: it answers only the exact query the sampler
-sends, in nvidia-smi's CSV shape, for two GPUs (and a MIG parent's `[N/A]`). On a GPU the real
-one is checked against memory that torch holds (marked `gpu`).
+The figure comes from one `nvidia-smi --loop-ms` process per compression step. Without a GPU, a
+stand-in `nvidia-smi` on PATH gives the reader something to read: it answers only the exact
+command the sampler runs, in nvidia-smi's CSV shape, for two GPUs (and a MIG parent's `[N/A]`),
+one round per interval until it is stopped, and writes its pid so the test can see it is gone.
+On a GPU the real one is checked against memory that torch holds (marked `gpu`).
 """
 
 from __future__ import annotations
@@ -16,53 +17,83 @@ import pytest
 from llmcbench.driver.gpu_sampler import MIB, UsedMemorySampler
 
 STAND_IN = """#!/bin/sh
-[ "$*" = "--query-gpu=uuid,memory.used --format=csv,noheader,nounits" ] || exit 9
-n=$(cat "$COUNTER" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "$COUNTER"
-echo "GPU-aaaa-1111, $((n * 100))"
-echo "GPU-bbbb-2222, 7"
-echo "GPU-cccc-3333, [N/A]"
+[ "$*" = "--query-gpu=uuid,memory.used --format=csv,noheader,nounits --loop-ms=50" ] || exit 9
+echo $$ > "$SMI_DIR/pid"
+n=0
+for used in 100 300 200 150 150 150 150 150 150 150 150 150 150 150 150 150 150 150 150 150; do
+  n=$((n + 1)); echo $n > "$SMI_DIR/rounds"
+  echo "GPU-aaaa-1111, $used"
+  echo "GPU-bbbb-2222, 7"
+  echo "GPU-cccc-3333, [N/A]"
+  sleep 0.05
+done
+exec sleep 60
 """
 
 
 @pytest.fixture
-def stand_in(tmp_path, monkeypatch):
+def smi_dir(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text(STAND_IN)
     (bin_dir / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("COUNTER", str(tmp_path / "counter"))
-    return tmp_path / "counter"
+    monkeypatch.setenv("SMI_DIR", str(tmp_path))
+    return tmp_path
 
 
-def test_the_peak_is_the_largest_sample_of_the_named_gpus(stand_in):
-    """Sampled while entered (a sample at entry, one every interval, one at exit): the peak is the
-    largest sum over the GPUs named, by torch's bare uuid or nvidia-smi's `GPU-` one."""
-    with UsedMemorySampler(["aaaa-1111", "GPU-BBBB-2222"], interval_s=0.05) as nvml:
-        time.sleep(0.5)
-    calls = int(stand_in.read_text())
-    assert nvml.samples == calls >= 4
-    assert nvml.peak_bytes == (calls * 100 + 7) * MIB  # the last sample is the largest: the first GPU's use grows
-    with UsedMemorySampler(["bbbb-2222"], interval_s=0.05) as one:
-        time.sleep(0.2)
-    assert one.peak_bytes == 7 * MIB
+def _wait_for_rounds(smi_dir, n: int, limit_s: float = 20) -> None:
+    """Until the running stand-in has printed `n` rounds (each sampler's starts from none)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if (smi_dir / "rounds").is_file() and int((smi_dir / "rounds").read_text() or 0) >= n:
+            time.sleep(0.1)  # the round's lines reach the reader
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the stand-in nvidia-smi printed fewer than {n} rounds in {limit_s} s")
 
 
-def test_no_figure_without_a_gpu_it_knows(stand_in, tmp_path, monkeypatch):
-    """A CPU job (no uuids), a GPU nvidia-smi does not list, one without a figure (`[N/A]`), a failing
-    nvidia-smi or none at all: no figure, rather than a wrong one."""
-    for uuids in ([], ["dddd-4444"], ["cccc-3333"]):
-        with UsedMemorySampler(uuids, interval_s=0.05) as nvml:
-            time.sleep(0.1)
-        assert nvml.peak_bytes is None and nvml.samples == 0, uuids
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_the_peak_is_the_largest_sample_of_the_gpu_and_nvidia_smi_stops_with_the_step(smi_dir):
+    """The GPU is found by torch's bare uuid or nvidia-smi's `GPU-` one; the peak is its largest
+    sample, not the last; leaving the step stops nvidia-smi, which would otherwise print on."""
+    (smi_dir / "rounds").unlink(missing_ok=True)
+    with UsedMemorySampler("AAAA-1111", interval_ms=50) as nvml:
+        _wait_for_rounds(smi_dir, 4)
+    pid = int((smi_dir / "pid").read_text())
+    assert nvml.peak_bytes == 300 * MIB and nvml.samples >= 4
+    assert _gone(pid)
+    (smi_dir / "rounds").unlink()
+    with UsedMemorySampler("GPU-bbbb-2222", interval_ms=50) as other:
+        _wait_for_rounds(smi_dir, 2)
+    assert other.peak_bytes == 7 * MIB
+
+
+def test_no_figure_without_a_gpu_it_knows(smi_dir, tmp_path, monkeypatch):
+    """A CPU job (no uuid), a GPU nvidia-smi does not list, one without a figure (`[N/A]`), a failing
+    nvidia-smi, or none at all: no figure, rather than a wrong one, and the step goes on."""
+    with UsedMemorySampler(None) as cpu:
+        pass
+    assert cpu.peak_bytes is None and cpu._proc is None  # nothing started for a CPU job
+    for uuid in ("dddd-4444", "cccc-3333"):
+        (smi_dir / "rounds").unlink(missing_ok=True)
+        with UsedMemorySampler(uuid, interval_ms=50) as nvml:
+            _wait_for_rounds(smi_dir, 2)
+        assert nvml.peak_bytes is None and nvml.samples == 0, uuid
     (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")
-    with UsedMemorySampler(["aaaa-1111"]) as failing:
-        pass
+    with UsedMemorySampler("aaaa-1111", interval_ms=50) as failing:
+        time.sleep(0.2)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with UsedMemorySampler(["aaaa-1111"]) as missing:
+    with UsedMemorySampler("aaaa-1111") as missing:
         pass
-    for nvml in (failing, missing):
-        assert nvml.peak_bytes is None and nvml._thread is None
+    assert failing.peak_bytes is None and missing.peak_bytes is None and missing._proc is None
 
 
 @pytest.mark.gpu
@@ -74,7 +105,7 @@ def test_nvml_sees_the_memory_torch_holds():
     props = torch.cuda.get_device_properties(0)
     held = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
     torch.cuda.synchronize()
-    with UsedMemorySampler([str(props.uuid)], interval_s=0.1) as nvml:
+    with UsedMemorySampler(str(props.uuid), interval_ms=100) as nvml:
         time.sleep(1.0)
     assert nvml.samples >= 3, "nvidia-smi did not answer for this GPU"
     assert nvml.peak_bytes >= max(held.numel(), torch.cuda.memory_reserved(0)), (nvml.peak_bytes, torch.cuda.memory_reserved(0))

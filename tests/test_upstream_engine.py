@@ -289,19 +289,14 @@ def test_shim_takes_the_gpu_peak_of_the_timed_functions_alone(tmp_path):
     outer peak. The job's figure is the largest of them (methods/_upstream/run.py)."""
     from llmcbench.methods._upstream.adapter import SHIM
 
-    from llmcbench.methods._upstream.adapter import GPU_SAMPLER
-
     (tmp_path / "script.py").write_text(PEAK_SCRIPT)
     (tmp_path / "hooks.json").write_text(json.dumps({"script": str(tmp_path / "script.py"), "time": ["__main__:work", "__main__:inner"],
-                                                     "events": str(tmp_path / "events.jsonl"), "gpu_sampler": str(GPU_SAMPLER)}))
+                                                     "events": str(tmp_path / "events.jsonl")}))
     proc = subprocess.run([sys.executable, str(SHIM), "--hooks", str(tmp_path / "hooks.json")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    timed = {e["target"]: e for e in shim_events(tmp_path / "events.jsonl") if e["event"] == "timed"}
-    peaks = {target: e["peak_gpu_bytes"] for target, e in timed.items()}
+    peaks = {e["target"]: e["peak_gpu_bytes"] for e in shim_events(tmp_path / "events.jsonl") if e["event"] == "timed"}
     mib = 1 << 20
     assert 64 * mib <= peaks["__main__:inner"] and 256 * mib <= peaks["__main__:work"] < 512 * mib, peaks
-    # NVML's sample of the device (the CUDA context at least) on the outermost call only
-    assert timed["__main__:work"]["nvml_used_bytes"] > 0 and "nvml_used_bytes" not in timed["__main__:inner"], timed
 
 
 WARM_UP_SCRIPT = """

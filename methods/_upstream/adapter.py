@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmcbench.driver import gpu_sampler, numerics
+from llmcbench.driver import numerics
 from llmcbench.driver.contract import Compression, Job
 
 SHIM = Path(__file__).with_name("shim.py")
 NUMERICS = Path(numerics.__file__)  # the shim loads it by path under upstream's interpreter (its `warm_up_vml` hook)
-GPU_SAMPLER = Path(gpu_sampler.__file__)  # ... and this one (its `gpu_sampler` hook)
 
 
 @dataclass

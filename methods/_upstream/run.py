@@ -30,7 +30,7 @@ from llmcbench.driver.errors import is_out_of_disk
 from llmcbench.driver.fsio import sha256_file, sha256_tree, write_record
 from llmcbench.driver.jobrun import MODEL_PARTIAL, PACKED_PARTIAL, UPSTREAM_WORK
 
-from .adapter import GPU_SAMPLER, NUMERICS, SHIM, Step, UpstreamAdapter, UpstreamContext
+from .adapter import NUMERICS, SHIM, Step, UpstreamAdapter, UpstreamContext
 from .shim import EXIT_NOT_STAGED, EXIT_PDB
 from .staging import checkout_commit, cut_wikitext_test, dataset_rules, stage_data, stage_model, upstream_python, upstream_repo
 
@@ -77,7 +77,7 @@ def run_step(ctx: UpstreamContext, step: Step, logs_dir: Path, deadline: float) 
             "script": str(ctx.repo / step.script), "argv": step.argv, "events": str(events_path),
             "datasets": dataset_rules(ctx.staged, unused_splits=step.unused_splits),
             "allow_hub": not ctx.staged.offline, "time": step.time, "save": step.save, "no_pdb": True, "outputs": step.outputs,
-            "cuda_to_cpu": ctx.device == "cpu", "warm_up_vml": str(NUMERICS), "gpu_sampler": str(GPU_SAMPLER),
+            "cuda_to_cpu": ctx.device == "cpu", "warm_up_vml": str(NUMERICS),
         }
         hooks_path = logs_dir / f"{step.name}.hooks.json"
         hooks_path.write_text(json.dumps(hooks, indent=2) + "\n")
@@ -151,7 +151,7 @@ def _interpreter(events_path: Path, result: dict) -> dict | None:
             first = json.loads(f.readline() or "{}")
     except (OSError, ValueError):
         return None
-    if first.get("event") != "environment":
+    if not isinstance(first, dict) or first.get("event") != "environment":
         return None
     versions = {k: v for k, v in first.items() if k not in ("event", "t")}
     result["metrics"].setdefault("upstream", {})["environment"] = versions
@@ -238,8 +238,8 @@ def run_upstream(job: Job, paths, result: dict, adapter: UpstreamAdapter, pinned
         "track3": {"compress_s": compress_s, "compress_peak_rss_bytes": peak_rss,
                    "compress_peak_rss_scope": "compress_step" if step_rss else "upstream_process_lifetime",
                    "compress_peak_gpu_bytes": result["peak_gpu_bytes"],
-                   "compress_gpu_used_nvml_bytes": max((e["nvml_used_bytes"] for e in all_timed if e.get("nvml_used_bytes")), default=None),
-                   "device": job.device, "timed": timing},
+                   # no NVML cross-check: upstream's torch (2.1-2.3) names no device uuid to find its GPU by (gpu_sampler.py)
+                   "compress_gpu_used_nvml_bytes": None, "device": job.device, "timed": timing},
         "compression": {"measured_sparsity": declaration.measured_sparsity, "weight_bits": declaration.weight_bits,
                         "act_bits": declaration.act_bits},
         "upstream": {

@@ -20,8 +20,6 @@ would otherwise apply to upstream source:
   `llama_sequential`), so track 3 never counts loading or upstream's own evaluation. Their
   event also holds the process's peak host RSS while they ran and, on a GPU, the peak GPU
   memory it reserved (`timed_window`), as the reference engines measure theirs.
-- `gpu_sampler`: the path of the harness's `driver/gpu_sampler.py` (stdlib only), loaded by path: on a
-  GPU, NVML's memory-used of the process's GPUs is sampled during each outermost timed call.
 - `save`: after a function returns, `save_pretrained` the model it was given or returned,
   for repositories that keep the compressed weights only in memory (GPTQ, SmoothQuant,
   SparseGPT saves only after its mandatory evaluation); or `torch.save` an object
@@ -93,7 +91,6 @@ class Hooks:
         self.saved = False
         self.open_windows = 0  # timed functions running now (a nested one shares the outermost one's peaks)
         self.rss_reset = False  # whether the outermost one could reset the peak RSS
-        self.gpu_sampler = None  # driver/gpu_sampler.py, loaded at the first timed call on a GPU
 
     def event(self, **record) -> None:
         record["t"] = time.time()
@@ -129,20 +126,14 @@ def interpreter_versions() -> dict:
     return found
 
 
-def load_by_path(name: str, path: str):
-    """One of the harness's stdlib-only modules, by its file: this interpreter has no llmcbench."""
+def warm_up_vml(hooks: Hooks, numerics_path: str) -> None:
+    """Run the harness's `warm_up_vml()` (driver/numerics.py, loaded by path: this interpreter has
+    no llmcbench) under upstream's torch, before upstream's first op."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def warm_up_vml(hooks: Hooks, numerics_path: str) -> None:
-    """Run the harness's `warm_up_vml()` (driver/numerics.py) under upstream's torch, before
-    upstream's first op."""
-    numerics = load_by_path("llmcbench_numerics", numerics_path)
+    spec = importlib.util.spec_from_file_location("llmcbench_numerics", numerics_path)
+    numerics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numerics)
     try:
         ops = numerics.warm_up_vml()
     except ImportError as e:  # an interpreter without torch computes nothing through VML
@@ -265,40 +256,24 @@ def _peak_rss_bytes() -> int | None:
         return None
 
 
-def _nvml_sampler(hooks: Hooks, torch):
-    """The harness's `UsedMemorySampler` (driver/gpu_sampler.py, the `gpu_sampler` hook) for this
-    process's GPUs: NVML's device-wide figure beside the allocator's, SPEC 5's cross-check."""
-    if not hooks.cfg.get("gpu_sampler"):
-        return None
-    if hooks.gpu_sampler is None:
-        hooks.gpu_sampler = load_by_path("llmcbench_gpu_sampler", hooks.cfg["gpu_sampler"])
-    uuids = [getattr(torch.cuda.get_device_properties(index), "uuid", None) for index in range(torch.cuda.device_count())]
-    return hooks.gpu_sampler.UsedMemorySampler(uuids)
-
-
 @contextlib.contextmanager
 def timed_window(hooks: Hooks, target: str):
     """Time one call of a `time` target and take the peak memory of the process during it (SPEC 5,
     track 3): its host RSS and, on a GPU, what it reserved (the caching allocator's peak), the
-    reference engines' figures, with NVML's device-wide sample beside them on a GPU (the `gpu_sampler`
-    hook). Both peaks are reset when the outermost timed call starts, so the
+    reference engines' figures. Both peaks are reset when the outermost timed call starts, so the
     model's load and anything freed before (with `empty_cache`) do not count, and a timed call
     inside another does not reset the outer one's. GPU memory is summed over the devices (a model
     upstream spreads with `device_map="auto"` is on several). None of the pinned repositories
     resets the GPU peak itself."""
     nested = hooks.open_windows > 0  # its time is inside the outer one's: counted once (run.py)
-    nvml = None
     if not nested:
         hooks.rss_reset = _reset_peak_rss()
         torch = _cuda(hooks)
         if torch is not None:
             for index in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(index)
-            nvml = _nvml_sampler(hooks, torch)
     hooks.open_windows += 1
     try:
-        if nvml is not None:
-            nvml.__enter__()
         _sync()
         t0 = time.perf_counter()
         yield
@@ -306,10 +281,7 @@ def timed_window(hooks: Hooks, target: str):
         seconds = time.perf_counter() - t0
     finally:
         hooks.open_windows -= 1
-        if nvml is not None:
-            nvml.__exit__(None, None, None)
-    figures = {"peak_rss_bytes": _peak_rss_bytes() if hooks.rss_reset else None, "nested": nested,
-               "nvml_used_bytes": nvml and nvml.peak_bytes}
+    figures = {"peak_rss_bytes": _peak_rss_bytes() if hooks.rss_reset else None, "nested": nested}
     torch = _cuda(hooks)  # a first CUDA call may have come inside the window
     if torch is not None:
         figures["peak_gpu_bytes"] = sum(torch.cuda.max_memory_reserved(index) for index in range(torch.cuda.device_count()))
