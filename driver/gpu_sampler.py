@@ -35,7 +35,8 @@ def _uuid(value) -> str:
 class UsedMemorySampler:
     """While entered, the largest memory NVML reports used on the GPU `uuid` names, sampled
     every `interval_ms` (`peak_bytes`); None where there is no uuid (a CPU job), no nvidia-smi,
-    or nvidia-smi does not list that GPU (a MIG instance: only its parent is listed)."""
+    nvidia-smi does not list that GPU (a MIG instance: only its parent is listed), or the step
+    ended before nvidia-smi's first round."""
 
     def __init__(self, uuid: str | None, interval_ms: int = 200):
         self.uuid = _uuid(uuid) if uuid else None
@@ -68,10 +69,12 @@ class UsedMemorySampler:
             self._proc = subprocess.Popen([smi, "--query-gpu=uuid,memory.used", "--format=csv,noheader,nounits",
                                            f"--loop-ms={self.interval_ms}"], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, errors="replace")
-        except (OSError, ValueError):
-            return self
-        self._thread = threading.Thread(target=self._read, name="nvml-sampler", daemon=True)
-        self._thread.start()
+            self._thread = threading.Thread(target=self._read, name="nvml-sampler", daemon=True)
+            self._thread.start()
+        except Exception:  # noqa: BLE001 - no process or thread to spare (a pids limit): no figure, the step goes on
+            if self._proc is not None:
+                self._proc.kill()
+            self._proc = self._thread = None
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -81,5 +84,6 @@ class UsedMemorySampler:
                 self._proc.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 self._proc.kill()  # not waited for again: one stuck in the driver is not this step's to wait on
-            self._thread.join(timeout=STOP_WAIT_S)
+            if self._thread is not None:
+                self._thread.join(timeout=STOP_WAIT_S)
         return False

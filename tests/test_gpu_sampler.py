@@ -21,10 +21,11 @@ STAND_IN = """#!/bin/sh
 echo $$ > "$SMI_DIR/pid"
 n=0
 for used in 100 300 200 150 150 150 150 150 150 150 150 150 150 150 150 150 150 150 150 150; do
-  n=$((n + 1)); echo $n > "$SMI_DIR/rounds"
+  n=$((n + 1))
   echo "GPU-aaaa-1111, $used"
   echo "GPU-bbbb-2222, 7"
   echo "GPU-cccc-3333, [N/A]"
+  echo $n > "$SMI_DIR/rounds"
   sleep 0.05
 done
 exec sleep 60
@@ -47,8 +48,7 @@ def _wait_for_rounds(smi_dir, n: int, limit_s: float = 20) -> None:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if (smi_dir / "rounds").is_file() and int((smi_dir / "rounds").read_text() or 0) >= n:
-            time.sleep(0.1)  # the round's lines reach the reader
-            return
+            return  # its lines are in the pipe: the reader drains them before it sees the end
         time.sleep(0.02)
     raise AssertionError(f"the stand-in nvidia-smi printed fewer than {n} rounds in {limit_s} s")
 
@@ -94,6 +94,26 @@ def test_no_figure_without_a_gpu_it_knows(smi_dir, tmp_path, monkeypatch):
     with UsedMemorySampler("aaaa-1111") as missing:
         pass
     assert failing.peak_bytes is None and missing.peak_bytes is None and missing._proc is None
+
+
+def test_no_thread_to_spare_is_no_figure_and_no_nvidia_smi_left(smi_dir, monkeypatch):
+    """Where no thread can be started (a container's pids limit), the step goes on without a figure
+    and the nvidia-smi already started does not outlive it."""
+    import threading
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    (smi_dir / "rounds").unlink(missing_ok=True)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with UsedMemorySampler("aaaa-1111", interval_ms=50) as nvml:
+        time.sleep(0.5)
+    monkeypatch.undo()
+    assert nvml.peak_bytes is None and nvml._proc is None
+    # killed: it prints no more rounds (left running, it prints one every 50 ms)
+    rounds = (smi_dir / "rounds").read_text() if (smi_dir / "rounds").exists() else None
+    time.sleep(0.3)
+    assert ((smi_dir / "rounds").read_text() if (smi_dir / "rounds").exists() else None) == rounds
 
 
 @pytest.mark.gpu
